@@ -1,0 +1,277 @@
+// scopereg/scoped_registry.h
+//
+// ScopedRegistry<T, Scope>: one lazily created T per scope (SQLAlchemy's ScopedRegistry).
+//
+//   // One connection per thread, opened on first use, closed at thread exit:
+//   scopereg::ScopedRegistry<Connection> conn([] { return Connection("db.sqlite"); });
+//   conn().execute("...");
+//
+//   // Scope chosen at run time (SQLAlchemy's scopefunc):
+//   scopereg::ScopedRegistry<Session, scopereg::FuncScope> session(
+//       make_session, scopereg::ThreadScope::func());
+//
+// `Scope` is a strategy (scopereg/scope.h): ThreadScope (default), FiberScope,
+// ExplicitScope, FuncScope, or a user type satisfying `ScopeStrategy`. The built-in
+// strategies keep values in per-scope slot arrays (a hit is a few loads, no lock); other
+// strategies key values by their token in a sharded hash map.
+//
+// Lifetime: a value lives until its scope ends (thread exit, fiber end, last guard gone,
+// `end_scope`), until `clear()`/`set()` in its scope replaces it, or until the registry is
+// destroyed, whichever comes first; it is destroyed exactly once. A reference returned by
+// the registry stays valid until then. Destroying the registry destroys its values in
+// every scope, including scopes still running, and waits for any value of it that an
+// ending scope is destroying at that moment; no other call on the registry may run
+// concurrently with its destruction.
+//
+// T: any object type; it need not be copyable or movable (values are built in place).
+// Concurrent use of one value from several threads (possible only when a scope is shared,
+// as an explicit token active on several threads) needs T to be thread-safe itself.
+
+#ifndef SCOPEREG_SCOPED_REGISTRY_H_
+#define SCOPEREG_SCOPED_REGISTRY_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+
+#include "scopereg/error.h"
+#include "scopereg/internal/keyed_store.h"
+#include "scopereg/internal/scope_state.h"
+#include "scopereg/scope.h"
+#include "scopereg/thread_scope.h"
+
+namespace scopereg {
+
+template <typename T, ScopeStrategy Scope = ThreadScope>
+class ScopedRegistry {
+  static constexpr bool kSlots = internal::SlotStrategy<Scope>;
+
+ public:
+  using value_type = T;
+  using Token = typename Scope::Token;
+  using Factory = std::function<T()>;
+
+  // Creates values with T's default constructor.
+  ScopedRegistry()
+    requires std::is_default_constructible_v<T> && std::is_default_constructible_v<Scope>
+      : ScopedRegistry([] { return T(); }) {}
+
+  // Creates values with `factory`, keyed by `scope`.
+  // Throws ScopeError if `factory` is empty.
+  explicit ScopedRegistry(Factory factory, Scope scope = Scope())
+      : scope_(std::move(scope)), factory_(checked(std::move(factory))) {}
+
+  ScopedRegistry(const ScopedRegistry&) = delete;
+  ScopedRegistry& operator=(const ScopedRegistry&) = delete;
+
+  // Destroys every value of this registry in every scope (see the file comment).
+  ~ScopedRegistry() = default;
+
+  // ScopedRegistry::operator()
+  //
+  // Returns the value of the calling scope, creating it with the factory on first use.
+  // Thread safety: safe to call concurrently from any number of scopes; the factory runs at
+  // most once per scope and never under a registry-wide lock (callers sharing the scope
+  // wait for it).
+  // Cost: on a hit, the strategy's current-scope look-up plus two loads for built-in
+  // strategies; one indirect call plus a thread-local cache probe for FuncScope (see
+  // benchmarks/scoped_registry_benchmark.cc).
+  // Throws: whatever the factory throws (nothing is stored, the next call retries);
+  // ScopeError when there is no active scope or the factory re-enters this registry.
+  T& operator()() {
+    if constexpr (kSlots) {
+      internal::ScopeState* state = scope_.current_state();
+      if (state != nullptr) [[likely]] {
+        if (internal::NodeBase* n = state->load(backend_.slot())) [[likely]] {
+          return internal::value_of<T>(n);
+        }
+      }
+    } else {
+      const Token token = scope_.current();
+      if (internal::NodeBase* n = backend_.find(token)) [[likely]] {
+        return internal::value_of<T>(n);
+      }
+    }
+    return create_from_factory();
+  }
+
+  // Creates the calling scope's value as T(args...). Only when the scope has no value yet:
+  // otherwise throws ScopeError ("already present; no new arguments may be specified"),
+  // as SQLAlchemy does, and leaves the existing value alone.
+  // Throws: as operator(), plus that error.
+  template <typename... Args>
+  T& create(Args&&... args) {
+    bool created = false;
+    auto make = [&]() -> internal::NodeBase* {
+      return new internal::Node<T>(std::in_place, std::forward<Args>(args)...);
+    };
+    internal::NodeBase* n = get_or_create(make, &created);
+    if (!created) {
+      throw ScopeError(
+          "scopereg: ScopedRegistry::create: the current scope already has a value; no new "
+          "arguments may be specified. Call clear() first to replace it, or operator() to "
+          "use the existing value");
+    }
+    return internal::value_of<T>(n);
+  }
+
+  // Whether the calling scope has a value. Never creates. False with no active scope.
+  bool has() const { return find() != nullptr; }
+
+  // The calling scope's value, or null. Never creates, never throws for a missing scope.
+  T* find() const {
+    internal::NodeBase* n = find_node();
+    return n != nullptr ? &internal::value_of<T>(n) : nullptr;
+  }
+
+  // Replaces the calling scope's value with T(args...) and returns it; the previous value
+  // (if any) is destroyed after the new one is installed. T(args...) is built before
+  // anything changes: if it throws, the old value stays.
+  // Throws: ScopeError with no active scope; whatever T's constructor throws.
+  template <typename... Args>
+  T& set(Args&&... args) {
+    auto* node = new internal::Node<T>(std::in_place, std::forward<Args>(args)...);
+    std::unique_ptr<internal::NodeBase> old;
+    try {
+      old.reset(exchange(node));
+    } catch (...) {
+      delete node;
+      throw;
+    }
+    return node->value;
+  }
+
+  // Destroys the calling scope's value, if any. A no-op on an empty scope or with no
+  // active scope. The value is destroyed on the calling thread with no lock held.
+  void clear() {
+    if (!has_scope()) return;
+    delete exchange(nullptr);
+  }
+
+  // Replaces the factory. Values that exist keep living; only values created afterwards
+  // use the new factory. Thread safety: may run concurrently with any other call; a
+  // creation that already started finishes with the factory it started with.
+  // Throws ScopeError if `factory` is empty.
+  void set_factory(Factory factory) {
+    std::shared_ptr<const Factory> next = checked(std::move(factory));
+    std::lock_guard<std::mutex> lock(factory_mu_);
+    factory_.swap(next);
+  }
+
+  // Number of live values across all scopes. Exact when nothing runs concurrently;
+  // otherwise a value that was true at some moment during the call. Cost: one load.
+  std::int64_t size() const { return backend_.size(); }
+
+  // Calls visit(token, value) for each live value in every scope. A value created or
+  // destroyed concurrently may or may not be visited; each visited value stays alive
+  // during its call. `visit` runs under scopereg's locks: it must not call scopereg, and
+  // it must not assume the owning scope is not using the value concurrently.
+  // For slot-based strategies the token passed is the scope's ScopeToken.
+  template <typename F>
+  void for_each(F&& visit) {
+    backend_.for_each([&](const auto& token, internal::NodeBase* n) {
+      visit(token, internal::value_of<T>(n));
+    });
+  }
+
+  // Ends `token`'s scope in this registry: its value, if any, is destroyed now, on the
+  // calling thread. For token-keyed strategies (FuncScope, user strategies); built-in
+  // strategies end their scopes themselves. Must not race with code using that value.
+  void end_scope(const Token& token)
+    requires(!kSlots)
+  {
+    delete backend_.exchange(token, nullptr);
+  }
+
+  // The strategy this registry was built with.
+  const Scope& scope() const { return scope_; }
+
+ private:
+  using Backend = std::conditional_t<kSlots, internal::SlotRegistry, internal::KeyedStore<Token>>;
+
+  static std::shared_ptr<const Factory> checked(Factory factory) {
+    if (!factory) {
+      throw ScopeError(
+          "scopereg: ScopedRegistry needs a factory; got an empty one. Pass a callable "
+          "returning T, or use the default constructor when T is default-constructible");
+    }
+    return std::make_shared<const Factory>(std::move(factory));
+  }
+
+  static bool is_null(const Token& token) {
+    if constexpr (std::is_same_v<Token, ScopeToken>) {
+      return token.is_null();
+    } else {
+      return false;
+    }
+  }
+
+  bool has_scope() const {
+    if constexpr (kSlots) {
+      return scope_.current_state() != nullptr;
+    } else {
+      return !is_null(scope_.current());
+    }
+  }
+
+  internal::NodeBase* find_node() const {
+    if constexpr (kSlots) {
+      internal::ScopeState* state = scope_.current_state();
+      return state != nullptr ? state->load(backend_.slot()) : nullptr;
+    } else {
+      const Token token = scope_.current();
+      return is_null(token) ? nullptr : backend_.find(token);
+    }
+  }
+
+  template <typename Make>
+  internal::NodeBase* get_or_create(Make& make, bool* created) {
+    if constexpr (kSlots) {
+      internal::ScopeState* state = scope_.current_state();
+      if (state == nullptr) internal::throw_no_scope(Scope::kName);
+      return state->get_or_create(backend_, make, created);
+    } else {
+      const Token token = scope_.current();
+      if (is_null(token)) internal::throw_no_scope("this registry's ScopeFunc");
+      return backend_.get_or_create(token, make, created);
+    }
+  }
+
+  internal::NodeBase* exchange(internal::NodeBase* node) {
+    if constexpr (kSlots) {
+      internal::ScopeState* state = scope_.current_state();
+      if (state == nullptr) internal::throw_no_scope(Scope::kName);
+      return state->exchange(backend_, node);
+    } else {
+      const Token token = scope_.current();
+      if (is_null(token)) internal::throw_no_scope("this registry's ScopeFunc");
+      return backend_.exchange(token, node);
+    }
+  }
+
+  // The slow path of operator(), kept out of line.
+  [[gnu::noinline]] T& create_from_factory() {
+    std::shared_ptr<const Factory> factory;
+    {
+      std::lock_guard<std::mutex> lock(factory_mu_);
+      factory = factory_;
+    }
+    auto make = [&]() -> internal::NodeBase* {
+      return new internal::Node<T>(internal::kFromFactory, *factory);
+    };
+    bool created = false;
+    return internal::value_of<T>(get_or_create(make, &created));
+  }
+
+  [[no_unique_address]] Scope scope_;
+  mutable Backend backend_;
+  std::mutex factory_mu_;
+  std::shared_ptr<const Factory> factory_;  // guarded by factory_mu_
+};
+
+}  // namespace scopereg
+
+#endif  // SCOPEREG_SCOPED_REGISTRY_H_

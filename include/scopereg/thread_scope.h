@@ -1,0 +1,61 @@
+// scopereg/thread_scope.h
+//
+// ThreadScope: one value per OS thread, the default strategy of ScopedRegistry
+// (SQLAlchemy's ThreadLocalRegistry, Python's threading.local).
+//
+//   scopereg::ScopedRegistry<Connection> conn([] { return Connection::open(); });
+//   conn()->query(...);   // this thread's connection, opened on first use
+//
+// Contract:
+// * Each thread gets its own value; a thread never sees another's.
+// * A thread's values are destroyed at its exit, on that thread, after its own C++
+//   thread_local objects that were constructed later (the main thread's at exit()).
+//   A value whose destructor uses other registries works: values it creates in the dying
+//   thread are destroyed too (in up to 8 rounds; then creation there throws ScopeError).
+// * A new thread never sees a dead thread's value, even when the OS reuses its id: the
+//   token is a process-wide serial, not std::thread::id.
+// * Values whose destructors run during process exit may use scopereg: its own state is
+//   never destroyed.
+//
+// Thread safety: all static members may be called from any thread.
+// Cost: a hit is one constant-initialised thread_local load plus two loads (no lock, no
+// hashing); a thread's first access allocates its slot array (~0.5 KB) and registers its
+// exit hook.
+// Fibers: a fiber resumed on another thread sees that thread's value here; use FiberScope
+// for one value per fiber.
+
+#ifndef SCOPEREG_THREAD_SCOPE_H_
+#define SCOPEREG_THREAD_SCOPE_H_
+
+#include "scopereg/internal/scope_state.h"
+#include "scopereg/scope.h"
+
+namespace scopereg {
+namespace internal {
+extern thread_local constinit ScopeState* t_thread_state;
+ScopeState* make_thread_state();
+}  // namespace internal
+
+class ThreadScope {
+ public:
+  using Token = ScopeToken;
+  static constexpr const char* kName = "ThreadScope";
+
+  // The calling thread's token (kind kThread), never reused in the life of the process.
+  static ScopeToken current() { return current_state()->token(); }
+
+  // A ScopeFunc returning current(): use it with ScopedRegistry<T, FuncScope>. Values
+  // keyed by a thread's token are destroyed at that thread's exit in those registries too.
+  static ScopeFunc func();
+
+  // Internal fast path: the calling thread's slots, created on first use.
+  static internal::ScopeState* current_state() {
+    internal::ScopeState* state = internal::t_thread_state;
+    if (state != nullptr) [[likely]] return state;
+    return internal::make_thread_state();
+  }
+};
+
+}  // namespace scopereg
+
+#endif  // SCOPEREG_THREAD_SCOPE_H_
