@@ -1,19 +1,18 @@
 // ScopedRegistry hits beside the anchors they are compared with, in one binary and run.
 //
-//   BM_Get_RawThreadLocal           the physical limit: an inlined thread_local read
-//   BM_Get_NonInlinedThreadLocal    the same read through a call into another .cc
+//   BM_Get_RawThreadLocal           the physical limit: an inlined thread_local read (anchors.cc)
+//   BM_Get_NonInlinedThreadLocal    the same read through a call into another .cc (anchors.cc)
 //   BM_Get_PthreadGetspecific       pthread_getspecific
 //   BM_Get_BoostThreadSpecificPtr   boost::thread_specific_ptr<T>::get()
 //   BM_Get_ThreadScope              ScopedRegistry<T> (ThreadScope) hit
 //   BM_Find_FlatHashMapPlusCall     lock-free absl::flat_hash_map find + one indirect call
 //   BM_Get_FuncScope                ScopedRegistry<T, FuncScope> hit (ScopeFunc form)
-//   BM_Find_FlatHashMapUnderMutex   an SQLAlchemy-style registry: the map under a mutex
+//   BM_Find_FlatHashMapUnderMutex   an SQLAlchemy-style registry: the map under a mutex (anchors.cc)
 //
 // The hit benchmarks also run on 2 threads (per-thread CPU time is the figure to compare).
 #include <pthread.h>
 
 #include <functional>
-#include <mutex>
 
 #include "absl/container/flat_hash_map.h"
 #include "anchors.h"
@@ -23,23 +22,6 @@
 
 namespace scopereg::bench {
 namespace {
-
-thread_local constinit int t_raw = 1;
-
-void BM_EmptyLoop(benchmark::State& state) {
-  for (auto _ : state) benchmark::ClobberMemory();
-}
-BENCHMARK(BM_EmptyLoop);
-
-void BM_Get_RawThreadLocal(benchmark::State& state) {
-  for (auto _ : state) benchmark::DoNotOptimize(t_raw);
-}
-BENCHMARK(BM_Get_RawThreadLocal)->Threads(1)->Threads(2);
-
-void BM_Get_NonInlinedThreadLocal(benchmark::State& state) {
-  for (auto _ : state) benchmark::DoNotOptimize(*non_inlined_thread_local());
-}
-BENCHMARK(BM_Get_NonInlinedThreadLocal)->Threads(1)->Threads(2);
 
 void BM_Get_PthreadGetspecific(benchmark::State& state) {
   static pthread_key_t key = [] {
@@ -92,21 +74,6 @@ void BM_Get_FuncScope(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(reg());
 }
 BENCHMARK(BM_Get_FuncScope)->Threads(1)->Threads(2);
-
-void BM_Find_FlatHashMapUnderMutex(benchmark::State& state) {
-  static std::mutex mu;
-  static auto* map = new absl::flat_hash_map<std::uint64_t, int>();
-  const std::uint64_t token = ThreadScope::current().id();
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    (*map)[token] = 1;
-  }
-  for (auto _ : state) {
-    std::lock_guard<std::mutex> lock(mu);
-    benchmark::DoNotOptimize(map->find(token)->second);
-  }
-}
-BENCHMARK(BM_Find_FlatHashMapUnderMutex)->Threads(1)->Threads(2);
 
 }  // namespace
 }  // namespace scopereg::bench

@@ -1,0 +1,68 @@
+// ExplicitScope beside its anchors, in one binary and run (anchors.cc adds the raw
+// thread_local read and the mutex-guarded hash map an SQLAlchemy-style registry is).
+//
+//   BM_Get_ExplicitScope         registry hit in the current explicit scope
+//   BM_EnterLeave_ScopeGuard     entering and leaving a guard of a scope that stays live
+//   BM_ScopeLife_ExplicitScope   a whole scope life: enter a new token, one value, leave
+//   BM_WrapAndCall               wrap() a callable and call it
+//
+// At 2 threads every thread uses its own token.
+#include <atomic>
+#include <cstdint>
+
+#include "benchmark/benchmark.h"
+#include "scopereg/explicit_scope.h"
+#include "scopereg/scoped_registry.h"
+
+namespace scopereg::bench {
+namespace {
+
+std::atomic<std::uint64_t> g_next_token{1};
+
+ScopedRegistry<int, ExplicitScope>& registry() {
+  static auto* reg = new ScopedRegistry<int, ExplicitScope>([] { return 1; });
+  return *reg;
+}
+
+void BM_Get_ExplicitScope(benchmark::State& state) {
+  ScopeGuard guard(g_next_token.fetch_add(1));
+  ScopedRegistry<int, ExplicitScope>& reg = registry();
+  reg();
+  for (auto _ : state) benchmark::DoNotOptimize(reg());
+}
+BENCHMARK(BM_Get_ExplicitScope)->Threads(1)->Threads(2);
+
+void BM_EnterLeave_ScopeGuard(benchmark::State& state) {
+  const std::uint64_t token = g_next_token.fetch_add(1);
+  ScopeGuard keep_alive(token);
+  for (auto _ : state) {
+    ScopeGuard guard(token);
+    benchmark::DoNotOptimize(&guard);
+  }
+}
+BENCHMARK(BM_EnterLeave_ScopeGuard)->Threads(1)->Threads(2);
+
+void BM_ScopeLife_ExplicitScope(benchmark::State& state) {
+  ScopedRegistry<int, ExplicitScope>& reg = registry();
+  for (auto _ : state) {
+    ScopeGuard guard(g_next_token.fetch_add(1, std::memory_order_relaxed));
+    benchmark::DoNotOptimize(reg());
+  }
+}
+BENCHMARK(BM_ScopeLife_ExplicitScope)->Threads(1)->Threads(2);
+
+void BM_WrapAndCall(benchmark::State& state) {
+  ScopeGuard guard(g_next_token.fetch_add(1));
+  ScopedRegistry<int, ExplicitScope>& reg = registry();
+  reg();
+  for (auto _ : state) {
+    auto task = wrap([&reg] { return reg(); });
+    benchmark::DoNotOptimize(task());
+  }
+}
+BENCHMARK(BM_WrapAndCall)->Threads(1)->Threads(2);
+
+}  // namespace
+}  // namespace scopereg::bench
+
+BENCHMARK_MAIN();

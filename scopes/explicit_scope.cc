@@ -1,0 +1,212 @@
+#include "scopereg/explicit_scope.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+
+#include "absl/container/flat_hash_map.h"
+
+namespace scopereg {
+namespace internal {
+
+thread_local constinit ExplicitFrame* t_explicit_top = nullptr;
+
+// One life of one application token's scope.
+class ScopeRecord {
+ public:
+  explicit ScopeRecord(std::unique_ptr<TokenKey> key) : key_(std::move(key)) {}
+
+  std::unique_ptr<TokenKey> key_;
+  ScopeState state_{ScopeKind::kExplicit};
+  // Increments from an existing reference may happen anywhere; every other change of refs_
+  // happens under the shard's mutex, so "last reference gone" is decided exactly once.
+  std::atomic<int> refs_{0};
+  bool keep_ = false;         // guarded by the shard's mutex
+  bool in_table_ = true;      // guarded by the shard's mutex
+  ScopeRecord* next_ = nullptr;  // same (type, hash) chain; guarded by the shard's mutex
+};
+
+namespace {
+
+struct Shard {
+  std::mutex mu;
+  absl::flat_hash_map<std::pair<const void*, std::size_t>, ScopeRecord*> map;
+};
+constexpr std::size_t kShards = 16;
+
+Shard& shard_for(std::size_t hash) {
+  static Shard* const shards = new Shard[kShards];  // never destroyed, on purpose
+  return shards[(hash >> 11) % kShards];
+}
+
+// Requires the shard's mutex.
+ScopeRecord* find_locked(Shard& shard, const TokenProbe& probe) {
+  auto it = shard.map.find(std::make_pair(probe.type, probe.hash));
+  if (it == shard.map.end()) return nullptr;
+  for (ScopeRecord* r = it->second; r != nullptr; r = r->next_) {
+    if (r->key_->equals(probe.value)) return r;
+  }
+  return nullptr;
+}
+
+// Requires the shard's mutex.
+void unlink_locked(Shard& shard, ScopeRecord* record) {
+  auto it = shard.map.find(std::make_pair(record->key_->type(), record->key_->hash()));
+  for (ScopeRecord** p = &it->second; *p != nullptr; p = &(*p)->next_) {
+    if (*p == record) {
+      *p = record->next_;
+      break;
+    }
+  }
+  if (it->second == nullptr) shard.map.erase(it);
+  record->in_table_ = false;
+}
+
+void end_record(ScopeRecord* record) noexcept {
+  record->state_.end();
+  delete record;
+}
+
+[[noreturn]] void die(const char* what) {
+  std::fprintf(stderr, "scopereg: fatal misuse: %s\n", what);
+  std::abort();
+}
+
+}  // namespace
+
+ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
+  Shard& shard = shard_for(probe.hash);
+  std::lock_guard<std::mutex> lock(shard.mu);
+  ScopeRecord* record = find_locked(shard, probe);
+  if (record == nullptr) {
+    record = new ScopeRecord(probe.make(probe.value, probe.hash));
+    ScopeRecord*& head = shard.map[std::make_pair(probe.type, probe.hash)];
+    record->next_ = head;
+    head = record;
+  }
+  record->refs_.fetch_add(1, std::memory_order_relaxed);
+  if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
+  return record;
+}
+
+void add_ref(ScopeRecord* record) noexcept {
+  record->refs_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void release_record(ScopeRecord* record) noexcept {
+  Shard& shard = shard_for(record->key_->hash());
+  {
+    std::lock_guard<std::mutex> lock(shard.mu);
+    if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    if (record->in_table_) {
+      if (record->keep_) return;  // kept until ExplicitScope::end()
+      unlink_locked(shard, record);
+    }
+  }
+  end_record(record);
+}
+
+ScopeState* state_of(ScopeRecord* record) noexcept { return &record->state_; }
+
+void end_token(const TokenProbe& probe) {
+  Shard& shard = shard_for(probe.hash);
+  ScopeRecord* to_end = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(shard.mu);
+    ScopeRecord* record = find_locked(shard, probe);
+    if (record == nullptr) return;
+    unlink_locked(shard, record);
+    if (record->refs_.load(std::memory_order_acquire) == 0) to_end = record;
+  }
+  if (to_end != nullptr) end_record(to_end);
+}
+
+void push_frame(ExplicitFrame* frame) noexcept {
+  frame->prev = t_explicit_top;
+  t_explicit_top = frame;
+}
+
+void pop_frame(ExplicitFrame* frame, const void* owner) noexcept {
+  if (owner != current_context_id()) {
+    die("a ScopeGuard was destroyed on another thread or fiber than the one that created "
+        "it; leave a guard where it was entered, and use scopereg::wrap() to carry a scope "
+        "to other threads");
+  }
+  for (ExplicitFrame** p = &t_explicit_top; *p != nullptr; p = &(*p)->prev) {
+    if (*p == frame) {
+      *p = frame->prev;
+      return;
+    }
+  }
+  die("a ScopeGuard was destroyed while it was not on its context's active-scope stack "
+      "(was it created outside a wrapped callable and destroyed inside one?)");
+}
+
+}  // namespace internal
+
+ScopeFunc ExplicitScope::func() {
+  return [] { return ExplicitScope::current(); };
+}
+
+ScopeGuard::ScopeGuard(internal::ScopeRecord* record)
+    : frame_{internal::state_of(record), record, nullptr},
+      owner_(internal::current_context_id()) {
+  internal::push_frame(&frame_);
+}
+
+ScopeGuard::~ScopeGuard() {
+  internal::pop_frame(&frame_, owner_);
+  internal::release_record(frame_.record);
+}
+
+CapturedScope CapturedScope::current() {
+  CapturedScope captured;
+  for (internal::ExplicitFrame* f = internal::t_explicit_top; f != nullptr; f = f->prev) {
+    captured.frames_.push_back(internal::ExplicitFrame{f->state, f->record, nullptr});
+  }
+  std::reverse(captured.frames_.begin(), captured.frames_.end());
+  for (internal::ExplicitFrame& f : captured.frames_) internal::add_ref(f.record);
+  captured.link();
+  return captured;
+}
+
+CapturedScope::CapturedScope(const CapturedScope& other) : frames_(other.frames_) {
+  for (internal::ExplicitFrame& f : frames_) internal::add_ref(f.record);
+  link();
+}
+
+CapturedScope& CapturedScope::operator=(const CapturedScope& other) {
+  if (this != &other) {
+    CapturedScope copy(other);
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+CapturedScope& CapturedScope::operator=(CapturedScope&& other) noexcept {
+  if (this != &other) {
+    release();
+    frames_ = std::move(other.frames_);
+    other.frames_.clear();
+  }
+  return *this;
+}
+
+CapturedScope::~CapturedScope() { release(); }
+
+void CapturedScope::link() noexcept {
+  for (std::size_t i = 0; i < frames_.size(); ++i) {
+    frames_[i].prev = i == 0 ? nullptr : &frames_[i - 1];
+  }
+}
+
+void CapturedScope::release() noexcept {
+  // Top first: inner scopes end before the scopes they were nested in.
+  for (auto it = frames_.rbegin(); it != frames_.rend(); ++it) {
+    internal::release_record(it->record);
+  }
+  frames_.clear();
+}
+
+}  // namespace scopereg
