@@ -174,8 +174,13 @@ void SlotRegistry::for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit
 
 // ---- ScopeState ---------------------------------------------------------------------
 
-ScopeState::ScopeState(ScopeKind kind)
-    : token_(g_next_serial.fetch_add(1, std::memory_order_relaxed), kind) {
+std::uint64_t next_scope_serial() noexcept {
+  return g_next_serial.fetch_add(1, std::memory_order_relaxed);
+}
+
+ScopeState::ScopeState(ScopeKind kind) : ScopeState(ScopeToken(next_scope_serial(), kind)) {}
+
+ScopeState::ScopeState(ScopeToken token) : token_(token) {
   Global& g = global();
   std::lock_guard<std::mutex> lock(g.mu);
   next_ = g.scopes;

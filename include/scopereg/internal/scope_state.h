@@ -54,6 +54,9 @@ T& value_of(NodeBase* node) {
   return static_cast<Node<T>*>(node)->value;
 }
 
+// A process-wide serial for scope tokens: never reused in the life of the process.
+std::uint64_t next_scope_serial() noexcept;
+
 // Identifies the running execution context (a thread, or one of our fibers), so that a
 // factory that re-enters itself is told so instead of deadlocking.
 const void* current_context_id() noexcept;
@@ -169,6 +172,9 @@ class SlotRegistry final : public RegistryRecord {
 class ScopeState {
  public:
   explicit ScopeState(ScopeKind kind);
+  // With a token minted earlier by next_scope_serial() (a fiber's identity exists before
+  // its slots do).
+  explicit ScopeState(ScopeToken token);
   ScopeState(const ScopeState&) = delete;
   ScopeState& operator=(const ScopeState&) = delete;
   ~ScopeState();  // requires end() to have run

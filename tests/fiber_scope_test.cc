@@ -1,0 +1,307 @@
+#include "scopereg/fiber_scope.h"
+
+#include <atomic>
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "boost/context/detail/exception.hpp"
+#include "counted.h"
+#include "gtest/gtest.h"
+#include "scopereg/explicit_scope.h"
+#include "scopereg/scoped_registry.h"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr int kManyFibers = 20'000;
+#else
+constexpr int kManyFibers = 1'000'000;
+#endif
+
+namespace scopereg {
+namespace {
+
+using ::scopereg::testing::Counted;
+using ::scopereg::testing::Counts;
+
+struct Fixture {
+  Counts counts;
+  std::atomic<int> next_id{0};
+  ScopedRegistry<Counted, FiberScope> reg{[this] { return Counted(counts, ++next_id); }};
+};
+
+TEST(FiberScope, ManyFibersOnOneThreadStayIsolated) {
+  ScopedRegistry<int, FiberScope> reg([] { return -1; });
+  constexpr int kFibers = 100;
+  std::vector<Fiber> fibers;
+  int wrong = 0;
+  for (int i = 0; i < kFibers; ++i) {
+    fibers.emplace_back([&, i] {
+      reg() = i;
+      for (int round = 0; round < 5; ++round) {
+        Fiber::yield();
+        wrong += (reg() != i);
+      }
+    });
+  }
+  for (int round = 0; round < 6; ++round) {
+    for (Fiber& f : fibers) f.resume();
+  }
+  for (Fiber& f : fibers) EXPECT_TRUE(f.done());
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(reg.size(), 0);
+  EXPECT_EQ(reg(), -1);  // the main fiber has its own value
+}
+
+TEST(FiberScope, AFibersValueIsDestroyedOnceWhenItFinishesOnTheFiber) {
+  ScopeToken destroyed_in;
+  struct Probe {
+    ScopeToken* destroyed_in;
+    ~Probe() { *destroyed_in = getcurrent(); }
+  };
+  ScopedRegistry<Probe, FiberScope> reg([&] { return Probe{&destroyed_in}; });
+  Fixture f;
+  Fiber fiber([&] {
+    reg();
+    f.reg();
+    Fiber::yield();
+  });
+  fiber.resume();
+  EXPECT_EQ(f.counts.alive(), 1);
+  fiber.resume();
+  EXPECT_TRUE(fiber.done());
+  EXPECT_EQ(f.counts.destroyed, 1);
+  EXPECT_EQ(destroyed_in, fiber.token());
+  EXPECT_EQ(reg.size(), 0);
+}
+
+TEST(FiberScope, AnUnfinishedFiberDestroyedUnwindsItsStackAndDestroysItsValues) {
+  Fixture f;
+  Counts stack_objects;
+  bool after_yield = false;
+  {
+    Fiber fiber([&] {
+      Counted on_stack(stack_objects);
+      f.reg();
+      Fiber::yield();
+      after_yield = true;
+    });
+    fiber.resume();
+    EXPECT_EQ(stack_objects.alive(), 1);
+    EXPECT_EQ(f.counts.alive(), 1);
+  }
+  EXPECT_FALSE(after_yield);
+  EXPECT_EQ(stack_objects.destroyed, 1);
+  EXPECT_EQ(f.counts.destroyed, 1);
+  EXPECT_EQ(f.reg.size(), 0);
+}
+
+TEST(FiberScope, UnwindingPassesThroughCatchAllsThatRethrow) {
+  int caught = 0;
+  Counts stack_objects;
+  {
+    Fiber fiber([&] {
+      try {
+        Counted outer(stack_objects);
+        try {
+          Counted inner(stack_objects);
+          Fiber::yield();
+        } catch (...) {  // as code on a Boost.Context stack must: rethrow
+          ++caught;
+          throw;
+        }
+      } catch (const boost::context::detail::forced_unwind&) {
+        ++caught;
+        throw;
+      }
+    });
+    fiber.resume();
+    EXPECT_EQ(stack_objects.alive(), 2);
+  }
+  EXPECT_EQ(caught, 2);
+  EXPECT_EQ(stack_objects.alive(), 0);
+}
+
+TEST(FiberScope, AFiberNeverStartedRunsNothingWhenDestroyed) {
+  bool ran = false;
+  { Fiber fiber([&] { ran = true; }); }
+  EXPECT_FALSE(ran);
+}
+
+TEST(FiberScope, OutsideAnyFiberTheThreadsMainFiberValueLivesUntilThreadExit) {
+  Fixture f;
+  std::thread([&] {
+    EXPECT_EQ(getcurrent(), ThreadScope::current());
+    f.reg();
+    Fiber fiber([&] { f.reg(); });
+    fiber.resume();
+    EXPECT_EQ(f.counts.alive(), 1);  // the fiber's is gone, the main fiber's stays
+  }).join();
+  EXPECT_EQ(f.counts.made, 2);
+  EXPECT_EQ(f.counts.alive(), 0);
+}
+
+TEST(FiberScope, AnExceptionInAFiberReachesTheResumer) {
+  Fixture f;
+  Fiber fiber([&] {
+    f.reg();
+    Fiber::yield();
+    throw std::runtime_error("query failed");
+  });
+  fiber.resume();
+  EXPECT_THROW(fiber.resume(), std::runtime_error);
+  EXPECT_TRUE(fiber.done());
+  EXPECT_EQ(f.counts.alive(), 0);
+  EXPECT_THROW(fiber.resume(), ScopeError);  // finished
+}
+
+TEST(FiberScope, AFiberResumedOnAnotherThreadSeesItsOwnValues) {
+  Fixture f;
+  ScopedRegistry<ScopeToken> thread_id([] { return ThreadScope::current(); });
+  ScopeToken first_thread, second_thread;
+  Counted* before = nullptr;
+  Counted* after = nullptr;
+  ScopeToken token_before, token_after;
+  Fiber fiber([&] {
+    before = &f.reg();
+    token_before = getcurrent();
+    first_thread = thread_id();
+    Fiber::yield();
+    after = &f.reg();
+    token_after = getcurrent();
+    second_thread = thread_id();  // ThreadScope follows the OS thread
+  });
+  std::thread([&] { fiber.resume(); }).join();
+  std::thread([&] { fiber.resume(); }).join();
+  EXPECT_TRUE(fiber.done());
+  EXPECT_EQ(before, after);
+  EXPECT_EQ(token_before, token_after);
+  EXPECT_NE(first_thread, second_thread);
+  EXPECT_EQ(f.counts.made, 1);
+  EXPECT_EQ(f.counts.alive(), 0);
+}
+
+TEST(FiberScope, DestroyingARegistryDestroysValuesOfSuspendedFibers) {
+  Counts counts;
+  auto reg = std::make_unique<ScopedRegistry<Counted, FiberScope>>(
+      [&] { return Counted(counts); });
+  std::vector<Fiber> fibers;
+  for (int i = 0; i < 10; ++i) {
+    fibers.emplace_back([&] {
+      (*reg)();
+      Fiber::yield();
+    });
+    fibers.back().resume();
+  }
+  EXPECT_EQ(counts.alive(), 10);
+  reg.reset();
+  EXPECT_EQ(counts.destroyed, 10);
+  fibers.clear();  // finishing them destroys nothing twice
+  EXPECT_EQ(counts.destroyed, 10);
+}
+
+TEST(FiberScope, NestedFibersHaveTheirOwnValuesAndYieldToTheirResumer) {
+  ScopedRegistry<int, FiberScope> reg([] { return 0; });
+  std::vector<int> trace;
+  Fiber outer([&] {
+    reg() = 1;
+    Fiber inner([&] {
+      reg() = 2;
+      trace.push_back(reg());
+      Fiber::yield();  // back to outer, not to main
+      trace.push_back(reg());
+    });
+    inner.resume();
+    trace.push_back(reg());
+    inner.resume();
+    trace.push_back(reg());
+  });
+  outer.resume();
+  EXPECT_EQ(trace, (std::vector<int>{2, 1, 2, 1}));
+  EXPECT_EQ(reg(), 0);
+}
+
+TEST(FiberScope, TheExplicitScopeStackIsPerFiber) {
+  ScopedRegistry<int, ExplicitScope> reg([] { return 0; });
+  ScopeToken in_fiber;
+  Fiber fiber([&] {
+    ScopeGuard guard(std::string("fiber-request"));
+    in_fiber = ExplicitScope::current();
+    reg() = 7;
+    Fiber::yield();
+    EXPECT_EQ(ExplicitScope::current(), in_fiber);
+    EXPECT_EQ(reg(), 7);
+  });
+  ScopeGuard main_guard(std::string("main-request"));
+  reg() = 1;
+  fiber.resume();
+  EXPECT_NE(ExplicitScope::current(), in_fiber);
+  EXPECT_EQ(reg(), 1);
+  std::thread([&] { fiber.resume(); }).join();  // its stack travels with it
+  EXPECT_TRUE(fiber.done());
+  EXPECT_EQ(reg(), 1);
+}
+
+TEST(FiberScope, MisuseGetsClearErrors) {
+  EXPECT_THROW(Fiber::yield(), ScopeError);
+  EXPECT_THROW(Fiber([] {}, boost::context::fixedsize_stack(1024)), ScopeError);
+  Fiber* self = nullptr;
+  bool threw = false;
+  Fiber fiber([&] {
+    try {
+      self->resume();
+    } catch (const ScopeError&) {
+      threw = true;
+    }
+  });
+  self = &fiber;
+  fiber.resume();
+  EXPECT_TRUE(threw);
+}
+
+TEST(FiberScope, TheScopeFuncFormEndsValuesWithTheFiber) {
+  Counts counts;
+  ScopedRegistry<Counted, FuncScope> reg([&] { return Counted(counts); }, FiberScope::func());
+  Fiber fiber([&] {
+    reg();
+    Fiber::yield();
+    reg();
+  });
+  fiber.resume();
+  EXPECT_EQ(counts.alive(), 1);
+  fiber.resume();
+  EXPECT_EQ(counts.made, 1);
+  EXPECT_EQ(counts.alive(), 0);
+  EXPECT_EQ(reg.size(), 0);
+}
+
+TEST(FiberScope, FiberTokensAreNeverReused) {
+  std::set<ScopeToken> tokens;
+  for (int i = 0; i < 1000; ++i) {
+    Fiber fiber([&] { tokens.insert(getcurrent()); });
+    fiber.resume();
+  }
+  EXPECT_EQ(tokens.size(), 1000u);
+  EXPECT_FALSE(tokens.contains(getcurrent()));
+}
+
+TEST(FiberScope, AMillionShortFibersLeaveNoValueBehind) {
+  Counts counts;
+  ScopedRegistry<Counted, FiberScope> reg([&] { return Counted(counts); });
+  std::int64_t max_live = 0;
+  for (int i = 0; i < kManyFibers; ++i) {
+    Fiber fiber([&] {
+      reg();
+      max_live = std::max(max_live, reg.size());
+    });
+    fiber.resume();
+  }
+  EXPECT_EQ(counts.made, kManyFibers);
+  EXPECT_EQ(counts.destroyed, kManyFibers);
+  EXPECT_EQ(max_live, 1);
+  EXPECT_EQ(reg.size(), 0);
+}
+
+}  // namespace
+}  // namespace scopereg
