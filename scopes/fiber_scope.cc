@@ -33,12 +33,15 @@
 #ifdef SCOPEREG_ASAN
 #include <sanitizer/common_interface_defs.h>
 #endif
+// The switch functions: not instrumented under ThreadSanitizer (see below); otherwise
+// inlined, because every call level between the switch and the code that resumes costs a
+// mispredicted return after each switch.
 #if defined(SCOPEREG_TSAN) && defined(__clang__)
-#define SCOPEREG_NO_TSAN __attribute__((no_sanitize("thread")))
+#define SCOPEREG_SWITCH __attribute__((no_sanitize("thread"), noinline))
 #elif defined(SCOPEREG_TSAN)
-#define SCOPEREG_NO_TSAN __attribute__((no_sanitize_thread))
+#define SCOPEREG_SWITCH __attribute__((no_sanitize_thread, noinline))
 #else
-#define SCOPEREG_NO_TSAN
+#define SCOPEREG_SWITCH inline __attribute__((always_inline))
 #endif
 
 namespace scopereg {
@@ -46,25 +49,18 @@ namespace internal {
 
 namespace fctx = boost::context::detail;
 
-extern thread_local constinit const void* t_fiber_context;  // registry/scope_state.cc
+thread_local constinit FiberCore* t_current_fiber = nullptr;
 
-struct FiberContext {
+struct FiberContext : FiberCore {
   ~FiberContext() {
     if (deallocate) deallocate(stack);
   }
 
   std::function<void()> body;
-  fctx::fcontext_t self = nullptr;     // the fiber, while suspended
-  fctx::fcontext_t resumer = nullptr;  // whom to switch back to, while running
   boost::context::stack_context stack{};
   std::function<void(boost::context::stack_context&)> deallocate;
   ScopeToken token{next_scope_serial(), ScopeKind::kFiber};
-  ScopeState* state = nullptr;            // created on first FiberScope access
-  ExplicitFrame* explicit_top = nullptr;  // this fiber's ExplicitScope stack while suspended
-  std::exception_ptr error;
-  bool running = false;
-  bool done = false;
-  bool cancel = false;       // destroyed unfinished: unwind at the next switch-in
+  ScopeState* state = nullptr;  // created on first FiberScope access
   bool state_ended = false;  // values destroyed; FiberScope has no scope here any more
   bool token_used = false;   // getcurrent() handed the token out (FuncScope registries)
   // Sanitizer bookkeeping.
@@ -77,14 +73,14 @@ struct FiberContext {
 
 namespace {
 
-thread_local constinit FiberContext* t_current_fiber = nullptr;
+FiberContext* current_fiber() noexcept { return static_cast<FiberContext*>(t_current_fiber); }
 
 [[noreturn]] void die(const char* what) {
   std::fprintf(stderr, "scopereg: fatal misuse: %s\n", what);
   std::abort();
 }
 
-const void* stack_bottom(const FiberContext* c) {
+[[maybe_unused]] const void* stack_bottom(const FiberContext* c) {
   return static_cast<const char*>(c->stack.sp) - c->stack.size;
 }
 
@@ -94,7 +90,7 @@ const void* stack_bottom(const FiberContext* c) {
 // on another, and every switch is announced to the sanitizers right before it happens.
 
 // Resuming side: switches into `c` until it yields (returns true) or finishes (false).
-SCOPEREG_NO_TSAN bool jump_into(FiberContext* c) {
+SCOPEREG_SWITCH bool jump_into(FiberContext* c) {
 #ifdef SCOPEREG_TSAN
   c->tsan_resumer = __tsan_get_current_fiber();
   __tsan_switch_to_fiber(c->tsan_fiber, 0);
@@ -112,7 +108,7 @@ SCOPEREG_NO_TSAN bool jump_into(FiberContext* c) {
 }
 
 // Fiber side: back to the resumer; returns when resumed again (maybe on another thread).
-SCOPEREG_NO_TSAN void jump_out(FiberContext* c) {
+SCOPEREG_SWITCH void jump_out(FiberContext* c) {
 #ifdef SCOPEREG_TSAN
   __tsan_switch_to_fiber(c->tsan_resumer, 0);
 #endif
@@ -130,7 +126,10 @@ void run_fiber(FiberContext* c) noexcept;
 
 // Fiber side: the first frame on a fiber's stack. Never returns: the last jump leaves the
 // stack for good and the resumer frees it.
-SCOPEREG_NO_TSAN void fiber_main(fctx::transfer_t in) {
+#if defined(SCOPEREG_TSAN)
+__attribute__((no_sanitize_thread))
+#endif
+void fiber_main(fctx::transfer_t in) {
   auto* c = static_cast<FiberContext*>(in.data);
   c->resumer = in.fctx;
 #ifdef SCOPEREG_ASAN
@@ -181,8 +180,8 @@ void run_fiber(FiberContext* c) noexcept {
 }
 
 // Resuming side: make `c` current, switch in, restore the caller's state on return.
-void switch_in(FiberContext* c) {
-  FiberContext* const prev = t_current_fiber;
+inline __attribute__((always_inline)) void switch_in(FiberContext* c) {
+  FiberCore* const prev = t_current_fiber;
   ExplicitFrame* const prev_top = t_explicit_top;
   t_explicit_top = c->explicit_top;
   t_current_fiber = c;
@@ -235,7 +234,7 @@ void start_fiber(FiberContext* c, boost::context::stack_context stack,
 }  // namespace internal
 
 using internal::FiberContext;
-using internal::t_current_fiber;
+using internal::current_fiber;
 
 Fiber& Fiber::operator=(Fiber&& other) noexcept {
   if (this != &other) {
@@ -262,7 +261,22 @@ void Fiber::destroy() noexcept {
   context_.reset();
 }
 
-void Fiber::resume() {
+internal::FiberCore* Fiber::core() const noexcept { return context_.get(); }
+
+void Fiber::after_switch(boost::context::detail::fcontext_t self) {
+  FiberContext* c = context_.get();
+  c->self = self;
+  if (self == nullptr) {  // finished: we are off its stack, which can go now
+    c->explicit_top = nullptr;
+    c->deallocate(c->stack);
+    c->deallocate = nullptr;
+  }
+  if (c->error) std::rethrow_exception(std::exchange(c->error, nullptr));
+}
+
+void Fiber::throw_unwind() { throw boost::context::detail::forced_unwind(); }
+
+void Fiber::resume_slow() {
   FiberContext* c = context_.get();
   if (c == nullptr) throw ScopeError("scopereg: resume() on a moved-from Fiber");
   if (c->done) {
@@ -277,8 +291,8 @@ void Fiber::resume() {
   if (c->error) std::rethrow_exception(std::exchange(c->error, nullptr));
 }
 
-void Fiber::yield() {
-  FiberContext* c = t_current_fiber;
+void Fiber::yield_slow() {
+  FiberContext* c = current_fiber();
   if (c == nullptr) {
     throw ScopeError(
         "scopereg: Fiber::yield() called outside a Fiber; only code running inside a "
@@ -295,7 +309,7 @@ ScopeToken Fiber::token() const noexcept {
 }
 
 ScopeToken getcurrent() noexcept {
-  FiberContext* c = t_current_fiber;
+  FiberContext* c = current_fiber();
   if (c == nullptr) return ThreadScope::current();
   c->token_used = true;
   return c->token;
@@ -306,7 +320,7 @@ ScopeFunc FiberScope::func() {
 }
 
 internal::ScopeState* FiberScope::current_state() {
-  FiberContext* c = t_current_fiber;
+  FiberContext* c = current_fiber();
   if (c == nullptr) return ThreadScope::current_state();
   if (c->state != nullptr) [[likely]] return c->state;
   if (c->state_ended) return nullptr;  // a destructor after the fiber's values were destroyed

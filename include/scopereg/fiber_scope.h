@@ -53,6 +53,7 @@
 #include <memory>
 #include <utility>
 
+#include "boost/context/detail/fcontext.hpp"
 #include "boost/context/fixedsize_stack.hpp"
 #include "boost/context/stack_context.hpp"
 #include "scopereg/internal/scope_state.h"
@@ -67,6 +68,36 @@ inline constexpr std::size_t kMinFiberStackSize = 8 * 1024;
 namespace internal {
 
 struct FiberContext;
+struct ExplicitFrame;
+
+// The fields the switch itself touches (FiberContext, in scopes/fiber_scope.cc, has the
+// rest). Kept in the header so that resume() and yield() can switch without a call level
+// of their own: every call level around a stack switch costs a mispredicted return.
+struct FiberCore {
+  boost::context::detail::fcontext_t self = nullptr;     // the fiber, while suspended
+  boost::context::detail::fcontext_t resumer = nullptr;  // whom to switch back to
+  ExplicitFrame* explicit_top = nullptr;  // the fiber's ExplicitScope stack while suspended
+  std::exception_ptr error;
+  bool running = false;
+  bool done = false;
+  bool cancel = false;  // destroyed unfinished: unwind at the next switch-in
+};
+
+extern thread_local constinit FiberCore* t_current_fiber;
+extern thread_local constinit const void* t_fiber_context;
+extern thread_local constinit ExplicitFrame* t_explicit_top;
+
+// Sanitizer builds annotate every switch; they take the out-of-line paths.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SCOPEREG_FIBER_INLINE_SWITCH 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SCOPEREG_FIBER_INLINE_SWITCH 0
+#endif
+#endif
+#ifndef SCOPEREG_FIBER_INLINE_SWITCH
+#define SCOPEREG_FIBER_INLINE_SWITCH 1
+#endif
 
 std::unique_ptr<FiberContext, void (*)(FiberContext*)> make_fiber_context(
     std::function<void()> body);
@@ -106,11 +137,51 @@ class Fiber {
 
   // Switches into the fiber until it yields or finishes. Rethrows an exception that
   // escaped the fiber's body. Throws ScopeError if the fiber has finished or is running.
-  void resume();
+  void resume() {
+#if SCOPEREG_FIBER_INLINE_SWITCH
+    internal::FiberCore* c = core();
+    if (c != nullptr && c->self != nullptr && !c->running) [[likely]] {
+      internal::FiberCore* const prev = internal::t_current_fiber;
+      internal::ExplicitFrame* const prev_top = internal::t_explicit_top;
+      internal::t_explicit_top = c->explicit_top;
+      internal::t_current_fiber = c;
+      internal::t_fiber_context = c;
+      c->running = true;
+      const boost::context::detail::transfer_t back =
+          boost::context::detail::jump_fcontext(c->self, c);
+      // Back on our own stack and thread (a resumer cannot migrate while it waits here).
+      c->running = false;
+      internal::t_current_fiber = prev;
+      internal::t_fiber_context = prev;
+      if (back.data != nullptr && !c->error) [[likely]] {
+        c->self = back.fctx;
+        c->explicit_top = internal::t_explicit_top;
+        internal::t_explicit_top = prev_top;
+        return;
+      }
+      internal::t_explicit_top = prev_top;
+      return after_switch(back.data != nullptr ? back.fctx : nullptr);
+    }
+#endif
+    resume_slow();
+  }
 
   // From inside a Fiber: switches back to the context that resumed it; returns when the
   // fiber is resumed again (possibly on another thread). Throws ScopeError outside a Fiber.
-  static void yield();
+  static void yield() {
+#if SCOPEREG_FIBER_INLINE_SWITCH
+    internal::FiberCore* c = internal::t_current_fiber;
+    if (c != nullptr) [[likely]] {
+      const boost::context::detail::transfer_t in =
+          boost::context::detail::jump_fcontext(c->resumer, c);
+      // Possibly on another thread now: no thread_local is touched below.
+      c->resumer = in.fctx;
+      if (!c->cancel) [[likely]] return;
+      throw_unwind();
+    }
+#endif
+    yield_slow();
+  }
 
   // Whether the body has returned (or thrown).
   bool done() const noexcept;
@@ -119,7 +190,13 @@ class Fiber {
   ScopeToken token() const noexcept;
 
  private:
+  internal::FiberCore* core() const noexcept;
   void destroy() noexcept;
+  void resume_slow();
+  // After an inline switch that finished the fiber (`self` null) or left an exception.
+  void after_switch(boost::context::detail::fcontext_t self);
+  static void yield_slow();
+  [[noreturn]] static void throw_unwind();
   std::unique_ptr<internal::FiberContext, void (*)(internal::FiberContext*)> context_;
 };
 
