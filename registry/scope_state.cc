@@ -44,6 +44,18 @@ const void* current_context_id() noexcept {
   return t_fiber_context != nullptr ? t_fiber_context : &t_thread_context;
 }
 
+namespace {
+constinit std::atomic<void (*)()> g_unwinding_check{nullptr};
+}  // namespace
+
+void rethrow_if_unwinding() {
+  if (auto check = g_unwinding_check.load(std::memory_order_acquire)) check();
+}
+
+void set_unwinding_check(void (*check)()) noexcept {
+  g_unwinding_check.store(check, std::memory_order_release);
+}
+
 void throw_no_scope(const char* strategy) {
   throw ScopeError(std::string("scopereg: no active scope for ") + strategy +
                    ": enter one first (for ExplicitScope, hold a ScopeGuard; for a "

@@ -231,6 +231,19 @@ void start_fiber(FiberContext* c, boost::context::stack_context stack,
 #endif
 }
 
+namespace {
+void rethrow_forced_unwind() {
+  try {
+    throw;
+  } catch (const boost::context::detail::forced_unwind&) {
+    throw;
+  } catch (...) {
+  }
+}
+[[maybe_unused]] const bool g_unwinding_check_installed =
+    (set_unwinding_check(&rethrow_forced_unwind), true);
+}  // namespace
+
 }  // namespace internal
 
 using internal::FiberContext;

@@ -230,6 +230,13 @@ class ScopeState {
 
 [[noreturn]] void throw_no_scope(const char* strategy);
 
+// Called first in every catch (...) of scopereg that does not rethrow: rethrows the
+// exception in flight if it is the unwinding of a fiber being destroyed
+// (boost::context::detail::forced_unwind), which must never be swallowed. A no-op unless
+// scopereg::fiber is linked in (it installs the check).
+void rethrow_if_unwinding();
+void set_unwinding_check(void (*check)()) noexcept;
+
 // A strategy whose values live in ScopeState slots (every built-in one).
 template <typename S>
 concept SlotStrategy = requires(const S& s) {

@@ -1,0 +1,509 @@
+// scopereg/session_cache.h
+//
+// SessionCache<T, Scope>: named per-scope sessions (one registry per configured name, e.g.
+// one per database), with what applications write on top of a scoped registry done once:
+// used-set tracking, clear_for_current_scope(), a teardown guard that commits or rolls
+// back, validation and recycling of stale values, and a cap on live values per name.
+//
+//   scopereg::SessionCache<Db> sessions;
+//   sessions.add("orders", {.factory = [] { return Db::open("orders.db"); },
+//                           .close = [](Db& db) { db.close(); },
+//                           .teardown = [](Db& db, bool ok) { ok ? db.commit() : db.rollback(); },
+//                           .validate = [](Db& db) { return db.ping(); }});
+//
+//   void handle(const Request& r) {
+//     scopereg::SessionCache<Db>::TeardownGuard done(sessions);  // commit/rollback + clear
+//     sessions.get("orders").insert(r);
+//   }
+//
+// Contract:
+// * Names are registered up front with add(), or on first use through a resolver
+//   (set_resolver) that returns the options for a name. An unknown name is a ScopeError
+//   that lists the known names. A name's registry is created once; names are never removed.
+// * get(name) returns the calling scope's value for that name, creating it lazily with the
+//   name's factory (at most once per scope, never under a cache-wide lock).
+// * used() lists the names the calling scope used, in first-use order. The record is itself
+//   a per-scope value: it dies with the scope.
+// * clear_for_current_scope() closes and removes every value the calling scope used, in
+//   reverse order of first use, each through its close hook. A hook that throws does not
+//   stop the others: every value is removed, and the returned absl::Status names every
+//   failure ("orders: <what>"). Afterwards used() is empty and get() creates afresh.
+//   Other scopes' values are untouched.
+// * A value that dies without clear_for_current_scope() (its scope ended, or the cache was
+//   destroyed) is closed through its hook too; a failure then goes to the error reporter.
+// * Validation: with `validate`, a value is checked when taken (every get, or at most every
+//   `validate_every`); with `max_age`, a value older than that is recycled. A value that
+//   fails (false or throws) or is too old is closed through its hook (a failure is
+//   reported) and re-created transparently, all inside get().
+// * Cap: with `max_live` = N, at most N values of that name exist across all scopes; a get
+//   that would create one more waits up to `acquire_timeout` for a value to be released
+//   (any clear or scope end releases one), then throws ScopeError naming the name and cap.
+//
+// Thread safety: every member may be called concurrently from any scope, except that
+// add()/set_resolver()/set_error_reporter() must not race with the destructor.
+// Cost: get(name) hashes the name and probes a lock-free index, then does a registry hit;
+// get(SessionName) skips the name (an interned handle from intern(), like folly's
+// RequestToken); a name with validation reads the steady clock on each get. See
+// benchmarks/session_cache_benchmark.cc.
+// Misuse: get() with no active scope (ExplicitScope) throws ScopeError from the registry;
+// a hook that re-enters the cache for the value being created throws ScopeError.
+
+#ifndef SCOPEREG_SESSION_CACHE_H_
+#define SCOPEREG_SESSION_CACHE_H_
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "scopereg/error.h"
+#include "scopereg/scoped_registry.h"
+
+namespace scopereg {
+
+// Describes the error in flight (for status messages); "unknown exception" otherwise.
+std::string describe_current_exception();
+
+// What a failure report is written to when no reporter is set: stderr, one line.
+void report_to_stderr(const absl::Status& status);
+
+template <typename T>
+struct SessionOptions {
+  std::function<T()> factory;                      // required
+  std::function<void(T&)> close;                   // before destruction; default: none
+  std::function<void(T&, bool success)> teardown;  // at a TeardownGuard's end
+  std::function<bool(T&)> validate;                // when taken; false means stale
+  std::chrono::steady_clock::duration validate_every{0};  // 0: on every get
+  std::chrono::steady_clock::duration max_age{0};         // 0: no limit
+  std::size_t max_live = 0;                               // 0: no cap
+  std::chrono::steady_clock::duration acquire_timeout = std::chrono::seconds(10);
+};
+
+template <typename T, ScopeStrategy Scope = ThreadScope>
+class SessionCache {
+  class Entry;
+
+ public:
+  using Options = SessionOptions<T>;
+
+  // An interned name: get(handle) skips hashing the name. Valid while the cache lives.
+  class SessionName {
+   public:
+    T& operator()() const { return entry_->get(); }
+    const std::string& name() const { return entry_->name(); }
+
+   private:
+    friend class SessionCache;
+    explicit SessionName(Entry* entry) : entry_(entry) {}
+    Entry* entry_;
+  };
+
+  explicit SessionCache(Scope scope = Scope())
+      : scope_(scope),
+        used_([] { return UsedList(); }, scope),
+        index_(new Index()) {}
+  SessionCache(const SessionCache&) = delete;
+  SessionCache& operator=(const SessionCache&) = delete;
+
+  // Destroys every name's values in every scope (closing each through its hook; failures
+  // go to the error reporter).
+  ~SessionCache() {
+    entries_.clear();
+    for (const Index* index : retired_) delete index;
+    delete index_.load(std::memory_order_relaxed);
+  }
+
+  // Registers `name`. Throws ScopeError if the name exists or the factory is empty.
+  void add(std::string name, Options options) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (find_entry(name) != nullptr) {
+      throw ScopeError("scopereg: SessionCache::add: '" + name +
+                       "' is already registered; each name is added once");
+    }
+    insert_locked(std::move(name), std::move(options));
+  }
+
+  // Options for names not added up front, asked once per name on its first use; return
+  // nullopt for a name that does not exist.
+  void set_resolver(std::function<std::optional<Options>(std::string_view)> resolver) {
+    std::lock_guard<std::mutex> lock(mu_);
+    resolver_ = std::move(resolver);
+  }
+
+  // Where failures that cannot be returned go (a close hook failing at scope end, a
+  // TeardownGuard's failures). Default: one line on stderr.
+  void set_error_reporter(std::function<void(const absl::Status&)> reporter) {
+    std::lock_guard<std::mutex> lock(reporter_mu_);
+    reporter_ = std::move(reporter);
+  }
+
+  // The calling scope's value for `name`, created on first use (see the file comment).
+  T& get(std::string_view name) { return entry_for(name).get(); }
+  T& get(const SessionName& name) { return name.entry_->get(); }
+
+  // The handle of `name` (resolving it if needed). Throws ScopeError for an unknown name.
+  SessionName intern(std::string_view name) { return SessionName(&entry_for(name)); }
+
+  // The names the calling scope used, in first-use order. Empty with no active scope.
+  std::vector<std::string> used() const {
+    std::vector<std::string> names;
+    if (const UsedList* list = used_.find()) {
+      for (Entry* e : *list) names.push_back(e->name());
+    }
+    return names;
+  }
+
+  // Closes and removes every value the calling scope used, in reverse order of first use.
+  // Never stops half-way; returns OK or a status naming every failure.
+  absl::Status clear_for_current_scope() {
+    std::vector<std::string> failures;
+    clear_used(failures, nullptr);
+    return to_status(failures);
+  }
+
+  // TeardownGuard
+  //
+  // The end of a unit of work (Flask's teardown_appcontext): on destruction, calls every
+  // used name's teardown hook with whether the work succeeded (no exception escaped the
+  // guard's scope, and fail() was not called), in reverse order of first use, then
+  // clear_for_current_scope(). Never throws: failures go to the cache's error reporter.
+  class TeardownGuard {
+   public:
+    explicit TeardownGuard(SessionCache& cache)
+        : cache_(cache), exceptions_(std::uncaught_exceptions()) {}
+    TeardownGuard(const TeardownGuard&) = delete;
+    TeardownGuard& operator=(const TeardownGuard&) = delete;
+    ~TeardownGuard() {
+      const bool success = !failed_ && std::uncaught_exceptions() == exceptions_;
+      std::vector<std::string> failures;
+      cache_.clear_used(failures, &success);
+      if (!failures.empty()) cache_.report(to_status(failures));
+    }
+    // Marks the work as failed: teardown hooks are told success = false.
+    void fail() { failed_ = true; }
+
+   private:
+    SessionCache& cache_;
+    const int exceptions_;
+    bool failed_ = false;
+  };
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  using UsedList = std::vector<Entry*>;
+  using Index = absl::flat_hash_map<std::string_view, Entry*>;
+
+  // Caps live values of one name.
+  class Limiter {
+   public:
+    void acquire(const Entry& entry) {
+      const Options& o = entry.options();
+      if (o.max_live == 0) return;
+      std::unique_lock<std::mutex> lock(mu_);
+      if (!cv_.wait_for(lock, o.acquire_timeout, [&] { return live_ < o.max_live; })) {
+        throw ScopeError("scopereg: SessionCache: '" + entry.name() + "' is at its cap of " +
+                         std::to_string(o.max_live) +
+                         " live values and none was released within the acquire_timeout; "
+                         "release values sooner (clear_for_current_scope) or raise max_live");
+      }
+      ++live_;
+    }
+    void release(const Entry& entry) {
+      if (entry.options().max_live == 0) return;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --live_;
+      }
+      cv_.notify_one();
+    }
+
+   private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::size_t live_ = 0;
+  };
+
+  // One value with its bookkeeping. Built in place (T need not be movable).
+  class Slot {
+   public:
+    explicit Slot(Entry* entry)
+        : entry_(entry), permit_(entry), value_(entry->options().factory()) {}
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    ~Slot() {
+      if (closed_) return;
+      std::string error;
+      if (!entry_->close_value(value_, &error)) {
+        entry_->cache().report(absl::UnknownError(entry_->name() + ": close failed: " + error));
+      }
+    }
+
+    T& value() { return value_; }
+    // Runs the close hook once; false (with `error`) if it threw.
+    bool close(std::string* error) {
+      closed_ = true;
+      return entry_->close_value(value_, error);
+    }
+    bool stale() {
+      const Options& o = entry_->options();
+      const Clock::time_point now = Clock::now();
+      if (o.max_age != Clock::duration::zero() && now - created_ > o.max_age) return true;
+      if (!o.validate || now - checked_ < o.validate_every) return false;
+      checked_ = now;
+      try {
+        return !o.validate(value_);
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        return true;
+      }
+    }
+
+   private:
+    struct Permit {
+      explicit Permit(Entry* e) : entry(e) { e->limiter().acquire(*e); }
+      ~Permit() { entry->limiter().release(*entry); }
+      Entry* entry;
+    };
+    Entry* entry_;
+    Permit permit_;  // before value_: released after it is destroyed, also if T() throws
+    T value_;
+    const Clock::time_point created_ = Clock::now();
+    Clock::time_point checked_ = created_;
+    bool closed_ = false;
+  };
+
+  class Entry {
+   public:
+    Entry(SessionCache* cache, std::string name, Options options)
+        : cache_(cache),
+          name_(std::move(name)),
+          options_(std::move(options)),
+          checks_(options_.validate != nullptr ||
+                  options_.max_age != Clock::duration::zero()),
+          registry_([this] { return make_slot(); }, cache->scope_) {}
+
+    const std::string& name() const { return name_; }
+    const Options& options() const { return options_; }
+    SessionCache& cache() { return *cache_; }
+    Limiter& limiter() { return limiter_; }
+
+    // The hit is kept inline (a call here would double its cost); misses go out of line.
+    [[gnu::always_inline]] T& get() {
+      Slot& slot = registry_();
+      if (!checks_ || !slot.stale()) [[likely]] return slot.value();
+      return recycle(slot);
+    }
+
+    // Closes and removes the calling scope's value; false (with `error`) if close threw.
+    bool close_and_remove(std::string* error) {
+      Slot* slot = registry_.find();
+      if (slot == nullptr) return true;
+      const bool ok = slot->close(error);
+      registry_.clear();
+      return ok;
+    }
+
+    bool teardown(bool success, std::string* error) {
+      Slot* slot = registry_.find();
+      if (slot == nullptr || !options_.teardown) return true;
+      try {
+        options_.teardown(slot->value(), success);
+        return true;
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        *error = describe_current_exception();
+        return false;
+      }
+    }
+
+    bool close_value(T& value, std::string* error) {
+      if (!options_.close) return true;
+      try {
+        options_.close(value);
+        return true;
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        *error = describe_current_exception();
+        return false;
+      }
+    }
+
+    std::int64_t live() const { return registry_.size(); }
+
+   private:
+    [[gnu::noinline]] T& recycle(Slot& stale) {
+      std::string error;
+      if (!stale.close(&error)) {
+        cache_->report(absl::UnknownError(name_ + ": close of a stale value failed: " + error));
+      }
+      registry_.clear();
+      return registry_().value();
+    }
+
+    Slot make_slot() {
+      cache_->note_used(this);
+      return Slot(this);
+    }
+
+    SessionCache* cache_;
+    const std::string name_;
+    const Options options_;
+    const bool checks_;
+    Limiter limiter_;
+    ScopedRegistry<Slot, Scope> registry_;
+  };
+
+  // Lock-free look-up: the index is immutable once published; a new name publishes a
+  // copy, and old copies are kept until the cache dies (names are few and never removed).
+  Entry* find_entry(std::string_view name) const {
+    const Index* index = index_.load(std::memory_order_acquire);
+    auto it = index->find(name);
+    return it == index->end() ? nullptr : it->second;
+  }
+
+  Entry& entry_for(std::string_view name) {
+    if (Entry* e = find_entry(name)) [[likely]] return *e;
+    return resolve(name);
+  }
+
+  [[gnu::noinline]] Entry& resolve(std::string_view name) {
+    std::function<std::optional<Options>(std::string_view)> resolver;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (Entry* e = find_entry(name)) return *e;
+      resolver = resolver_;
+    }
+    std::optional<Options> options;
+    if (resolver) options = resolver(name);  // outside the lock: it may be slow
+    std::lock_guard<std::mutex> lock(mu_);
+    if (Entry* e = find_entry(name)) return *e;  // resolved concurrently
+    if (!options) {
+      std::string known;
+      for (const auto& e : entries_) known += (known.empty() ? "" : ", ") + e->name();
+      throw ScopeError("scopereg: SessionCache: unknown session name '" + std::string(name) +
+                       "'; known names: " + (known.empty() ? "(none)" : known) +
+                       ". Register it with add(), or set a resolver");
+    }
+    return insert_locked(std::string(name), std::move(*options));
+  }
+
+  // Requires mu_.
+  Entry& insert_locked(std::string name, Options options) {
+    if (!options.factory) {
+      throw ScopeError("scopereg: SessionCache: '" + name + "' needs a factory");
+    }
+    auto entry = std::make_unique<Entry>(this, std::move(name), std::move(options));
+    const Index* old = index_.load(std::memory_order_relaxed);
+    auto* next = new Index(*old);
+    next->emplace(entry->name(), entry.get());
+    entries_.push_back(std::move(entry));
+    index_.store(next, std::memory_order_release);
+    retired_.push_back(old);
+    return *entries_.back();
+  }
+
+  void note_used(Entry* entry) {
+    UsedList& list = used_();
+    if (std::find(list.begin(), list.end(), entry) == list.end()) list.push_back(entry);
+  }
+
+  // Teardown hooks (when `success` is given), then close + remove, both in reverse order
+  // of first use; every failure is collected, nothing stops the loop.
+  void clear_used(std::vector<std::string>& failures, const bool* success) {
+    UsedList* list = used_.find();
+    if (list == nullptr) return;
+    const UsedList names = std::move(*list);
+    list->clear();
+    std::string error;
+    if (success != nullptr) {
+      for (auto it = names.rbegin(); it != names.rend(); ++it) {
+        if (!(*it)->teardown(*success, &error)) {
+          failures.push_back((*it)->name() + ": teardown failed: " + error);
+        }
+      }
+    }
+    for (auto it = names.rbegin(); it != names.rend(); ++it) {
+      if (!(*it)->close_and_remove(&error)) {
+        failures.push_back((*it)->name() + ": close failed: " + error);
+      }
+    }
+  }
+
+  static absl::Status to_status(const std::vector<std::string>& failures) {
+    if (failures.empty()) return absl::OkStatus();
+    std::string message = std::to_string(failures.size()) + " failure(s): ";
+    for (std::size_t i = 0; i < failures.size(); ++i) {
+      message += (i ? "; " : "") + failures[i];
+    }
+    return absl::UnknownError(message);
+  }
+
+  void report(const absl::Status& status) {
+    std::function<void(const absl::Status&)> reporter;
+    {
+      std::lock_guard<std::mutex> lock(reporter_mu_);
+      reporter = reporter_;
+    }
+    try {
+      if (reporter) {
+        reporter(status);
+      } else {
+        report_to_stderr(status);
+      }
+    } catch (...) {
+      internal::rethrow_if_unwinding();
+      report_to_stderr(status);  // a throwing reporter must not lose the report
+    }
+  }
+
+  std::mutex reporter_mu_;
+  std::function<void(const absl::Status&)> reporter_;  // guarded by reporter_mu_
+  Scope scope_;
+  ScopedRegistry<UsedList, Scope> used_;
+  std::mutex mu_;  // serialises adding names
+  std::function<std::optional<Options>(std::string_view)> resolver_;  // guarded by mu_
+  std::atomic<const Index*> index_;
+  std::vector<const Index*> retired_;            // guarded by mu_
+  std::vector<std::unique_ptr<Entry>> entries_;  // guarded by mu_ (append only)
+};
+
+// ScopedProxy
+//
+// Forwards `->` and `*` to the calling scope's value of a source: a ScopedRegistry, or a
+// SessionCache's interned name (SQLAlchemy's scoped_session proxies the current session).
+//
+//   scopereg::ScopedRegistry<Session> registry(make_session);
+//   scopereg::ScopedProxy session(registry);   // a global or a member
+//   session->query(...);                        // the calling scope's Session, created lazily
+//
+// Creation follows the source: a missing value is created; where it cannot be (no active
+// ExplicitScope), the source's ScopeError says why. Thread safety: as the source. Cost: the
+// source's hit. The source must outlive the proxy.
+template <typename Source>
+class ScopedProxy {
+ public:
+  explicit ScopedProxy(Source& source) : source_(&source) {}
+
+  auto* operator->() const { return &(*source_)(); }
+  auto& operator*() const { return (*source_)(); }
+  auto& get() const { return (*source_)(); }
+
+ private:
+  Source* source_;
+};
+
+}  // namespace scopereg
+
+#endif  // SCOPEREG_SESSION_CACHE_H_
