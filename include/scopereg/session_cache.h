@@ -81,10 +81,10 @@ void report_to_stderr(const absl::Status& status);
 
 template <typename T>
 struct SessionOptions {
-  std::function<T()> factory;                      // required
-  std::function<void(T&)> close;                   // before destruction; default: none
-  std::function<void(T&, bool success)> teardown;  // at a TeardownGuard's end
-  std::function<bool(T&)> validate;                // when taken; false means stale
+  std::function<T()> factory = {};                      // required
+  std::function<void(T&)> close = {};                   // before destruction; default: none
+  std::function<void(T&, bool success)> teardown = {};  // at a TeardownGuard's end
+  std::function<bool(T&)> validate = {};                // when taken; false means stale
   std::chrono::steady_clock::duration validate_every{0};  // 0: on every get
   std::chrono::steady_clock::duration max_age{0};         // 0: no limit
   std::size_t max_live = 0;                               // 0: no cap
