@@ -321,8 +321,6 @@ void run_explicit(const Config& config) {
   Sessions<Scope> sessions;
   configure(sessions, config.db_dir);
   RequestSteps<Scope> steps{sessions, sessions.intern("orders"), sessions.intern("audit")};
-  Pool pool(config.workers);
-  scopereg::ScopedExecutor executor([&pool](std::function<void()> task) { pool.post(std::move(task)); });
 
   // The event loop: admits requests while fewer than `limit` are in flight.
   // At most one step of each request is queued or running, so with no more requests in
@@ -333,12 +331,13 @@ void run_explicit(const Config& config) {
   std::condition_variable cv;
   long in_flight = 0;
   auto finished = [&] {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      --in_flight;
-    }
+    std::lock_guard<std::mutex> lock(mu);
+    --in_flight;
     cv.notify_one();
   };
+  // Declared after what its tasks use, so it is joined before those are destroyed.
+  Pool pool(config.workers);
+  scopereg::ScopedExecutor executor([&pool](std::function<void()> task) { pool.post(std::move(task)); });
   for (long id = 0; id < config.requests; ++id) {
     {
       std::unique_lock<std::mutex> lock(mu);
