@@ -182,7 +182,9 @@ TEST(Stress, RegistriesAndCachesComeAndGoWhileOthersUseThem) {
       workers.emplace_back([&, t] {
         cache.get("a");
         cache.get("b");
-        if (t == 0) EXPECT_TRUE(cache.clear_for_current_scope().ok());
+        if (t == 0) {
+          EXPECT_TRUE(cache.clear_for_current_scope().ok());
+        }
       });
     }
     for (auto& w : workers) w.join();
@@ -203,36 +205,41 @@ TEST(Stress, RegistriesAndCachesComeAndGoWhileOthersUseThem) {
   report("registries come and go", operations, rounds, counts);
 }
 
+template <char C>
+std::string make_string() {
+  return std::string(64, C);
+}
+
+// Runs in a child process: exits while threads and fibers run and values are alive.
+[[noreturn]] void exit_with_everything_alive() {
+  static auto* threads = new ScopedRegistry<std::string>(make_string<'t'>);
+  static auto* fibers = new ScopedRegistry<std::string, FiberScope>(make_string<'f'>);
+  static ScopedRegistry<std::vector<int>> destroyed_at_exit;
+  destroyed_at_exit().push_back(1);
+  static std::vector<Fiber>* suspended = new std::vector<Fiber>();
+  for (int i = 0; i < 8; ++i) {
+    suspended->emplace_back([] {
+      (*fibers)();
+      Fiber::yield();
+    });
+    suspended->back().resume();
+  }
+  for (int i = 0; i < 4; ++i) {
+    std::thread([] {
+      for (;;) {
+        (*threads)();
+        Fiber f([] { (*fibers)(); });
+        f.resume();
+      }
+    }).detach();
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  std::exit(0);
+}
+
 TEST(StressDeathTest, ProcessExitWithLiveThreadsFibersAndValuesIsClean) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_EXIT(
-      {
-        static auto* threads = new ScopedRegistry<std::string>([] { return std::string(64, 't'); });
-        static auto* fibers =
-            new ScopedRegistry<std::string, FiberScope>([] { return std::string(64, 'f'); });
-        static ScopedRegistry<std::vector<int>> destroyed_at_exit;
-        destroyed_at_exit().push_back(1);
-        static std::vector<Fiber>* suspended = new std::vector<Fiber>();
-        for (int i = 0; i < 8; ++i) {
-          suspended->emplace_back([] {
-            (*fibers)();
-            Fiber::yield();
-          });
-          suspended->back().resume();
-        }
-        for (int i = 0; i < 4; ++i) {
-          std::thread([] {
-            for (;;) {
-              (*threads)();
-              Fiber f([] { (*fibers)(); });
-              f.resume();
-            }
-          }).detach();
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(30));
-        std::exit(0);
-      },
-      ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(exit_with_everything_alive(), ::testing::ExitedWithCode(0), "");
 }
 
 // ---- fault injection ----------------------------------------------------------------
