@@ -23,12 +23,12 @@ BENCHMARK(BM_EmptyLoop);
 void BM_Get_RawThreadLocal(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(t_raw);
 }
-BENCHMARK(BM_Get_RawThreadLocal)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_RawThreadLocal)->ThreadRange(1, 16);
 
 void BM_Get_NonInlinedThreadLocal(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(*non_inlined_thread_local());
 }
-BENCHMARK(BM_Get_NonInlinedThreadLocal)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_NonInlinedThreadLocal)->ThreadRange(1, 16);
 
 // What a plain SQLAlchemy-style registry is: a hash map keyed by token, under a mutex.
 void BM_Find_FlatHashMapUnderMutex(benchmark::State& state) {
@@ -44,7 +44,7 @@ void BM_Find_FlatHashMapUnderMutex(benchmark::State& state) {
     benchmark::DoNotOptimize(map->find(token)->second);
   }
 }
-BENCHMARK(BM_Find_FlatHashMapUnderMutex)->Threads(1)->Threads(2);
+BENCHMARK(BM_Find_FlatHashMapUnderMutex)->ThreadRange(1, 16);
 
 }  // namespace
 }  // namespace scopereg::bench

@@ -30,7 +30,7 @@ void BM_Get_ExplicitScope(benchmark::State& state) {
   reg();
   for (auto _ : state) benchmark::DoNotOptimize(reg());
 }
-BENCHMARK(BM_Get_ExplicitScope)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_ExplicitScope)->ThreadRange(1, 16);
 
 void BM_EnterLeave_ScopeGuard(benchmark::State& state) {
   const std::uint64_t token = g_next_token.fetch_add(1);

@@ -28,7 +28,7 @@ void BM_Get_FiberScope(benchmark::State& state) {
   });
   fiber.resume();
 }
-BENCHMARK(BM_Get_FiberScope);
+BENCHMARK(BM_Get_FiberScope)->ThreadRange(1, 16);
 
 void BM_Get_BoostFiberSpecificPtr(benchmark::State& state) {
   static auto* ptr = new boost::fibers::fiber_specific_ptr<int>();

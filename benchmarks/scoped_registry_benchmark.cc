@@ -33,14 +33,14 @@ void BM_Get_PthreadGetspecific(benchmark::State& state) {
   pthread_setspecific(key, &value);
   for (auto _ : state) benchmark::DoNotOptimize(*static_cast<int*>(pthread_getspecific(key)));
 }
-BENCHMARK(BM_Get_PthreadGetspecific)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_PthreadGetspecific)->ThreadRange(1, 16);
 
 void BM_Get_BoostThreadSpecificPtr(benchmark::State& state) {
   static boost::thread_specific_ptr<int> ptr;
   if (ptr.get() == nullptr) ptr.reset(new int(1));
   for (auto _ : state) benchmark::DoNotOptimize(*ptr.get());
 }
-BENCHMARK(BM_Get_BoostThreadSpecificPtr)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_BoostThreadSpecificPtr)->ThreadRange(1, 16);
 
 ScopedRegistry<int>& thread_registry() {
   static auto* reg = new ScopedRegistry<int>([] { return 1; });
@@ -52,7 +52,7 @@ void BM_Get_ThreadScope(benchmark::State& state) {
   reg();
   for (auto _ : state) benchmark::DoNotOptimize(reg());
 }
-BENCHMARK(BM_Get_ThreadScope)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_ThreadScope)->ThreadRange(1, 16);
 
 void BM_Find_FlatHashMapPlusCall(benchmark::State& state) {
   absl::flat_hash_map<std::uint64_t, int> map;
@@ -61,7 +61,7 @@ void BM_Find_FlatHashMapPlusCall(benchmark::State& state) {
   std::function<std::uint64_t()> scope_func = non_inlined_token;
   for (auto _ : state) benchmark::DoNotOptimize(map.find(scope_func())->second);
 }
-BENCHMARK(BM_Find_FlatHashMapPlusCall)->Threads(1)->Threads(2);
+BENCHMARK(BM_Find_FlatHashMapPlusCall)->ThreadRange(1, 16);
 
 ScopedRegistry<int, FuncScope>& func_registry() {
   static auto* reg = new ScopedRegistry<int, FuncScope>([] { return 1; }, ThreadScope::func());
@@ -73,7 +73,7 @@ void BM_Get_FuncScope(benchmark::State& state) {
   reg();
   for (auto _ : state) benchmark::DoNotOptimize(reg());
 }
-BENCHMARK(BM_Get_FuncScope)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_FuncScope)->ThreadRange(1, 16);
 
 }  // namespace
 }  // namespace scopereg::bench

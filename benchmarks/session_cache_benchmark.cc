@@ -35,7 +35,7 @@ void BM_Get_ScopedRegistry(benchmark::State& state) {
   (*reg)();
   for (auto _ : state) benchmark::DoNotOptimize((*reg)());
 }
-BENCHMARK(BM_Get_ScopedRegistry)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_ScopedRegistry)->ThreadRange(1, 16);
 
 void BM_Get_SessionCacheByName(benchmark::State& state) {
   SessionCache<int>& c = cache();
@@ -43,7 +43,7 @@ void BM_Get_SessionCacheByName(benchmark::State& state) {
   c.get(name);
   for (auto _ : state) benchmark::DoNotOptimize(c.get(name));
 }
-BENCHMARK(BM_Get_SessionCacheByName)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_SessionCacheByName)->ThreadRange(1, 16);
 
 void BM_Get_SessionCacheByInternedName(benchmark::State& state) {
   SessionCache<int>& c = cache();
@@ -51,7 +51,7 @@ void BM_Get_SessionCacheByInternedName(benchmark::State& state) {
   c.get(orders);
   for (auto _ : state) benchmark::DoNotOptimize(c.get(orders));
 }
-BENCHMARK(BM_Get_SessionCacheByInternedName)->Threads(1)->Threads(2);
+BENCHMARK(BM_Get_SessionCacheByInternedName)->ThreadRange(1, 16);
 
 void BM_Get_SessionCacheValidated(benchmark::State& state) {
   SessionCache<int>& c = cache();

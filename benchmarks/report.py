@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Runs every scopereg benchmark binary, writes their Google Benchmark JSON, a markdown
+summary (ours beside each anchor, measured in the same binary and run, with the ratio and
+the target it must hold) and a bar chart.
+
+    python3 benchmarks/report.py BUILD_DIR OUT_DIR [--repetitions N] [--min-time S]
+
+Figures are medians of the repetitions, CPU time per operation per thread (Google
+Benchmark's CPU column), so multi-threaded rows compare directly with single-threaded ones.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+# (label, ours, anchor, kind, bound): kind "max" means ours/anchor <= bound;
+# "faster" means anchor/ours >= bound.
+TARGETS = [
+    ("ThreadScope hit vs raw thread_local", "BM_Get_ThreadScope/threads:1",
+     "BM_Get_RawThreadLocal/threads:1", "max", 3.0),
+    ("ThreadScope hit vs boost::thread_specific_ptr", "BM_Get_ThreadScope/threads:1",
+     "BM_Get_BoostThreadSpecificPtr/threads:1", "faster", 10.0),
+    ("ThreadScope hit vs pthread_getspecific", "BM_Get_ThreadScope/threads:1",
+     "BM_Get_PthreadGetspecific/threads:1", "faster", 1.0),
+    ("ThreadScope hit vs SQLAlchemy-style map under a mutex", "BM_Get_ThreadScope/threads:1",
+     "BM_Find_FlatHashMapUnderMutex/threads:1", "faster", 1.0),
+    ("FuncScope hit vs lock-free map find + indirect call", "BM_Get_FuncScope/threads:1",
+     "BM_Find_FlatHashMapPlusCall/threads:1", "max", 2.0),
+    ("ExplicitScope hit vs raw thread_local", "BM_Get_ExplicitScope/threads:1",
+     "BM_Get_RawThreadLocal/threads:1", "max", 4.0),
+    ("FiberScope hit vs fiber_specific_ptr", "BM_Get_FiberScope/threads:1",
+     "BM_Get_BoostFiberSpecificPtr", "faster", 4.0),
+    ("Fiber switch round trip vs raw Boost.Context", "BM_SwitchRoundTrip_ScoperegFiber",
+     "BM_SwitchRoundTrip_BoostContext", "max", 1.5),
+    ("Fiber switch round trip vs Boost.Fiber yield", "BM_SwitchRoundTrip_ScoperegFiber",
+     "BM_SwitchRoundTrip_BoostFiberYield", "faster", 5.0),
+    ("SessionCache get(interned) vs ScopedRegistry hit",
+     "BM_Get_SessionCacheByInternedName/threads:1", "BM_Get_ScopedRegistry/threads:1", "max", 2.0),
+    ("SessionCache get(name) vs ScopedRegistry hit", "BM_Get_SessionCacheByName/threads:1",
+     "BM_Get_ScopedRegistry/threads:1", "info", None),
+    ("Thread churn (spawn+join with a value) vs empty spawn+join", "BM_Churn_ThreadScope",
+     "BM_Churn_ThreadSpawnJoin_Empty", "info", None),
+]
+
+# Hit benchmarks whose per-thread cost must not grow with threads (per-thread tokens).
+SCALING = [
+    ("raw thread_local (anchor)", "BM_Get_RawThreadLocal"),
+    ("ThreadScope", "BM_Get_ThreadScope"),
+    ("ExplicitScope", "BM_Get_ExplicitScope"),
+    ("FiberScope", "BM_Get_FiberScope"),
+    ("FuncScope", "BM_Get_FuncScope"),
+    ("SessionCache get(interned)", "BM_Get_SessionCacheByInternedName"),
+    ("SessionCache get(name)", "BM_Get_SessionCacheByName"),
+    ("boost::thread_specific_ptr (anchor)", "BM_Get_BoostThreadSpecificPtr"),
+    ("map under std::mutex (anchor)", "BM_Find_FlatHashMapUnderMutex"),
+]
+SCALING_BOUND = 1.3  # at 2 threads, on this 2-core machine
+
+
+def run(build, out, repetitions, min_time):
+    results = {}
+    counters = {}
+    bench_dir = os.path.join(build, "benchmarks")
+    binaries = sorted(f for f in os.listdir(bench_dir) if f.endswith("_benchmark"))
+    if not binaries:
+        sys.exit(f"report.py: no *_benchmark binaries in {bench_dir}")
+    for binary in binaries:
+        json_path = os.path.join(out, binary + ".json")
+        print(f"running {binary} ...", flush=True)
+        subprocess.run(
+            [os.path.join(bench_dir, binary), f"--benchmark_repetitions={repetitions}",
+             "--benchmark_report_aggregates_only=true", f"--benchmark_min_time={min_time}",
+             f"--benchmark_out={json_path}", "--benchmark_out_format=json"],
+            check=True, stdout=subprocess.DEVNULL)
+        with open(json_path) as f:
+            data = json.load(f)
+        for b in data["benchmarks"]:
+            if b.get("aggregate_name") not in ("median", None):
+                continue
+            name = b.get("run_name", b["name"])
+            if b.get("aggregate_name") is None and name in results:
+                continue  # a single-iteration benchmark without aggregates
+            scale = {"ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}[b.get("time_unit", "ns")]
+            results[name] = b["cpu_time"] * scale
+            extra = {k: v for k, v in b.items() if k in ("bytes_per_value", "bytes_delta",
+                                                         "live_values", "items_per_second")}
+            if extra:
+                counters[name] = extra
+    return results, counters
+
+
+def fmt_ns(ns):
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} us"
+    return f"{ns:.2f} ns"
+
+
+def summarize(results, counters):
+    lines = ["# scopereg benchmark summary", "",
+             "Medians, CPU time per operation per thread; ours and the anchor measured in the "
+             "same binary and run.", "",
+             "| comparison | ours | anchor | ratio | target | holds |",
+             "|---|---|---|---|---|---|"]
+    verdicts = []
+    for label, ours, anchor, kind, bound in TARGETS:
+        if ours not in results or anchor not in results:
+            lines.append(f"| {label} | missing | missing | | | |")
+            verdicts.append(False)
+            continue
+        o, a = results[ours], results[anchor]
+        if kind == "max":
+            ratio, target, ok = o / a, f"<= {bound}x the anchor", o / a <= bound
+            ratio_s = f"{ratio:.2f}x"
+        elif kind == "faster":
+            ratio, target, ok = a / o, f">= {bound}x faster", a / o >= bound
+            ratio_s = f"{ratio:.1f}x faster"
+        else:
+            ratio_s, target, ok = f"{o / a:.2f}x", "(reported)", None
+        verdicts.append(ok is not False)
+        holds = "yes" if ok else ("no" if ok is False else "")
+        lines.append(f"| {label} | {fmt_ns(o)} | {fmt_ns(a)} | {ratio_s} | {target} | {holds} |")
+    lines += ["", "## Scaling: per-thread CPU time relative to 1 thread", "",
+              f"2 cores here: the 2-thread column is the one to hold (target <= {SCALING_BOUND}x "
+              "for every strategy with per-thread tokens); beyond 2 threads they share cores.", "",
+              "| hit | 1 thread | 2 | 4 | 8 | 16 |", "|---|---|---|---|---|---|"]
+    for label, base in SCALING:
+        one = results.get(f"{base}/threads:1")
+        if one is None:
+            continue
+        cells = [fmt_ns(one)]
+        for t in (2, 4, 8, 16):
+            v = results.get(f"{base}/threads:{t}")
+            cells.append(f"{v / one:.2f}x" if v is not None else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        two = results.get(f"{base}/threads:2")
+        if two is not None and "anchor" not in label and "get(name)" not in label:
+            verdicts.append(two / one <= SCALING_BOUND)
+    lines += ["", "## Churn and memory", "", "| benchmark | time per op | counters |",
+              "|---|---|---|"]
+    for name in sorted(results):
+        if not (name.startswith("BM_Churn") or name.startswith("BM_Memory")
+                or name.startswith("BM_MissCreateClear") or name.startswith("BM_FiberLife")
+                or name.startswith("BM_ScopeLife") or name.startswith("BM_EnterLeave")
+                or name.startswith("BM_WrapAndCall") or name.startswith("BM_ClearForCurrentScope")):
+            continue
+        c = counters.get(name, {})
+        shown = ", ".join(f"{k} = {v:,.0f}" for k, v in sorted(c.items()))
+        lines.append(f"| {name} | {fmt_ns(results[name])} | {shown} |")
+    lines += ["", "## Every operation", "", "| benchmark | median CPU time |", "|---|---|"]
+    for name in sorted(results):
+        lines.append(f"| {name} | {fmt_ns(results[name])} |")
+    return "\n".join(lines) + "\n", all(verdicts)
+
+
+def chart(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report.py: matplotlib not installed (python3-matplotlib); no chart")
+        return
+    rows = [(label, results[o], results[a]) for label, o, a, kind, _ in TARGETS
+            if kind != "info" and o in results and a in results]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r[1] for r in rows], height=0.4, label="scopereg",
+            color="#2b7bba")
+    ax.barh([y - 0.2 for y in ys], [r[2] for r in rows], height=0.4, label="anchor",
+            color="#bbbbbb")
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ns per operation (median CPU time, log scale; shorter is better)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title("scopereg beside its anchors, measured in the same run")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart: {path}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("build")
+    p.add_argument("out")
+    p.add_argument("--repetitions", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.1)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results, counters = run(args.build, args.out, args.repetitions, args.min_time)
+    summary, all_hold = summarize(results, counters)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary)
+    print(summary)
+    chart(results, os.path.join(args.out, "chart.svg"))
+    print("every target holds" if all_hold else "some target does not hold: see the table")
+
+
+if __name__ == "__main__":
+    main()
