@@ -56,6 +56,12 @@ void set_unwinding_check(void (*check)()) noexcept {
   g_unwinding_check.store(check, std::memory_order_release);
 }
 
+void throw_factory_reentered() {
+  throw ScopeError(
+      "scopereg: a registry's factory re-entered the same registry in the same scope "
+      "before returning; a factory must not use the value it is creating");
+}
+
 void throw_no_scope(const char* strategy) {
   throw ScopeError(std::string("scopereg: no active scope for ") + strategy +
                    ": enter one first (for ExplicitScope, hold a ScopeGuard; for a "
@@ -221,11 +227,7 @@ void ScopeState::wait_not_creating(std::unique_lock<std::mutex>& lock, std::uint
     auto it = std::find_if(creating_.begin(), creating_.end(),
                            [index](const Creating& c) { return c.index == index; });
     if (it == creating_.end()) return;
-    if (it->context == context) {
-      throw ScopeError(
-          "scopereg: a registry's factory re-entered the same registry in the same scope "
-          "before returning; a factory must not use the value it is creating");
-    }
+    if (it->context == context) throw_factory_reentered();
     cv_.wait(lock);
   }
 }
@@ -250,18 +252,14 @@ NodeBase* ScopeState::get_or_create(SlotRegistry& reg, absl::FunctionRef<NodeBas
     wait_not_creating(lock, reg.index_, context);
   }
   creating_.push_back(Creating{reg.index_, context});
-  lock.unlock();
-  NodeBase* node = nullptr;
-  try {
-    node = make();
-  } catch (...) {  // also boost::context forced_unwind: cleaned up, then rethrown
-    lock.lock();
+  auto not_creating = [&] {
     std::erase_if(creating_, [&](const Creating& c) { return c.index == reg.index_; });
+  };
+  NodeBase* node = make_unlocked(lock, make, [&] {
+    not_creating();
     cv_.notify_all();
-    throw;
-  }
-  lock.lock();
-  std::erase_if(creating_, [&](const Creating& c) { return c.index == reg.index_; });
+  });
+  not_creating();
   store(reg.slot_, node);
   reg.live_.fetch_add(1, std::memory_order_relaxed);
   cv_.notify_all();

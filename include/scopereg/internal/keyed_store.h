@@ -86,25 +86,14 @@ class KeyedStore final : public RegistryRecord {
         remember(token, it->second.node);
         return it->second.node;
       }
-      if (it->second.creator == context) {
-        throw ScopeError(
-            "scopereg: a registry's factory re-entered the same registry in the same "
-            "scope before returning; a factory must not use the value it is creating");
-      }
+      if (it->second.creator == context) throw_factory_reentered();
       shard.cv.wait(lock);
     }
     shard.map.emplace(token, Entry{nullptr, context});
-    lock.unlock();
-    NodeBase* node = nullptr;
-    try {
-      node = make();
-    } catch (...) {  // also boost::context forced_unwind: cleaned up, then rethrown
-      lock.lock();
+    NodeBase* node = make_unlocked(lock, make, [&] {
       shard.map.erase(token);
       shard.cv.notify_all();
-      throw;
-    }
-    lock.lock();
+    });
     shard.map[token].node = node;
     live_.fetch_add(1, std::memory_order_relaxed);
     shard.cv.notify_all();

@@ -229,6 +229,26 @@ class ScopeState {
 };
 
 [[noreturn]] void throw_no_scope(const char* strategy);
+[[noreturn]] void throw_factory_reentered();
+
+// Creation outside the lock, shared by both backends: runs `make` with `lock` released and
+// returns its node with `lock` held again. If `make` throws (also Boost.Context's
+// forced_unwind), re-locks, runs `undo` (drop the "being created" mark, wake waiters) and
+// rethrows.
+template <typename Make, typename Undo>
+NodeBase* make_unlocked(std::unique_lock<std::mutex>& lock, Make& make, Undo undo) {
+  lock.unlock();
+  NodeBase* node = nullptr;
+  try {
+    node = make();
+  } catch (...) {
+    lock.lock();
+    undo();
+    throw;
+  }
+  lock.lock();
+  return node;
+}
 
 // Called first in every catch (...) of scopereg that does not rethrow: rethrows the
 // exception in flight if it is the unwinding of a fiber being destroyed
