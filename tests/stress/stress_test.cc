@@ -278,6 +278,8 @@ TEST(FaultInjection, FactoriesThatThrowAtRandomLeakNothing) {
   for (auto& t : threads) t.join();
   EXPECT_EQ(caught, thrown);
   EXPECT_GT(thrown, 0);
+  std::printf("[stress] factory faults: %ld calls, %ld faults injected and caught, %d values\n",
+              4 * per_thread, thrown.load(), counts.made.load());
   EXPECT_EQ(counts.alive(), 0);
   EXPECT_EQ(reg.size(), 0);
   reg.set_factory([&] { return Counted(counts); });  // still usable, with a sane factory
@@ -334,6 +336,8 @@ TEST(FaultInjection, ThrowingHooksAndFailingValidationLoseNoErrorAndLeakNothing)
     expected_reports = units / 2;  // one combined report per TeardownGuard
     EXPECT_GT(teardown_failures, 0);
     EXPECT_GT(close_failures, 0);
+    std::printf("[stress] hook faults: %ld units, %ld close and %ld teardown faults, %ld closes\n",
+                units, close_failures.load(), teardown_failures.load(), closes.load());
   }
   EXPECT_EQ(static_cast<long>(reports.size()), expected_reports);
   for (const auto& r : reports) {
