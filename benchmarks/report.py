@@ -60,7 +60,8 @@ SCALING_BOUND = 1.3  # at 2 threads, on this 2-core machine
 
 
 def run(build, out, repetitions, min_time):
-    results = {}
+    """Returns {binary: {benchmark: median ns}} and {benchmark: counters}."""
+    by_binary = {}
     counters = {}
     bench_dir = os.path.join(build, "benchmarks")
     binaries = sorted(f for f in os.listdir(bench_dir) if f.endswith("_benchmark"))
@@ -74,8 +75,15 @@ def run(build, out, repetitions, min_time):
              "--benchmark_report_aggregates_only=true", f"--benchmark_min_time={min_time}",
              f"--benchmark_out={json_path}", "--benchmark_out_format=json"],
             check=True, stdout=subprocess.DEVNULL)
-        with open(json_path) as f:
-            data = json.load(f)
+        by_binary[binary] = load(json_path, counters)
+    return by_binary, counters
+
+
+def load(json_path, counters):
+    results = {}
+    with open(json_path) as f:
+        data = json.load(f)
+    if True:
         for b in data["benchmarks"]:
             if b.get("aggregate_name") not in ("median", None):
                 continue
@@ -88,7 +96,24 @@ def run(build, out, repetitions, min_time):
                                                          "live_values", "items_per_second")}
             if extra:
                 counters[name] = extra
-    return results, counters
+    return results
+
+
+def pick(by_binary, ours, anchor):
+    """Ours and the anchor from the same binary (the anchors run in every binary)."""
+    for results in by_binary.values():
+        if ours in results and anchor in results:
+            return results[ours], results[anchor]
+    return None, None
+
+
+def merged(by_binary):
+    """One figure per benchmark, for tables of our own operations: the anchors of
+    anchors.cc run in every binary; their figure is taken from scoped_registry_benchmark."""
+    out = {}
+    for binary in sorted(by_binary, key=lambda b: b == "scoped_registry_benchmark"):
+        out.update(by_binary[binary])
+    return out
 
 
 def fmt_ns(ns):
@@ -99,7 +124,8 @@ def fmt_ns(ns):
     return f"{ns:.2f} ns"
 
 
-def summarize(results, counters):
+def summarize(by_binary, counters):
+    results = merged(by_binary)
     lines = ["# scopereg benchmark summary", "",
              "Medians, CPU time per operation per thread; ours and the anchor measured in the "
              "same binary and run.", "",
@@ -107,11 +133,11 @@ def summarize(results, counters):
              "|---|---|---|---|---|---|"]
     verdicts = []
     for label, ours, anchor, kind, bound in TARGETS:
-        if ours not in results or anchor not in results:
+        o, a = pick(by_binary, ours, anchor)
+        if o is None:
             lines.append(f"| {label} | missing | missing | | | |")
             verdicts.append(False)
             continue
-        o, a = results[ours], results[anchor]
         if kind == "max":
             ratio, target, ok = o / a, f"<= {bound}x the anchor", o / a <= bound
             ratio_s = f"{ratio:.2f}x"
@@ -156,7 +182,7 @@ def summarize(results, counters):
     return "\n".join(lines) + "\n", all(verdicts)
 
 
-def chart(results, path):
+def chart(by_binary, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -164,8 +190,11 @@ def chart(results, path):
     except ImportError:
         print("report.py: matplotlib not installed (python3-matplotlib); no chart")
         return
-    rows = [(label, results[o], results[a]) for label, o, a, kind, _ in TARGETS
-            if kind != "info" and o in results and a in results]
+    rows = []
+    for label, o, a, kind, _ in TARGETS:
+        ours, anchor = pick(by_binary, o, a)
+        if kind != "info" and ours is not None:
+            rows.append((label, ours, anchor))
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
     ys = range(len(rows))
     ax.barh([y + 0.2 for y in ys], [r[1] for r in rows], height=0.4, label="scopereg",
@@ -181,7 +210,8 @@ def chart(results, path):
     ax.set_title("scopereg beside its anchors, measured in the same run")
     fig.tight_layout()
     fig.savefig(path)
-    print(f"chart: {path}")
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=90)
+    print(f"chart: {path} (and .png)")
 
 
 def main():
@@ -190,14 +220,21 @@ def main():
     p.add_argument("out")
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--min-time", type=float, default=0.1)
+    p.add_argument("--from-json", action="store_true",
+                   help="re-make the summary and chart from OUT's JSON without running")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    results, counters = run(args.build, args.out, args.repetitions, args.min_time)
-    summary, all_hold = summarize(results, counters)
+    if args.from_json:
+        counters = {}
+        by_binary = {f[:-5]: load(os.path.join(args.out, f), counters)
+                     for f in sorted(os.listdir(args.out)) if f.endswith("_benchmark.json")}
+    else:
+        by_binary, counters = run(args.build, args.out, args.repetitions, args.min_time)
+    summary, all_hold = summarize(by_binary, counters)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
     print(summary)
-    chart(results, os.path.join(args.out, "chart.svg"))
+    chart(by_binary, os.path.join(args.out, "chart.svg"))
     print("every target holds" if all_hold else "some target does not hold: see the table")
 
 
