@@ -85,10 +85,13 @@ void DyingList::add(RegistryRecord* record, NodeBase* node) {
 
 void DyingList::destroy_all() noexcept {
   Global& g = global();
+  RegistryRecord* finished = nullptr;  // the record of the value destroyed last round
   for (;;) {
     Item item{};
     {
       std::lock_guard<std::mutex> lock(g.mu);
+      // One lock per value: report the previous destruction and take the next value.
+      if (finished != nullptr && --finished->destroying_ == 0) g.cv.notify_all();
       auto it = std::find_if(items_.begin(), items_.end(),
                              [](const Item& i) { return !i.taken; });
       if (it == items_.end()) {
@@ -105,10 +108,7 @@ void DyingList::destroy_all() noexcept {
       ++item.record->destroying_;
     }
     delete item.node;
-    {
-      std::lock_guard<std::mutex> lock(g.mu);
-      if (--item.record->destroying_ == 0) g.cv.notify_all();
-    }
+    finished = item.record;
   }
 }
 
