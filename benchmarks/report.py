@@ -83,19 +83,18 @@ def load(json_path, counters):
     results = {}
     with open(json_path) as f:
         data = json.load(f)
-    if True:
-        for b in data["benchmarks"]:
-            if b.get("aggregate_name") not in ("median", None):
-                continue
-            name = b.get("run_name", b["name"])
-            if b.get("aggregate_name") is None and name in results:
-                continue  # a single-iteration benchmark without aggregates
-            scale = {"ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}[b.get("time_unit", "ns")]
-            results[name] = b["cpu_time"] * scale
-            extra = {k: v for k, v in b.items() if k in ("bytes_per_value", "bytes_delta",
-                                                         "live_values", "items_per_second")}
-            if extra:
-                counters[name] = extra
+    for b in data["benchmarks"]:
+        if b.get("aggregate_name") not in ("median", None):
+            continue
+        name = b.get("run_name", b["name"])
+        if b.get("aggregate_name") is None and name in results:
+            continue  # a single-iteration benchmark without aggregates
+        scale = {"ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}[b.get("time_unit", "ns")]
+        results[name] = b["cpu_time"] * scale
+        extra = {k: v for k, v in b.items() if k in ("bytes_per_value", "bytes_delta",
+                                                     "live_values", "items_per_second")}
+        if extra:
+            counters[name] = extra
     return results
 
 

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "scopereg/error.h"
@@ -54,6 +56,11 @@ void rethrow_if_unwinding() {
 
 void set_unwinding_check(void (*check)()) noexcept {
   g_unwinding_check.store(check, std::memory_order_release);
+}
+
+void die_of_misuse(const char* what) noexcept {
+  std::fprintf(stderr, "scopereg: fatal misuse: %s\n", what);
+  std::abort();
 }
 
 void throw_factory_reentered() {

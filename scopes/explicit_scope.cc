@@ -68,11 +68,6 @@ void end_record(ScopeRecord* record) noexcept {
   delete record;
 }
 
-[[noreturn]] void die(const char* what) {
-  std::fprintf(stderr, "scopereg: fatal misuse: %s\n", what);
-  std::abort();
-}
-
 }  // namespace
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
@@ -129,7 +124,8 @@ void push_frame(ExplicitFrame* frame) noexcept {
 
 void pop_frame(ExplicitFrame* frame, const void* owner) noexcept {
   if (owner != current_context_id()) {
-    die("a ScopeGuard was destroyed on another thread or fiber than the one that created "
+    die_of_misuse(
+        "a ScopeGuard was destroyed on another thread or fiber than the one that created "
         "it; leave a guard where it was entered, and use scopereg::wrap() to carry a scope "
         "to other threads");
   }
@@ -139,7 +135,8 @@ void pop_frame(ExplicitFrame* frame, const void* owner) noexcept {
       return;
     }
   }
-  die("a ScopeGuard was destroyed while it was not on its context's active-scope stack "
+  die_of_misuse(
+      "a ScopeGuard was destroyed while it was not on its context's active-scope stack "
       "(was it created outside a wrapped callable and destroyed inside one?)");
 }
 

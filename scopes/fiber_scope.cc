@@ -37,9 +37,14 @@
 // inlined, because every call level between the switch and the code that resumes costs a
 // mispredicted return after each switch.
 #if defined(SCOPEREG_TSAN) && defined(__clang__)
-#define SCOPEREG_SWITCH __attribute__((no_sanitize("thread"), noinline))
+#define SCOPEREG_NO_TSAN __attribute__((no_sanitize("thread")))
 #elif defined(SCOPEREG_TSAN)
-#define SCOPEREG_SWITCH __attribute__((no_sanitize_thread, noinline))
+#define SCOPEREG_NO_TSAN __attribute__((no_sanitize_thread))
+#else
+#define SCOPEREG_NO_TSAN
+#endif
+#ifdef SCOPEREG_TSAN
+#define SCOPEREG_SWITCH SCOPEREG_NO_TSAN __attribute__((noinline))
 #else
 #define SCOPEREG_SWITCH inline __attribute__((always_inline))
 #endif
@@ -74,11 +79,6 @@ struct FiberContext : FiberCore {
 namespace {
 
 FiberContext* current_fiber() noexcept { return static_cast<FiberContext*>(t_current_fiber); }
-
-[[noreturn]] void die(const char* what) {
-  std::fprintf(stderr, "scopereg: fatal misuse: %s\n", what);
-  std::abort();
-}
 
 [[maybe_unused]] const void* stack_bottom(const FiberContext* c) {
   return static_cast<const char*>(c->stack.sp) - c->stack.size;
@@ -126,10 +126,7 @@ void run_fiber(FiberContext* c) noexcept;
 
 // Fiber side: the first frame on a fiber's stack. Never returns: the last jump leaves the
 // stack for good and the resumer frees it.
-#if defined(SCOPEREG_TSAN)
-__attribute__((no_sanitize_thread))
-#endif
-void fiber_main(fctx::transfer_t in) {
+SCOPEREG_NO_TSAN void fiber_main(fctx::transfer_t in) {
   auto* c = static_cast<FiberContext*>(in.data);
   c->resumer = in.fctx;
 #ifdef SCOPEREG_ASAN
@@ -179,6 +176,13 @@ void run_fiber(FiberContext* c) noexcept {
   c->done = true;
 }
 
+// Resuming side, once `c` has finished: we are off its stack, which can go now.
+void release_finished(FiberContext* c) noexcept {
+  c->explicit_top = nullptr;
+  c->deallocate(c->stack);
+  c->deallocate = nullptr;
+}
+
 // Resuming side: make `c` current, switch in, restore the caller's state on return.
 inline __attribute__((always_inline)) void switch_in(FiberContext* c) {
   FiberCore* const prev = t_current_fiber;
@@ -189,14 +193,11 @@ inline __attribute__((always_inline)) void switch_in(FiberContext* c) {
   c->running = true;
   const bool suspended = jump_into(c);
   c->running = false;
-  c->explicit_top = suspended ? t_explicit_top : nullptr;
+  c->explicit_top = t_explicit_top;
   t_explicit_top = prev_top;
   t_current_fiber = prev;
   t_fiber_context = prev;
-  if (!suspended) {  // finished: we are off its stack, which can go now
-    c->deallocate(c->stack);
-    c->deallocate = nullptr;
-  }
+  if (!suspended) release_finished(c);
 }
 
 void delete_fiber_context(FiberContext* c) {
@@ -263,7 +264,8 @@ void Fiber::destroy() noexcept {
   FiberContext* c = context_.get();
   if (c == nullptr) return;
   if (c->running) {
-    internal::die("a Fiber was destroyed while running (from inside itself or a fiber it "
+    internal::die_of_misuse(
+        "a Fiber was destroyed while running (from inside itself or a fiber it "
                   "resumed); let it finish or yield first");
   }
   while (!c->done) {  // unwind: the fiber throws at its switch-in point and finishes
@@ -279,11 +281,7 @@ internal::FiberCore* Fiber::core() const noexcept { return context_.get(); }
 void Fiber::after_switch(boost::context::detail::fcontext_t self) {
   FiberContext* c = context_.get();
   c->self = self;
-  if (self == nullptr) {  // finished: we are off its stack, which can go now
-    c->explicit_top = nullptr;
-    c->deallocate(c->stack);
-    c->deallocate = nullptr;
-  }
+  if (self == nullptr) internal::release_finished(c);
   if (c->error) std::rethrow_exception(std::exchange(c->error, nullptr));
 }
 

@@ -230,6 +230,8 @@ class ScopeState {
 
 [[noreturn]] void throw_no_scope(const char* strategy);
 [[noreturn]] void throw_factory_reentered();
+// Misuse that cannot throw (it is found in a destructor): prints what and why, aborts.
+[[noreturn]] void die_of_misuse(const char* what) noexcept;
 
 // Creation outside the lock, shared by both backends: runs `make` with `lock` released and
 // returns its node with `lock` held again. If `make` throws (also Boost.Context's
