@@ -4,7 +4,7 @@
 #include <exception>
 #include <string>
 
-namespace scopereg {
+namespace scopereg::internal {
 
 std::string describe_current_exception() {
   try {
@@ -20,4 +20,4 @@ void report_to_stderr(const absl::Status& status) {
   std::fprintf(stderr, "scopereg: %s\n", status.ToString().c_str());
 }
 
-}  // namespace scopereg
+}  // namespace scopereg::internal

@@ -26,7 +26,7 @@ boost::fibers::fiber_specific_ptr<FiberSlots>& slots_of_fiber() {
 internal::ScopeState* BoostFiberScope::current_state() {
   boost::fibers::context* active = boost::fibers::context::active();
   if (active == nullptr || active->is_context(boost::fibers::type::main_context)) {
-    return ThreadScope::current_state();
+    return internal::thread_state();
   }
   boost::fibers::fiber_specific_ptr<FiberSlots>& slots = slots_of_fiber();
   FiberSlots* s = slots.get();

@@ -1,59 +1,69 @@
 #include "scopereg/explicit_scope.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cstdio>
 #include <cstdlib>
-#include <mutex>
 
 #include "absl/container/flat_hash_map.h"
 
 namespace scopereg {
 namespace internal {
 
-thread_local constinit ExplicitFrame* t_explicit_top = nullptr;
+namespace {
 
-// One life of one application token's scope.
+struct Shard {
+  Mutex mu;
+  absl::flat_hash_map<std::pair<const void*, std::size_t>, ScopeRecord*> map
+      ABSL_GUARDED_BY(mu);
+};
+constexpr std::size_t kShards = 16;
+
+}  // namespace
+
+// One life of one application token's scope. Its table fields are guarded by the mutex of
+// the shard its token hashes to.
 class ScopeRecord {
  public:
-  explicit ScopeRecord(std::unique_ptr<TokenKey> key) : key_(std::move(key)) {}
+  ScopeRecord(std::unique_ptr<TokenKey> key, Shard& shard) : key_(std::move(key)), shard_(shard) {}
+
+  // Tells the analysis that `held`, the caller's locked shard, is this record's shard.
+  void assert_shard(const Shard& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(shard_.mu);
 
   std::unique_ptr<TokenKey> key_;
+  Shard& shard_;
   ScopeState state_{ScopeKind::kExplicit};
   // Increments from an existing reference may happen anywhere; every other change of refs_
   // happens under the shard's mutex, so "last reference gone" is decided exactly once.
   std::atomic<int> refs_{0};
-  bool keep_ = false;         // guarded by the shard's mutex
-  bool in_table_ = true;      // guarded by the shard's mutex
-  ScopeRecord* next_ = nullptr;  // same (type, hash) chain; guarded by the shard's mutex
+  bool keep_ ABSL_GUARDED_BY(shard_.mu) = false;
+  bool in_table_ ABSL_GUARDED_BY(shard_.mu) = true;
+  ScopeRecord* next_ ABSL_GUARDED_BY(shard_.mu) = nullptr;  // same (type, hash) chain
 };
 
 namespace {
-
-struct Shard {
-  std::mutex mu;
-  absl::flat_hash_map<std::pair<const void*, std::size_t>, ScopeRecord*> map;
-};
-constexpr std::size_t kShards = 16;
 
 Shard& shard_for(std::size_t hash) {
   static Shard* const shards = new Shard[kShards];  // never destroyed, on purpose
   return shards[(hash >> 11) % kShards];
 }
 
-// Requires the shard's mutex.
-ScopeRecord* find_locked(Shard& shard, const TokenProbe& probe) {
+ScopeRecord* find_locked(Shard& shard, const TokenProbe& probe)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
   auto it = shard.map.find(std::make_pair(probe.type, probe.hash));
   if (it == shard.map.end()) return nullptr;
   for (ScopeRecord* r = it->second; r != nullptr; r = r->next_) {
+    r->assert_shard(shard);
     if (r->key_->equals(probe.value)) return r;
   }
   return nullptr;
 }
 
-// Requires the shard's mutex.
-void unlink_locked(Shard& shard, ScopeRecord* record) {
+void unlink_locked(Shard& shard, ScopeRecord* record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+  record->assert_shard(shard);
   auto it = shard.map.find(std::make_pair(record->key_->type(), record->key_->hash()));
   for (ScopeRecord** p = &it->second; *p != nullptr; p = &(*p)->next_) {
+    (*p)->assert_shard(shard);
     if (*p == record) {
       *p = record->next_;
       break;
@@ -70,16 +80,22 @@ void end_record(ScopeRecord* record) noexcept {
 
 }  // namespace
 
+void ScopeRecord::assert_shard([[maybe_unused]] const Shard& held) const {
+  assert(&held == &shard_);
+}
+
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
   Shard& shard = shard_for(probe.hash);
-  std::lock_guard<std::mutex> lock(shard.mu);
+  MutexLock lock(shard.mu);
   ScopeRecord* record = find_locked(shard, probe);
   if (record == nullptr) {
-    record = new ScopeRecord(probe.make(probe.value, probe.hash));
+    record = new ScopeRecord(probe.make(probe.value, probe.hash), shard);
+    record->assert_shard(shard);
     ScopeRecord*& head = shard.map[std::make_pair(probe.type, probe.hash)];
     record->next_ = head;
     head = record;
   }
+  record->assert_shard(shard);
   record->refs_.fetch_add(1, std::memory_order_relaxed);
   if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
   return record;
@@ -90,9 +106,10 @@ void add_ref(ScopeRecord* record) noexcept {
 }
 
 void release_record(ScopeRecord* record) noexcept {
-  Shard& shard = shard_for(record->key_->hash());
+  Shard& shard = record->shard_;
   {
-    std::lock_guard<std::mutex> lock(shard.mu);
+    MutexLock lock(shard.mu);
+    record->assert_shard(shard);
     if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     if (record->in_table_) {
       if (record->keep_) return;  // kept until ExplicitScope::end()
@@ -108,7 +125,7 @@ void end_token(const TokenProbe& probe) {
   Shard& shard = shard_for(probe.hash);
   ScopeRecord* to_end = nullptr;
   {
-    std::lock_guard<std::mutex> lock(shard.mu);
+    MutexLock lock(shard.mu);
     ScopeRecord* record = find_locked(shard, probe);
     if (record == nullptr) return;
     unlink_locked(shard, record);
@@ -118,8 +135,8 @@ void end_token(const TokenProbe& probe) {
 }
 
 void push_frame(ExplicitFrame* frame) noexcept {
-  frame->prev = t_explicit_top;
-  t_explicit_top = frame;
+  frame->prev = t_context.explicit_top;
+  t_context.explicit_top = frame;
 }
 
 void pop_frame(ExplicitFrame* frame, const void* owner) noexcept {
@@ -129,7 +146,7 @@ void pop_frame(ExplicitFrame* frame, const void* owner) noexcept {
         "it; leave a guard where it was entered, and use scopereg::wrap() to carry a scope "
         "to other threads");
   }
-  for (ExplicitFrame** p = &t_explicit_top; *p != nullptr; p = &(*p)->prev) {
+  for (ExplicitFrame** p = &t_context.explicit_top; *p != nullptr; p = &(*p)->prev) {
     if (*p == frame) {
       *p = frame->prev;
       return;
@@ -159,7 +176,7 @@ ScopeGuard::~ScopeGuard() {
 
 CapturedScope CapturedScope::current() {
   CapturedScope captured;
-  for (internal::ExplicitFrame* f = internal::t_explicit_top; f != nullptr; f = f->prev) {
+  for (internal::ExplicitFrame* f = internal::t_context.explicit_top; f != nullptr; f = f->prev) {
     captured.frames_.push_back(internal::ExplicitFrame{f->state, f->record, nullptr});
   }
   std::reverse(captured.frames_.begin(), captured.frames_.end());

@@ -39,7 +39,9 @@ class BoostFiberScope {
   static ScopeToken current();
   // A ScopeFunc returning current(), for ScopedRegistry<T, FuncScope>.
   static ScopeFunc func();
-  // Internal fast path.
+
+ private:
+  friend struct internal::StrategyAccess;
   static internal::ScopeState* current_state();
 };
 

@@ -54,7 +54,9 @@
 #include <vector>
 
 #include "absl/hash/hash.h"
+#include "scopereg/internal/context_state.h"
 #include "scopereg/internal/scope_state.h"
+#include "scopereg/internal/token_ref.h"
 #include "scopereg/scope.h"
 
 namespace scopereg {
@@ -80,9 +82,6 @@ class TokenKey {
   const void* type_;
   std::size_t hash_;
 };
-
-template <typename K>
-inline constexpr char kTokenTypeTag = 0;
 
 template <typename K>
 class TypedTokenKey final : public TokenKey {
@@ -122,8 +121,8 @@ struct ExplicitFrame {
   ExplicitFrame* prev;
 };
 
-// The calling context's innermost frame. Per thread; scopereg's fibers swap it on switch.
-extern thread_local constinit ExplicitFrame* t_explicit_top;
+// The calling context's innermost frame is t_context.explicit_top (context_state.h):
+// per thread, and per fiber since runtimes save and restore it on every switch.
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime);
 void add_ref(ScopeRecord* record) noexcept;
@@ -153,7 +152,7 @@ class ExplicitScope {
   }
 
   // Whether the calling context has an active scope.
-  static bool active() { return internal::t_explicit_top != nullptr; }
+  static bool active() { return internal::t_context.explicit_top != nullptr; }
 
   // A ScopeFunc returning current(): for ScopedRegistry<T, FuncScope>. Values there end
   // with the scope too.
@@ -168,9 +167,10 @@ class ExplicitScope {
     internal::end_token(internal::probe_for(token));
   }
 
-  // Internal fast path.
+ private:
+  friend struct internal::StrategyAccess;
   static internal::ScopeState* current_state() {
-    internal::ExplicitFrame* top = internal::t_explicit_top;
+    internal::ExplicitFrame* top = internal::t_context.explicit_top;
     return top != nullptr ? top->state : nullptr;
   }
 };
@@ -233,14 +233,14 @@ class CapturedScope {
   // Makes the captured frames the calling context's stack; restores the caller's on exit.
   class Installed {
    public:
-    explicit Installed(const CapturedScope& scope) noexcept : saved_(internal::t_explicit_top) {
-      internal::t_explicit_top = scope.frames_.empty()
+    explicit Installed(const CapturedScope& scope) noexcept : saved_(internal::t_context.explicit_top) {
+      internal::t_context.explicit_top = scope.frames_.empty()
                                      ? nullptr
                                      : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
     }
     Installed(const Installed&) = delete;
     Installed& operator=(const Installed&) = delete;
-    ~Installed() { internal::t_explicit_top = saved_; }
+    ~Installed() { internal::t_context.explicit_top = saved_; }
 
    private:
     internal::ExplicitFrame* saved_;

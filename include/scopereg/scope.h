@@ -13,13 +13,15 @@
 // `ScopeStrategy` checks that shape, so a wrong strategy fails with one readable error.
 // Strategies are small copyable types the registry is parameterised on (compile-time
 // choice). For run-time choice, `FuncScope` wraps a `ScopeFunc`, a callable returning a
-// `ScopeToken` (SQLAlchemy's `scopefunc`). Every built-in strategy (`ThreadScope`,
-// `FiberScope`, `ExplicitScope`) works in both forms: as a type, and through its `func()`.
+// `ScopeToken` (SQLAlchemy's `scopefunc`), and `FuncScopeOf<K>` one returning any
+// hashable K (func_scope.h). Every built-in strategy (`ThreadScope`, `FiberScope`,
+// `ExplicitScope`) works in both forms: as a type, and through its `func()`.
+// A new strategy needs no edit to scopereg: docs/adding-a-strategy.md.
 //
 // Scope end. Values die with their scope. Built-in strategies end their scopes themselves
-// (thread exit, fiber end, last guard gone). A registry keyed by a user token type has
-// `end_scope(token)`; a strategy whose token is `ScopeToken` may instead call
-// `scopereg::end_scope(token)` once, which reaches every `ScopeToken`-keyed registry.
+// (thread exit, fiber end, last guard gone). For tokens the application mints, call
+// `scopereg::end_scope(token)` once (every registry keyed by that token type), or a
+// registry's own `end_scope(token)`; otherwise their values stay (SQLAlchemy#8340).
 
 #ifndef SCOPEREG_SCOPE_H_
 #define SCOPEREG_SCOPE_H_
@@ -32,6 +34,8 @@
 #include <utility>
 
 #include "absl/hash/hash.h"
+#include "scopereg/internal/registry_record.h"
+#include "scopereg/internal/token_ref.h"
 
 namespace scopereg {
 
@@ -43,7 +47,8 @@ enum class ScopeKind : std::uint32_t {
   kThread = 2,    // ThreadScope
   kFiber = 3,     // FiberScope
   kExplicit = 4,  // ExplicitScope
-  kBoostFiber = 5,
+  kBoostFiber = 5,  // BoostFiberScope
+  // Kinds from new_scope_kind() start here.
 };
 
 // ScopeToken
@@ -105,35 +110,45 @@ concept ScopeStrategy = std::copy_constructible<S> && requires(const S& s) {
 // there is none. Called on every registry access: keep it cheap and non-throwing.
 using ScopeFunc = std::function<ScopeToken()>;
 
-// FuncScope
-//
-// The type-erased strategy: a `ScopedRegistry<T, FuncScope>` keys its values by whatever
-// the `ScopeFunc` given at construction returns. Built-in strategies supply one each
-// (`ThreadScope::func()`, ...) and end their scopes in these registries too; for
-// application tokens call `scopereg::end_scope(token)` (all registries) or the registry's
-// `end_scope(token)` when a scope is over, or its values stay (SQLAlchemy#8340).
-// Cost: one indirect call plus a per-thread cache probe on a hit.
-// Misuse: an empty ScopeFunc is rejected at construction with ScopeError.
-class FuncScope {
- public:
-  using Token = ScopeToken;
-
-  FuncScope(ScopeFunc func);  // NOLINT: implicit by design, a ScopeFunc is a strategy
-  ScopeToken current() const { return func_(); }
-
- private:
-  ScopeFunc func_;
-};
+// A run-time scope function returning any token type (for FuncScopeOf<K>).
+template <typename K>
+using ScopeFuncOf = std::function<K()>;
 
 // end_scope
 //
-// Ends the scope `token` in every `ScopeToken`-keyed registry (FuncScope, or user strategies
-// whose Token is ScopeToken): their values for it are destroyed, on the calling thread, now.
+// Ends the scope `token` in every registry keyed by `token`'s type (FuncScope,
+// FuncScopeOf<K>, user strategies): their values for it are destroyed, on the calling
+// thread, now. Built-in strategies end their scopes themselves (and reach these
+// registries too); call this for tokens your application mints.
 // Thread safety: any thread. Must not race with code still running in that scope (a value
-// destroyed here may not be in use). Ending a scope with no values is a no-op.
-// Cost: one hash probe per ScopeToken-keyed registry alive.
+// destroyed here may not be in use). Ending a scope with no values is a no-op; a null
+// ScopeToken is ignored.
+// Cost: one hash probe per token-keyed registry alive, under the process-wide lock.
 void end_scope(ScopeToken token);
 
+template <typename K>
+  requires HashableToken<K>
+void end_scope(const K& token) {
+  internal::end_scope_everywhere(internal::TokenRef::of(token));
+}
+
+// new_scope_kind
+//
+// A ScopeKind no other call returns and no built-in strategy uses: for a user-written
+// strategy or runtime that mints its own ScopeTokens (with new_scope_token) and wants them
+// apart from every other family. No edit to scopereg's enum is needed.
+ScopeKind new_scope_kind() noexcept;
+
+// new_scope_token
+//
+// A token of `kind` never returned before in this process (a process-wide 64-bit serial,
+// shared by every kind: built-in scopes take theirs from it too).
+ScopeToken new_scope_token(ScopeKind kind) noexcept;
+
 }  // namespace scopereg
+
+// FuncScope (the run-time strategy) lives in its own header; included here because it was
+// declared here first.
+#include "scopereg/func_scope.h"  // IWYU pragma: export
 
 #endif  // SCOPEREG_SCOPE_H_

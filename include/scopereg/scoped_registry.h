@@ -11,9 +11,12 @@
 //       make_session, scopereg::ThreadScope::func());
 //
 // `Scope` is a strategy (scopereg/scope.h): ThreadScope (default), FiberScope,
-// ExplicitScope, FuncScope, or a user type satisfying `ScopeStrategy`. The built-in
-// strategies keep values in per-scope slot arrays (a hit is a few loads, no lock); other
-// strategies key values by their token in a sharded hash map.
+// ExplicitScope, FuncScope / FuncScopeOf<K>, or a user type satisfying `ScopeStrategy`
+// (docs/adding-a-strategy.md). The built-in strategies keep values in per-scope slot arrays
+// (a hit is a few loads, no lock); other strategies key values by their token in a sharded
+// hash map. Either way the registry runs one code path: find the calling scope's value
+// (the backend's job), else create it through one creation protocol, so a misuse gives the
+// same error whichever strategy is used (docs/architecture.md).
 //
 // Lifetime: a value lives until its scope ends (thread exit, fiber end, last guard gone,
 // `end_scope`), until `clear()`/`set()` in its scope replaces it, or until the registry is
@@ -33,22 +36,34 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "scopereg/error.h"
+#include "scopereg/func_scope.h"
+#include "scopereg/internal/creation.h"
 #include "scopereg/internal/keyed_store.h"
+#include "scopereg/internal/mutex.h"
+#include "scopereg/internal/node.h"
 #include "scopereg/internal/scope_state.h"
 #include "scopereg/scope.h"
 #include "scopereg/thread_scope.h"
 
 namespace scopereg {
 
+namespace internal {
+// The backend a strategy selects: slot arrays for slot-based strategies (every built-in
+// one), a token-keyed map otherwise. Both have the same small interface: find, has_scope,
+// cell (for the creation protocol in creation.h), size, for_each.
+template <typename Scope>
+using BackendFor =
+    std::conditional_t<SlotStrategy<Scope>, SlotBackend<Scope>, KeyedBackend<Scope>>;
+}  // namespace internal
+
 template <typename T, ScopeStrategy Scope = ThreadScope>
 class ScopedRegistry {
-  static constexpr bool kSlots = internal::SlotStrategy<Scope>;
-
  public:
   using value_type = T;
   using Token = typename Scope::Token;
@@ -82,18 +97,8 @@ class ScopedRegistry {
   // Throws: whatever the factory throws (nothing is stored, the next call retries);
   // ScopeError when there is no active scope or the factory re-enters this registry.
   T& operator()() {
-    if constexpr (kSlots) {
-      internal::ScopeState* state = scope_.current_state();
-      if (state != nullptr) [[likely]] {
-        if (internal::NodeBase* n = state->load(backend_.slot())) [[likely]] {
-          return internal::value_of<T>(n);
-        }
-      }
-    } else {
-      const Token token = scope_.current();
-      if (internal::NodeBase* n = backend_.find(token)) [[likely]] {
-        return internal::value_of<T>(n);
-      }
+    if (internal::NodeBase* n = backend_.find(scope_)) [[likely]] {
+      return internal::value_of<T>(n);
     }
     return create_from_factory();
   }
@@ -105,10 +110,11 @@ class ScopedRegistry {
   template <typename... Args>
   T& create(Args&&... args) {
     bool created = false;
-    auto make = [&]() -> internal::NodeBase* {
-      return new internal::Node<T>(std::in_place, std::forward<Args>(args)...);
-    };
-    internal::NodeBase* n = get_or_create(make, &created);
+    internal::NodeBase* n = get_or_create(
+        [&]() -> internal::NodeBase* {
+          return new internal::Node<T>(std::in_place, std::forward<Args>(args)...);
+        },
+        &created);
     if (!created) {
       throw ScopeError(
           "scopereg: ScopedRegistry::create: the current scope already has a value; no new "
@@ -123,32 +129,30 @@ class ScopedRegistry {
 
   // The calling scope's value, or null. Never creates, never throws for a missing scope.
   T* find() const {
-    internal::NodeBase* n = find_node();
+    internal::NodeBase* n = backend_.find(scope_);
     return n != nullptr ? &internal::value_of<T>(n) : nullptr;
   }
 
   // Replaces the calling scope's value with T(args...) and returns it; the previous value
   // (if any) is destroyed after the new one is installed. T(args...) is built before
   // anything changes: if it throws, the old value stays.
-  // Throws: ScopeError with no active scope; whatever T's constructor throws.
+  // Throws: ScopeError with no active scope, or when called from inside the factory
+  // creating this scope's value; whatever T's constructor throws.
   template <typename... Args>
   T& set(Args&&... args) {
-    auto* node = new internal::Node<T>(std::in_place, std::forward<Args>(args)...);
-    std::unique_ptr<internal::NodeBase> old;
-    try {
-      old.reset(exchange(node));
-    } catch (...) {
-      delete node;
-      throw;
-    }
-    return node->value;
+    auto node = std::make_unique<internal::Node<T>>(std::in_place, std::forward<Args>(args)...);
+    auto cell = backend_.cell(scope_);
+    std::unique_ptr<internal::NodeBase> old(internal::exchange(cell, node.get()));
+    return node.release()->value;
   }
 
   // Destroys the calling scope's value, if any. A no-op on an empty scope or with no
   // active scope. The value is destroyed on the calling thread with no lock held.
+  // Throws: ScopeError when called from inside the factory creating this scope's value.
   void clear() {
-    if (!has_scope()) return;
-    delete exchange(nullptr);
+    if (!backend_.has_scope(scope_)) return;
+    auto cell = backend_.cell(scope_);
+    delete internal::exchange(cell, nullptr);
   }
 
   // Replaces the factory. Values that exist keep living; only values created afterwards
@@ -157,7 +161,7 @@ class ScopedRegistry {
   // Throws ScopeError if `factory` is empty.
   void set_factory(Factory factory) {
     std::shared_ptr<const Factory> next = checked(std::move(factory));
-    std::lock_guard<std::mutex> lock(factory_mu_);
+    internal::MutexLock lock(factory_mu_);
     factory_.swap(next);
   }
 
@@ -178,20 +182,20 @@ class ScopedRegistry {
   }
 
   // Ends `token`'s scope in this registry: its value, if any, is destroyed now, on the
-  // calling thread. For token-keyed strategies (FuncScope, user strategies); built-in
-  // strategies end their scopes themselves. Must not race with code using that value.
+  // calling thread. For token-keyed strategies (FuncScope, FuncScopeOf<K>, user
+  // strategies); built-in strategies end their scopes themselves. Must not race with code
+  // using that value. (scopereg::end_scope(token) does this for every registry at once.)
   void end_scope(const Token& token)
-    requires(!kSlots)
+    requires(!internal::SlotStrategy<Scope>)
   {
-    delete backend_.exchange(token, nullptr);
+    auto cell = backend_.cell_of(token);
+    delete internal::exchange(cell, nullptr);
   }
 
   // The strategy this registry was built with.
   const Scope& scope() const { return scope_; }
 
  private:
-  using Backend = std::conditional_t<kSlots, internal::SlotRegistry, internal::KeyedStore<Token>>;
-
   static std::shared_ptr<const Factory> checked(Factory factory) {
     if (!factory) {
       throw ScopeError(
@@ -201,75 +205,31 @@ class ScopedRegistry {
     return std::make_shared<const Factory>(std::move(factory));
   }
 
-  static bool is_null(const Token& token) {
-    if constexpr (std::is_same_v<Token, ScopeToken>) {
-      return token.is_null();
-    } else {
-      return false;
-    }
-  }
-
-  bool has_scope() const {
-    if constexpr (kSlots) {
-      return scope_.current_state() != nullptr;
-    } else {
-      return !is_null(scope_.current());
-    }
-  }
-
-  internal::NodeBase* find_node() const {
-    if constexpr (kSlots) {
-      internal::ScopeState* state = scope_.current_state();
-      return state != nullptr ? state->load(backend_.slot()) : nullptr;
-    } else {
-      const Token token = scope_.current();
-      return is_null(token) ? nullptr : backend_.find(token);
-    }
-  }
-
-  template <typename Make>
-  internal::NodeBase* get_or_create(Make& make, bool* created) {
-    if constexpr (kSlots) {
-      internal::ScopeState* state = scope_.current_state();
-      if (state == nullptr) internal::throw_no_scope(Scope::kName);
-      return state->get_or_create(backend_, make, created);
-    } else {
-      const Token token = scope_.current();
-      if (is_null(token)) internal::throw_no_scope("this registry's ScopeFunc");
-      return backend_.get_or_create(token, make, created);
-    }
-  }
-
-  internal::NodeBase* exchange(internal::NodeBase* node) {
-    if constexpr (kSlots) {
-      internal::ScopeState* state = scope_.current_state();
-      if (state == nullptr) internal::throw_no_scope(Scope::kName);
-      return state->exchange(backend_, node);
-    } else {
-      const Token token = scope_.current();
-      if (is_null(token)) internal::throw_no_scope("this registry's ScopeFunc");
-      return backend_.exchange(token, node);
-    }
+  internal::NodeBase* get_or_create(absl::FunctionRef<internal::NodeBase*()> make,
+                                    bool* created) {
+    auto cell = backend_.cell(scope_);
+    return internal::get_or_create(cell, make, created);
   }
 
   // The slow path of operator(), kept out of line.
   [[gnu::noinline]] T& create_from_factory() {
     std::shared_ptr<const Factory> factory;
     {
-      std::lock_guard<std::mutex> lock(factory_mu_);
+      internal::MutexLock lock(factory_mu_);
       factory = factory_;
     }
-    auto make = [&]() -> internal::NodeBase* {
-      return new internal::Node<T>(internal::kFromFactory, *factory);
-    };
     bool created = false;
-    return internal::value_of<T>(get_or_create(make, &created));
+    return internal::value_of<T>(get_or_create(
+        [&]() -> internal::NodeBase* {
+          return new internal::Node<T>(internal::kFromFactory, *factory);
+        },
+        &created));
   }
 
   [[no_unique_address]] Scope scope_;
-  mutable Backend backend_;
-  std::mutex factory_mu_;
-  std::shared_ptr<const Factory> factory_;  // guarded by factory_mu_
+  mutable internal::BackendFor<Scope> backend_;
+  internal::Mutex factory_mu_;
+  std::shared_ptr<const Factory> factory_ ABSL_GUARDED_BY(factory_mu_);
 };
 
 }  // namespace scopereg

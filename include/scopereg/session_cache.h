@@ -69,15 +69,18 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "scopereg/error.h"
+#include "scopereg/scoped_proxy.h"  // IWYU pragma: export (ScopedProxy was declared here first)
 #include "scopereg/scoped_registry.h"
 
 namespace scopereg {
 
+namespace internal {
 // Describes the error in flight (for status messages); "unknown exception" otherwise.
 std::string describe_current_exception();
 
 // What a failure report is written to when no reporter is set: stderr, one line.
 void report_to_stderr(const absl::Status& status);
+}  // namespace internal
 
 template <typename T>
 struct SessionOptions {
@@ -323,7 +326,7 @@ class SessionCache {
         return true;
       } catch (...) {
         internal::rethrow_if_unwinding();
-        *error = describe_current_exception();
+        *error = internal::describe_current_exception();
         return false;
       }
     }
@@ -335,7 +338,7 @@ class SessionCache {
         return true;
       } catch (...) {
         internal::rethrow_if_unwinding();
-        *error = describe_current_exception();
+        *error = internal::describe_current_exception();
         return false;
       }
     }
@@ -460,11 +463,11 @@ class SessionCache {
       if (reporter) {
         reporter(status);
       } else {
-        report_to_stderr(status);
+        internal::report_to_stderr(status);
       }
     } catch (...) {
       internal::rethrow_if_unwinding();
-      report_to_stderr(status);  // a throwing reporter must not lose the report
+      internal::report_to_stderr(status);  // a throwing reporter must not lose the report
     }
   }
 
@@ -477,31 +480,6 @@ class SessionCache {
   std::atomic<const Index*> index_;
   std::vector<const Index*> retired_;            // guarded by mu_
   std::vector<std::unique_ptr<Entry>> entries_;  // guarded by mu_ (append only)
-};
-
-// ScopedProxy
-//
-// Forwards `->` and `*` to the calling scope's value of a source: a ScopedRegistry, or a
-// SessionCache's interned name (SQLAlchemy's scoped_session proxies the current session).
-//
-//   scopereg::ScopedRegistry<Session> registry(make_session);
-//   scopereg::ScopedProxy session(registry);   // a global or a member
-//   session->query(...);                        // the calling scope's Session, created lazily
-//
-// Creation follows the source: a missing value is created; where it cannot be (no active
-// ExplicitScope), the source's ScopeError says why. Thread safety: as the source. Cost: the
-// source's hit. The source must outlive the proxy.
-template <typename Source>
-class ScopedProxy {
- public:
-  explicit ScopedProxy(Source& source) : source_(&source) {}
-
-  auto* operator->() const { return &(*source_)(); }
-  auto& operator*() const { return (*source_)(); }
-  auto& get() const { return (*source_)(); }
-
- private:
-  Source* source_;
 };
 
 }  // namespace scopereg

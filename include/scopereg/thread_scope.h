@@ -4,7 +4,7 @@
 // (SQLAlchemy's ThreadLocalRegistry, Python's threading.local).
 //
 //   scopereg::ScopedRegistry<Connection> conn([] { return Connection::open(); });
-//   conn()->query(...);   // this thread's connection, opened on first use
+//   conn().query(...);    // this thread's connection, opened on first use
 //
 // Contract:
 // * Each thread gets its own value; a thread never sees another's.
@@ -37,6 +37,13 @@ namespace scopereg {
 namespace internal {
 extern thread_local constinit ScopeState* t_thread_state;
 ScopeState* make_thread_state();
+// The calling thread's slots, created on first use (also used by the fiber strategies
+// for code on a thread's main context).
+inline ScopeState* thread_state() {
+  ScopeState* state = t_thread_state;
+  if (state != nullptr) [[likely]] return state;
+  return make_thread_state();
+}
 }  // namespace internal
 
 class ThreadScope {
@@ -45,18 +52,16 @@ class ThreadScope {
   static constexpr const char* kName = "ThreadScope";
 
   // The calling thread's token (kind kThread), never reused in the life of the process.
-  static ScopeToken current() { return current_state()->token(); }
+  static ScopeToken current() { return internal::thread_state()->token(); }
 
   // A ScopeFunc returning current(): use it with ScopedRegistry<T, FuncScope>. Values
   // keyed by a thread's token are destroyed at that thread's exit in those registries too.
   static ScopeFunc func();
 
-  // Internal fast path: the calling thread's slots, created on first use.
-  static internal::ScopeState* current_state() {
-    internal::ScopeState* state = internal::t_thread_state;
-    if (state != nullptr) [[likely]] return state;
-    return internal::make_thread_state();
-  }
+
+ private:
+  friend struct internal::StrategyAccess;
+  static internal::ScopeState* current_state() { return internal::thread_state(); }
 };
 
 }  // namespace scopereg

@@ -1,28 +1,36 @@
 // scopereg/internal/keyed_store.h -- not part of the public API.
 //
-// The backend of a registry keyed by a token (a ScopeFunc, or a user strategy): a sharded
-// hash map under per-shard mutexes, with a per-thread cache in front for ScopeToken keys
-// so that a hit takes no lock and writes no shared cache line.
+// The keyed backend, behind a registry whose strategy is not slot-based (FuncScope,
+// FuncScopeOf<K>, user strategies): values keyed by token in a sharded hash map under
+// per-shard mutexes, with a per-thread cache in front for ScopeToken keys so that a hit
+// takes no lock and writes no shared cache line. Creation goes through the shared
+// protocol (creation.h) with a KeyedCell.
 //
 // Cache validity: every removal bumps the store's epoch (under the shard lock, after the
 // erase); a cache entry records the epoch it saw under the same lock, so an entry whose
 // epoch still matches points at a live value. Store ids are never reused.
+//
+// Every store subscribes to scope ends: `end_scope(token)` and the end of a built-in
+// scope reach it through extract_for_end() when the token is of its type.
 
 #ifndef SCOPEREG_INTERNAL_KEYED_STORE_H_
 #define SCOPEREG_INTERNAL_KEYED_STORE_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/function_ref.h"
 #include "absl/hash/hash.h"
-#include "scopereg/error.h"
-#include "scopereg/internal/scope_state.h"
+#include "scopereg/internal/creation.h"
+#include "scopereg/internal/mutex.h"
+#include "scopereg/internal/node.h"
+#include "scopereg/internal/registry_record.h"
+#include "scopereg/internal/token_ref.h"
 #include "scopereg/scope.h"
 
 namespace scopereg::internal {
@@ -40,19 +48,20 @@ extern thread_local constinit KeyCacheEntry t_key_cache[kKeyCacheSize];
 std::uint64_t next_store_id() noexcept;
 
 template <typename Token>
+class KeyedCell;
+
+template <typename Token>
 class KeyedStore final : public RegistryRecord {
   static constexpr bool kCached = std::is_same_v<Token, ScopeToken>;
 
  public:
-  KeyedStore() {
-    if constexpr (kCached) subscribe_to_scope_ends();
-  }
+  KeyedStore() { subscribe_to_scope_ends(); }
 
   ~KeyedStore() {
     std::vector<NodeBase*> nodes;
     retire(nodes);  // after this no scope end reaches us
     for (Shard& shard : shards_) {
-      std::lock_guard<std::mutex> lock(shard.mu);
+      MutexLock lock(shard.mu);
       for (auto& [token, entry] : shard.map) {
         if (entry.node != nullptr) nodes.push_back(entry.node);
       }
@@ -73,72 +82,14 @@ class KeyedStore final : public RegistryRecord {
     return find_slow(token);
   }
 
-  NodeBase* get_or_create(const Token& token, absl::FunctionRef<NodeBase*()> make,
-                          bool* created) {
-    Shard& shard = shard_for(token);
-    const void* context = current_context_id();
-    std::unique_lock<std::mutex> lock(shard.mu);
-    for (;;) {
-      auto it = shard.map.find(token);
-      if (it == shard.map.end()) break;
-      if (it->second.node != nullptr) {
-        *created = false;
-        remember(token, it->second.node);
-        return it->second.node;
-      }
-      if (it->second.creator == context) throw_factory_reentered();
-      shard.cv.wait(lock);
-    }
-    shard.map.emplace(token, Entry{nullptr, context});
-    NodeBase* node = make_unlocked(lock, make, [&] {
-      shard.map.erase(token);
-      shard.cv.notify_all();
-    });
-    shard.map[token].node = node;
-    live_.fetch_add(1, std::memory_order_relaxed);
-    shard.cv.notify_all();
-    remember(token, node);
-    *created = true;
-    return node;
-  }
-
-  // Installs `node` (null removes) and returns the previous value for the caller to delete.
-  NodeBase* exchange(const Token& token, NodeBase* node) {
-    Shard& shard = shard_for(token);
-    const void* context = current_context_id();
-    std::unique_lock<std::mutex> lock(shard.mu);
-    for (;;) {
-      auto it = shard.map.find(token);
-      if (it == shard.map.end() || it->second.node != nullptr) break;
-      if (it->second.creator == context) {
-        throw ScopeError("scopereg: set()/clear() called from inside the factory creating "
-                         "the same value");
-      }
-      shard.cv.wait(lock);
-    }
-    NodeBase* old = nullptr;
-    auto it = shard.map.find(token);
-    if (it != shard.map.end()) {
-      old = it->second.node;
-      if (node != nullptr) {
-        it->second.node = node;
-      } else {
-        shard.map.erase(it);
-      }
-    } else if (node != nullptr) {
-      shard.map.emplace(token, Entry{node, nullptr});
-    }
-    if (old != nullptr) epoch_.fetch_add(1, std::memory_order_release);
-    live_.fetch_add((node != nullptr) - (old != nullptr), std::memory_order_relaxed);
-    return old;
-  }
+  KeyedCell<Token> cell(Token token) { return KeyedCell<Token>(*this, std::move(token)); }
 
   std::int64_t size() const { return live_.load(std::memory_order_relaxed); }
 
   // Visits every value with its shard's lock held.
   void for_each(absl::FunctionRef<void(const Token&, NodeBase*)> visit) {
     for (Shard& shard : shards_) {
-      std::lock_guard<std::mutex> lock(shard.mu);
+      MutexLock lock(shard.mu);
       for (auto& [token, entry] : shard.map) {
         if (entry.node != nullptr) visit(token, entry.node);
       }
@@ -146,14 +97,15 @@ class KeyedStore final : public RegistryRecord {
   }
 
  private:
+  friend class KeyedCell<Token>;
   struct Entry {
     NodeBase* node;       // null while being created
     const void* creator;  // the context running the factory
   };
   struct alignas(64) Shard {
-    std::mutex mu;
-    std::condition_variable cv;
-    absl::flat_hash_map<Token, Entry, absl::Hash<Token>> map;
+    Mutex mu;
+    CondVar cv;
+    absl::flat_hash_map<Token, Entry, absl::Hash<Token>> map ABSL_GUARDED_BY(mu);
   };
   static constexpr std::size_t kShards = 16;
 
@@ -163,14 +115,14 @@ class KeyedStore final : public RegistryRecord {
 
   NodeBase* find_slow(const Token& token) {
     Shard& shard = shard_for(token);
-    std::lock_guard<std::mutex> lock(shard.mu);
+    MutexLock lock(shard.mu);
     auto it = shard.map.find(token);
     if (it == shard.map.end() || it->second.node == nullptr) return nullptr;
     remember(token, it->second.node);
     return it->second.node;
   }
 
-  // Requires the token's shard lock.
+  // Called with the token's shard lock held.
   void remember(const Token& token, NodeBase* node) {
     if constexpr (kCached) {
       t_key_cache[id_ % kKeyCacheSize] =
@@ -178,28 +130,126 @@ class KeyedStore final : public RegistryRecord {
     }
   }
 
-  // Called with the process-wide mutex held: never waits. A value still being created for
+  // Called with the token's shard lock held, after a value was removed.
+  void removed(NodeBase* old) {
+    if (old != nullptr) epoch_.fetch_add(1, std::memory_order_release);
+  }
+
+  // Called with the process mutex held: never waits. A value still being created for
   // an ended scope (misuse: code still running in it) is left for the registry's end.
-  NodeBase* extract_for_end(ScopeToken token) override {
-    if constexpr (kCached) {
-      Shard& shard = shard_for(token);
-      std::lock_guard<std::mutex> lock(shard.mu);
-      auto it = shard.map.find(token);
-      if (it == shard.map.end() || it->second.node == nullptr) return nullptr;
-      NodeBase* node = it->second.node;
-      shard.map.erase(it);
-      epoch_.fetch_add(1, std::memory_order_release);
-      live_.fetch_sub(1, std::memory_order_relaxed);
-      return node;
-    } else {
-      return nullptr;
-    }
+  NodeBase* extract_for_end(TokenRef ref) override {
+    const Token* token = ref.as<Token>();
+    if (token == nullptr) return nullptr;
+    Shard& shard = shard_for(*token);
+    MutexLock lock(shard.mu);
+    auto it = shard.map.find(*token);
+    if (it == shard.map.end() || it->second.node == nullptr) return nullptr;
+    NodeBase* node = it->second.node;
+    shard.map.erase(it);
+    removed(node);
+    live_.fetch_sub(1, std::memory_order_relaxed);
+    return node;
   }
 
   const std::uint64_t id_ = next_store_id();
   alignas(64) std::atomic<std::uint64_t> epoch_{1};
   std::atomic<std::int64_t> live_{0};
   Shard shards_[kShards];
+};
+
+// KeyedCell: one token's entry in a KeyedStore, as the creation protocol sees it. A value
+// being created is an entry with a null node and its creator's context.
+template <typename Token>
+class KeyedCell {
+  using Store = KeyedStore<Token>;
+
+ public:
+  KeyedCell(Store& store, Token token)
+      : store_(store), shard_(store.shard_for(token)), token_(std::move(token)) {}
+
+  Mutex& mu() const ABSL_LOCK_RETURNED(shard_.mu) { return shard_.mu; }
+  NodeBase* load() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    auto it = shard_.map.find(token_);
+    if (it == shard_.map.end() || it->second.node == nullptr) return nullptr;
+    store_.remember(token_, it->second.node);
+    return it->second.node;
+  }
+  const void* creator() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    auto it = shard_.map.find(token_);
+    return it != shard_.map.end() && it->second.node == nullptr ? it->second.creator
+                                                                : nullptr;
+  }
+  void check_can_create(bool /*set*/) const {}  // a keyed scope never closes
+  void begin_create(const void* context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    shard_.map.emplace(token_, typename Store::Entry{nullptr, context});
+  }
+  void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.map.erase(token_); }
+  void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    shard_.map[token_] = typename Store::Entry{node, nullptr};
+    store_.live_.fetch_add(1, std::memory_order_relaxed);
+    store_.remember(token_, node);
+  }
+  NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    NodeBase* old = nullptr;
+    auto it = shard_.map.find(token_);
+    if (it != shard_.map.end()) {
+      old = it->second.node;
+      if (node != nullptr) {
+        it->second.node = node;
+      } else {
+        shard_.map.erase(it);
+      }
+    } else if (node != nullptr) {
+      shard_.map.emplace(token_, typename Store::Entry{node, nullptr});
+    }
+    store_.removed(old);
+    store_.live_.fetch_add((node != nullptr) - (old != nullptr), std::memory_order_relaxed);
+    return old;
+  }
+  void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.cv.wait(shard_.mu); }
+  void notify_all() { shard_.cv.notify_all(); }
+
+ private:
+  Store& store_;
+  typename Store::Shard& shard_;
+  const Token token_;
+};
+
+// KeyedBackend: the registry-side interface of the keyed backend (the same members as
+// SlotBackend, plus end_scope()).
+template <typename Scope>
+class KeyedBackend {
+ public:
+  using Token = typename Scope::Token;
+
+  NodeBase* find(const Scope& scope) const {
+    const Token token = scope.current();
+    return store_.find(token);  // a null token is never stored
+  }
+  bool has_scope(const Scope& scope) const { return !is_null(scope.current()); }
+  // Throws ScopeError when the strategy reports no scope (a null ScopeToken).
+  KeyedCell<Token> cell(const Scope& scope) {
+    Token token = scope.current();
+    if (is_null(token)) throw_no_scope("this registry's scope function");
+    return store_.cell(std::move(token));
+  }
+  // The cell of `token` (for end_scope(token)).
+  KeyedCell<Token> cell_of(const Token& token) { return store_.cell(token); }
+  std::int64_t size() const { return store_.size(); }
+  template <typename F>
+  void for_each(F&& visit) const {
+    store_.for_each(visit);
+  }
+
+ private:
+  static bool is_null(const Token& token) {
+    if constexpr (std::is_same_v<Token, ScopeToken>) {
+      return token.is_null();
+    } else {
+      return false;
+    }
+  }
+  mutable KeyedStore<Token> store_;
 };
 
 }  // namespace scopereg::internal

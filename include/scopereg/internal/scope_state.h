@@ -1,7 +1,7 @@
 // scopereg/internal/scope_state.h -- not part of the public API.
 //
-// The machinery behind every built-in strategy (folly ThreadLocalPtr's design, generalised
-// from threads to any scope):
+// The slot backend, behind every built-in strategy (folly ThreadLocalPtr's design,
+// generalised from threads to any scope):
 //
 // * Every registry of a slot-based strategy owns a small integer index (`SlotRegistry`).
 // * Every live scope (a thread, a fiber, an explicit token's life) owns a `ScopeState`: an
@@ -9,57 +9,34 @@
 // * A hit is: find the current ScopeState (a thread-local load), load one chunk pointer,
 //   load one slot. No hashing, no lock, no shared write.
 // * Creation, replacement and removal take the ScopeState's own mutex (never a
-//   registry-wide lock), so a factory never blocks other scopes.
-// * A process-wide mutex (in registry/scope_state.cc, never destroyed) is taken only when
-//   registries or scopes are created or destroyed.
+//   registry-wide lock), through the shared creation protocol (creation.h).
+// * The process mutex (registry_record.h) is taken only when registries or scopes are
+//   created or destroyed.
 //
 // Slot arrays are chunked (chunk k holds 16 << k slots) and chunks are never moved or freed
 // while the scope lives, so a reader never races with growth.
+//
+// A strategy is slot-based when it gives `StrategyAccess` a `current_state()` (a private
+// member, with `friend struct internal::StrategyAccess;`) and a `kName`.
 
 #ifndef SCOPEREG_INTERNAL_SCOPE_STATE_H_
 #define SCOPEREG_INTERNAL_SCOPE_STATE_H_
 
 #include <atomic>
 #include <bit>
-#include <condition_variable>
+#include <concepts>
 #include <cstdint>
-#include <mutex>
-#include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
+#include "scopereg/internal/creation.h"
+#include "scopereg/internal/mutex.h"
+#include "scopereg/internal/node.h"
+#include "scopereg/internal/registry_record.h"
 #include "scopereg/scope.h"
 
 namespace scopereg::internal {
-
-// One value owned by a registry. Deleting a NodeBase destroys the value.
-struct NodeBase {
-  virtual ~NodeBase() = default;
-};
-
-struct FromFactory {};
-inline constexpr FromFactory kFromFactory{};
-
-template <typename T>
-struct Node final : NodeBase {
-  template <typename... Args>
-  explicit Node(std::in_place_t, Args&&... args) : value(std::forward<Args>(args)...) {}
-  template <typename F>
-  Node(FromFactory, F& factory) : value(factory()) {}
-  T value;
-};
-
-template <typename T>
-T& value_of(NodeBase* node) {
-  return static_cast<Node<T>*>(node)->value;
-}
-
-// A process-wide serial for scope tokens: never reused in the life of the process.
-std::uint64_t next_scope_serial() noexcept;
-
-// Identifies the running execution context (a thread, or one of our fibers), so that a
-// factory that re-enters itself is told so instead of deadlocking.
-const void* current_context_id() noexcept;
 
 // Where a registry's value sits in every ScopeState.
 struct SlotId {
@@ -76,76 +53,12 @@ constexpr SlotId slot_id_for(std::uint32_t index) {
 }
 
 class ScopeState;
-class RegistryRecord;
-
-// Values taken out of their registries (by a scope's end) and not yet destroyed. While a
-// DyingList is non-empty it is registered process-wide, so that a registry destroyed
-// meanwhile takes back the values not yet started and waits for the ones in progress.
-// Used under the process-wide mutex only.
-class DyingList {
- public:
-  DyingList() = default;
-  DyingList(const DyingList&) = delete;
-  DyingList& operator=(const DyingList&) = delete;
-
-  // Requires the process-wide mutex.
-  void add(RegistryRecord* record, NodeBase* node);
-  bool empty() const { return items_.empty(); }
-  // Destroys every value not taken back, one at a time with no lock held, then
-  // unregisters. Requires the process-wide mutex NOT held.
-  void destroy_all() noexcept;
-
- private:
-  friend class RegistryRecord;
-  struct Item {
-    RegistryRecord* record;
-    NodeBase* node;
-    bool taken;
-  };
-  std::vector<Item> items_;
-  DyingList* prev_ = nullptr;
-  DyingList* next_ = nullptr;
-  bool registered_ = false;
-};
-
-// RegistryRecord
-//
-// The part of every registry that scope teardown must know about: how many of its values a
-// dying scope is destroying right now (the registry's destructor waits for them), and, for
-// ScopeToken-keyed registries, a way to hand over the value of a scope that ended.
-class RegistryRecord {
- public:
-  RegistryRecord() = default;
-  RegistryRecord(const RegistryRecord&) = delete;
-  RegistryRecord& operator=(const RegistryRecord&) = delete;
-
- protected:
-  ~RegistryRecord() = default;
-
-  // Called by the derived destructor: takes every value of this registry that dying scopes
-  // have not started destroying (appended to `out`), and waits for those they have.
-  void retire(std::vector<NodeBase*>& out);
-  // For ScopeToken-keyed registries: from now on, scope ends reach extract_for_end().
-  void subscribe_to_scope_ends();
-
- private:
-  friend class ScopeState;
-  friend class SlotRegistry;
-  friend class DyingList;
-  friend void scopereg::end_scope(ScopeToken);
-  // Removes and returns this registry's value for `token`, or null. Called with the
-  // process-wide mutex held; must not call back into scopereg.
-  virtual NodeBase* extract_for_end(ScopeToken /*token*/) { return nullptr; }
-
-  int destroying_ = 0;      // guarded by the process-wide mutex
-  bool subscribed_ = false;  // guarded by the process-wide mutex
-};
 
 // SlotRegistry
 //
-// The backend of a registry whose strategy is slot-based. Owns an index for its lifetime;
-// its destructor destroys its value in every scope (even scopes still running) exactly
-// once, waiting for any a dying scope is destroying at that moment.
+// The slot backend's part of one registry. Owns an index for its lifetime; its destructor
+// destroys its value in every scope (even scopes still running) exactly once, waiting for
+// any a dying scope is destroying at that moment.
 class SlotRegistry final : public RegistryRecord {
  public:
   SlotRegistry();
@@ -154,12 +67,13 @@ class SlotRegistry final : public RegistryRecord {
   std::uint32_t index() const { return index_; }
   SlotId slot() const { return slot_; }
   std::int64_t size() const { return live_.load(std::memory_order_relaxed); }
-  // Visits every value, in every scope, with the process-wide mutex and that scope's
-  // mutex held.
-  void for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit) const;
+  // Visits every value, in every scope, with the process mutex and that scope's mutex held.
+  void for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit) const
+      ABSL_LOCKS_EXCLUDED(g_process_mutex);
 
  private:
   friend class ScopeState;
+  friend class SlotCell;
   std::uint32_t index_;
   SlotId slot_;
   std::atomic<std::int64_t> live_{0};
@@ -172,8 +86,7 @@ class SlotRegistry final : public RegistryRecord {
 class ScopeState {
  public:
   explicit ScopeState(ScopeKind kind);
-  // With a token minted earlier by next_scope_serial() (a fiber's identity exists before
-  // its slots do).
+  // With a token minted earlier (a fiber's identity exists before its slots do).
   explicit ScopeState(ScopeToken token);
   ScopeState(const ScopeState&) = delete;
   ScopeState& operator=(const ScopeState&) = delete;
@@ -186,84 +99,125 @@ class ScopeState {
     return chunk != nullptr ? chunk[slot.offset].load(std::memory_order_acquire) : nullptr;
   }
 
-  // Returns the registry's value in this scope, creating it with `make` if absent. `make`
-  // runs with no lock held; a concurrent caller for the same registry and scope waits for
-  // it (the factory runs once). `*created` tells whether this call created the value.
-  // Throws ScopeError if `make` re-enters itself, or if the scope is ending.
-  NodeBase* get_or_create(SlotRegistry& reg, absl::FunctionRef<NodeBase*()> make,
-                          bool* created);
-  // Installs `node` (null removes) and returns the previous value for the caller to delete.
-  NodeBase* exchange(SlotRegistry& reg, NodeBase* node);
-
   // Destroys every value of this scope, in rounds (a destructor may create values in the
-  // scope it is tearing down), also in ScopeToken-keyed registries, then unlinks the scope.
+  // scope it is tearing down), also in token-keyed registries, then unlinks the scope.
   // After 8 rounds further creation in this scope throws ScopeError. Called exactly once.
-  void end() noexcept;
+  void end() noexcept ABSL_LOCKS_EXCLUDED(g_process_mutex, mu_);
 
  private:
   friend class SlotRegistry;
-  friend class RegistryRecord;
+  friend class SlotCell;
   struct Creating {
     std::uint32_t index;
     const void* context;
   };
-  void store(SlotId slot, NodeBase* node);  // requires mu_
-  // Waits until no other context is creating `index` here; throws on re-entry.
-  void wait_not_creating(std::unique_lock<std::mutex>& lock, std::uint32_t index,
-                         const void* context);
-  void collect_round(bool last);  // moves every value to dying_; requires process mutex
+  void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves every value to dying_.
+  void collect_round(bool last) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
   const ScopeToken token_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Creating> creating_;  // guarded by mu_
-  bool closing_ = false;            // guarded by mu_
+  Mutex mu_;
+  CondVar cv_;
+  std::vector<Creating> creating_ ABSL_GUARDED_BY(mu_);
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
 
-  // Guarded by the process-wide mutex.
-  ScopeState* prev_ = nullptr;
-  ScopeState* next_ = nullptr;
+  ScopeState* prev_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
+  ScopeState* next_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
   DyingList dying_;
-  bool ended_ = false;
+  bool ended_ ABSL_GUARDED_BY(g_process_mutex) = false;
 };
 
-[[noreturn]] void throw_no_scope(const char* strategy);
-[[noreturn]] void throw_factory_reentered();
-// Misuse that cannot throw (it is found in a destructor): prints what and why, aborts.
-[[noreturn]] void die_of_misuse(const char* what) noexcept;
+// SlotCell: one registry's slot in one scope, as the creation protocol sees it.
+class SlotCell {
+ public:
+  SlotCell(ScopeState& state, SlotRegistry& reg) : state_(state), reg_(reg) {}
 
-// Creation outside the lock, shared by both backends: runs `make` with `lock` released and
-// returns its node with `lock` held again. If `make` throws (also Boost.Context's
-// forced_unwind), re-locks, runs `undo` (drop the "being created" mark, wake waiters) and
-// rethrows.
-template <typename Make, typename Undo>
-NodeBase* make_unlocked(std::unique_lock<std::mutex>& lock, Make& make, Undo undo) {
-  lock.unlock();
-  NodeBase* node = nullptr;
-  try {
-    node = make();
-  } catch (...) {
-    lock.lock();
-    undo();
-    throw;
+  Mutex& mu() const ABSL_LOCK_RETURNED(state_.mu_) { return state_.mu_; }
+  NodeBase* load() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    return state_.load(reg_.slot_);
   }
-  lock.lock();
-  return node;
-}
+  const void* creator() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    for (const ScopeState::Creating& c : state_.creating_) {
+      if (c.index == reg_.index_) return c.context;
+    }
+    return nullptr;
+  }
+  void check_can_create(bool set) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    if (state_.closing_) throw_scope_ending(set);
+  }
+  void begin_create(const void* context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    state_.creating_.push_back(ScopeState::Creating{reg_.index_, context});
+  }
+  void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    std::erase_if(state_.creating_,
+                  [this](const ScopeState::Creating& c) { return c.index == reg_.index_; });
+  }
+  void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    abort_create();
+    state_.store(reg_.slot_, node);
+    reg_.live_.fetch_add(1, std::memory_order_relaxed);
+  }
+  NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    NodeBase* old = state_.load(reg_.slot_);
+    state_.store(reg_.slot_, node);
+    reg_.live_.fetch_add((node != nullptr) - (old != nullptr), std::memory_order_relaxed);
+    return old;
+  }
+  void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) { state_.cv_.wait(state_.mu_); }
+  void notify_all() { state_.cv_.notify_all(); }
 
-// Called first in every catch (...) of scopereg that does not rethrow: rethrows the
-// exception in flight if it is the unwinding of a fiber being destroyed
-// (boost::context::detail::forced_unwind), which must never be swallowed. A no-op unless
-// scopereg::fiber is linked in (it installs the check).
-void rethrow_if_unwinding();
-void set_unwinding_check(void (*check)()) noexcept;
+ private:
+  ScopeState& state_;
+  SlotRegistry& reg_;
+};
+
+// How ScopedRegistry reaches a slot-based strategy's private current_state().
+struct StrategyAccess {
+  template <typename S>
+  static ScopeState* current_state(const S& scope) {
+    return scope.current_state();
+  }
+};
 
 // A strategy whose values live in ScopeState slots (every built-in one).
 template <typename S>
 concept SlotStrategy = requires(const S& s) {
-  { s.current_state() } -> std::same_as<ScopeState*>;
+  { StrategyAccess::current_state(s) } -> std::same_as<ScopeState*>;
   { S::kName } -> std::convertible_to<const char*>;
+};
+
+// SlotBackend: the registry-side interface of the slot backend (see KeyedBackend for the
+// other one; ScopedRegistry uses whichever its strategy selects, through these members).
+template <typename Scope>
+class SlotBackend {
+ public:
+  using Token = ScopeToken;
+
+  // The calling scope's value, or null (no scope, or no value yet). Inline, lock-free.
+  NodeBase* find(const Scope& scope) const {
+    ScopeState* state = StrategyAccess::current_state(scope);
+    if (state != nullptr) [[likely]] return state->load(reg_.slot());
+    return nullptr;
+  }
+  bool has_scope(const Scope& scope) const {
+    return StrategyAccess::current_state(scope) != nullptr;
+  }
+  // The calling scope's cell; throws ScopeError when there is no scope.
+  SlotCell cell(const Scope& scope) {
+    ScopeState* state = StrategyAccess::current_state(scope);
+    if (state == nullptr) throw_no_scope(Scope::kName);
+    return SlotCell(*state, reg_);
+  }
+  std::int64_t size() const { return reg_.size(); }
+  template <typename F>
+  void for_each(F&& visit) const {
+    reg_.for_each(visit);
+  }
+
+ private:
+  SlotRegistry reg_;
 };
 
 }  // namespace scopereg::internal

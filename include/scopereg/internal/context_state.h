@@ -1,0 +1,63 @@
+// scopereg/internal/context_state.h -- not part of the public API.
+//
+// What a context switch saves and restores for the rest of scopereg: the one interface
+// between runtimes (scopereg's fibers today, any later adaptor) and the parts of scopereg
+// whose state belongs to the running execution context rather than to the OS thread.
+//
+// An execution context is a thread's own flow of control, or a scopereg Fiber running on
+// it. The running context's state is `t_context`; a suspended context keeps its own copy.
+// A runtime that switches contexts on a thread does, around the switch:
+//
+//   ContextState saved = enter_context(fiber.state);   // before switching in
+//   ... the fiber runs, then switches back ...
+//   fiber.state = leave_context(saved);                // once back on the resumer
+//
+// Adding a field here is the whole job of giving some part of scopereg per-context state:
+// every runtime saves and restores the struct as a whole.
+//
+// Fields:
+// * explicit_top: the innermost ExplicitScope frame (explicit_scope.h): per context, so a
+//   fiber's ScopeGuards never show in the fiber that resumed it.
+// * id: identifies the running context for the creation protocol (a factory re-entering
+//   its own registry is told so instead of waiting for itself). Null means "the thread
+//   itself"; current_context_id() turns that into a per-thread address.
+//
+// Cost: a constant-initialised, trivially destructible thread_local: no init guard, and a
+// switch copies two words in and two words out.
+
+#ifndef SCOPEREG_INTERNAL_CONTEXT_STATE_H_
+#define SCOPEREG_INTERNAL_CONTEXT_STATE_H_
+
+namespace scopereg::internal {
+
+struct ExplicitFrame;
+
+struct ContextState {
+  ExplicitFrame* explicit_top = nullptr;
+  const void* id = nullptr;
+};
+
+// The running context's state. Defined in registry/context_state.cc.
+extern thread_local constinit ContextState t_context;
+
+// Makes `next` the running context's state and returns the state it replaces.
+[[gnu::always_inline]] inline ContextState enter_context(const ContextState& next) noexcept {
+  const ContextState prev = t_context;
+  t_context = next;
+  return prev;
+}
+
+// Restores `prev` (what enter_context returned) and returns the leaving context's state,
+// for it to keep while suspended.
+[[gnu::always_inline]] inline ContextState leave_context(const ContextState& prev) noexcept {
+  const ContextState mine = t_context;
+  t_context = prev;
+  return mine;
+}
+
+// The running context's identity: its `id`, or the calling thread's own address.
+const void* current_context_id() noexcept;
+
+}  // namespace scopereg::internal
+
+#endif  // SCOPEREG_INTERNAL_CONTEXT_STATE_H_

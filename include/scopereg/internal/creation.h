@@ -1,0 +1,112 @@
+// scopereg/internal/creation.h -- not part of the public API.
+//
+// The creation protocol, written once for both backends (slot arrays and token-keyed
+// maps): a value is made by its factory outside every lock, at most once per scope;
+// callers of the same scope that arrive meanwhile wait for it; a factory that re-enters
+// its own registry in its own scope gets a ScopeError instead of waiting for itself; a
+// factory that throws leaves nothing behind. The error texts live in creation.cc, so a
+// misuse reads the same whichever strategy the registry uses.
+//
+// A backend describes one place where a registry's value for one scope lives as a *cell*:
+//
+//   Mutex& mu()                         the lock guarding the cell
+//   NodeBase* load()                    the value, or null              (mu held)
+//   const void* creator()               the context running the factory, or null  (mu held)
+//   void check_can_create(bool set)     throws ScopeError when the scope no longer takes
+//                                       values (set: for set(), else for creation)  (mu held)
+//   void begin_create(const void* ctx)  marks the value as being created by ctx  (mu held)
+//   void abort_create()                 drops that mark (the factory threw)      (mu held)
+//   void finish_create(NodeBase* n)     drops the mark and stores n              (mu held)
+//   NodeBase* swap(NodeBase* n)         stores n (null removes), returns the old (mu held)
+//   void wait()                         waits for a change by another context    (mu held)
+//   void notify_all()                   wakes waiters
+//
+// `mu()` is annotated ABSL_LOCK_RETURNED and the others ABSL_EXCLUSIVE_LOCKS_REQUIRED on
+// the same mutex, so clang's -Wthread-safety checks this file against each backend.
+
+#ifndef SCOPEREG_INTERNAL_CREATION_H_
+#define SCOPEREG_INTERNAL_CREATION_H_
+
+#include "absl/functional/function_ref.h"
+#include "scopereg/internal/context_state.h"
+#include "scopereg/internal/mutex.h"
+#include "scopereg/internal/node.h"
+
+namespace scopereg::internal {
+
+// Misuse errors of the protocol (ScopeError; the texts name the fix).
+[[noreturn]] void throw_factory_reentered();
+[[noreturn]] void throw_set_inside_factory();
+[[noreturn]] void throw_scope_ending(bool set);
+[[noreturn]] void throw_no_scope(const char* strategy);
+// Misuse that cannot throw (it is found in a destructor): prints what and why, aborts.
+[[noreturn]] void die_of_misuse(const char* what) noexcept;
+
+// Called first in every catch (...) of scopereg that does not rethrow: rethrows the
+// exception in flight if it is the unwinding of a fiber being destroyed
+// (boost::context::detail::forced_unwind), which must never be swallowed. A no-op unless
+// scopereg::fiber is linked in (it installs the check).
+void rethrow_if_unwinding();
+void set_unwinding_check(void (*check)()) noexcept;
+
+// get_or_create
+//
+// Returns the cell's value, creating it with `make` when absent; `*created` tells which.
+// `make` runs with no lock held. Throws what `make` throws (nothing is stored, waiters
+// wake and retry), ScopeError on re-entry or when the scope no longer takes values.
+template <typename Cell>
+NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* created) {
+  const void* const context = current_context_id();
+  MutexLock lock(cell.mu());
+  for (;;) {
+    if (NodeBase* node = cell.load()) {
+      *created = false;
+      return node;
+    }
+    cell.check_can_create(/*set=*/false);
+    const void* creator = cell.creator();
+    if (creator == nullptr) break;
+    if (creator == context) throw_factory_reentered();
+    cell.wait();
+  }
+  cell.begin_create(context);
+  NodeBase* node = nullptr;
+  cell.mu().unlock();
+  try {
+    node = make();
+  } catch (...) {  // also Boost.Context's forced_unwind: rethrown below
+    cell.mu().lock();
+    cell.abort_create();
+    cell.notify_all();
+    throw;
+  }
+  cell.mu().lock();
+  cell.finish_create(node);
+  cell.notify_all();
+  *created = true;
+  return node;
+}
+
+// exchange
+//
+// Installs `node` (null removes) and returns the previous value for the caller to delete
+// outside the lock. Waits while another context is creating the value; throws ScopeError
+// when called from inside that factory, or (for a non-null node) when the scope no longer
+// takes values.
+template <typename Cell>
+NodeBase* exchange(Cell& cell, NodeBase* node) {
+  const void* const context = current_context_id();
+  MutexLock lock(cell.mu());
+  for (;;) {
+    const void* creator = cell.creator();
+    if (creator == nullptr) break;
+    if (creator == context) throw_set_inside_factory();
+    cell.wait();
+  }
+  if (node != nullptr) cell.check_can_create(/*set=*/true);
+  return cell.swap(node);
+}
+
+}  // namespace scopereg::internal
+
+#endif  // SCOPEREG_INTERNAL_CREATION_H_

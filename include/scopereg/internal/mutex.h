@@ -1,0 +1,65 @@
+// scopereg/internal/mutex.h -- not part of the public API.
+//
+// std::mutex and std::condition_variable behind clang's thread-safety annotations, so that
+// every "guarded by" in scopereg is checked by the compiler (-Wthread-safety) instead of
+// being a comment. absl::Mutex is not used: Debian's libabsl is built with deadlock
+// detection on, which adds about 17 ns to every lock and makes creation and scope ends
+// measurably slower. These wrappers add nothing at run time.
+
+#ifndef SCOPEREG_INTERNAL_MUTEX_H_
+#define SCOPEREG_INTERNAL_MUTEX_H_
+
+#include <condition_variable>
+#include <mutex>
+
+#include "absl/base/thread_annotations.h"
+
+namespace scopereg::internal {
+
+// A std::mutex the analysis knows about. Constant-initialised and trivially destructible,
+// so a namespace-scope Mutex is usable during static initialisation and process exit.
+class ABSL_LOCKABLE Mutex {
+ public:
+  constexpr Mutex() noexcept = default;
+  Mutex(const Mutex&) = delete;
+  Mutex& operator=(const Mutex&) = delete;
+
+  void lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_.lock(); }
+  void unlock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
+
+ private:
+  friend class CondVar;
+  std::mutex mu_;
+};
+
+// Holds a Mutex for its scope (std::lock_guard, annotated).
+class ABSL_SCOPED_LOCKABLE MutexLock {
+ public:
+  explicit MutexLock(Mutex& mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) { mu_.lock(); }
+  MutexLock(const MutexLock&) = delete;
+  MutexLock& operator=(const MutexLock&) = delete;
+  ~MutexLock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
+
+ private:
+  Mutex& mu_;
+};
+
+// A condition variable waited on with a held Mutex.
+class CondVar {
+ public:
+  // Atomically releases `mu`, waits for a notification (or a spurious wake-up), and
+  // re-acquires `mu` before returning. Callers re-check their condition in a loop.
+  void wait(Mutex& mu) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    std::unique_lock<std::mutex> lock(mu.mu_, std::adopt_lock);
+    cv_.wait(lock);
+    lock.release();
+  }
+  void notify_all() noexcept { cv_.notify_all(); }
+
+ private:
+  std::condition_variable cv_;
+};
+
+}  // namespace scopereg::internal
+
+#endif  // SCOPEREG_INTERNAL_MUTEX_H_

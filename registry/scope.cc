@@ -1,0 +1,24 @@
+#include "scopereg/scope.h"
+
+#include <atomic>
+
+namespace scopereg {
+namespace {
+constinit std::atomic<std::uint64_t> g_next_serial{1};
+constinit std::atomic<std::uint32_t> g_next_kind{64};
+}  // namespace
+
+void end_scope(ScopeToken token) {
+  if (token.is_null()) return;
+  internal::end_scope_everywhere(internal::TokenRef::of(token));
+}
+
+ScopeKind new_scope_kind() noexcept {
+  return static_cast<ScopeKind>(g_next_kind.fetch_add(1, std::memory_order_relaxed));
+}
+
+ScopeToken new_scope_token(ScopeKind kind) noexcept {
+  return ScopeToken(g_next_serial.fetch_add(1, std::memory_order_relaxed), kind);
+}
+
+}  // namespace scopereg
