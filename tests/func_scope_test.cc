@@ -1,10 +1,13 @@
+#include <algorithm>
 #include <atomic>
+#include <string>
 #include <latch>
 #include <thread>
 #include <vector>
 
 #include "counted.h"
 #include "gtest/gtest.h"
+#include "scopereg/func_scope.h"
 #include "scopereg/scope.h"
 #include "scopereg/scoped_registry.h"
 
@@ -119,6 +122,118 @@ TEST(FuncScope, RegistryDestroyedWhileAThreadEndsItsScopeDestroysEachValueOnce) 
     EXPECT_EQ(counts.made, 2);
     EXPECT_EQ(counts.destroyed, 2);
   }
+}
+
+// ---- FuncScopeOf<K>: any hashable token --------------------------------------------
+
+thread_local std::string t_session_id;  // what a string-keyed scope function reports
+
+struct TenantSession {
+  std::string tenant;
+  int session = 0;
+  friend bool operator==(const TenantSession&, const TenantSession&) = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const TenantSession& t) {
+    return H::combine(std::move(h), t.tenant, t.session);
+  }
+};
+thread_local TenantSession t_tenant_session;
+
+TEST(FuncScopeOf, AStringKeyedRegistryKeepsOneValuePerStringAndEndsByString) {
+  Counts counts;
+  int next_id = 0;
+  ScopedRegistry<Counted, FuncScopeOf<std::string>> carts(
+      [&] { return Counted(counts, ++next_id); },
+      FuncScopeOf<std::string>([] { return t_session_id; }));
+  t_session_id = "alice";
+  EXPECT_EQ(carts().id(), 1);
+  t_session_id = "bob";
+  EXPECT_EQ(carts().id(), 2);
+  t_session_id = "alice";
+  EXPECT_EQ(carts().id(), 1);
+  EXPECT_EQ(carts.size(), 2);
+
+  std::vector<std::string> seen;
+  carts.for_each([&](const std::string& token, Counted&) { seen.push_back(token); });
+  std::sort(seen.begin(), seen.end());
+  EXPECT_EQ(seen, (std::vector<std::string>{"alice", "bob"}));
+
+  end_scope(std::string("alice"));  // every registry keyed by std::string
+  EXPECT_EQ(counts.destroyed.load(), 1);
+  EXPECT_FALSE(carts.has());
+  EXPECT_EQ(carts().id(), 3);  // a reused string starts empty
+  carts.end_scope("bob");      // this registry only
+  EXPECT_EQ(counts.destroyed.load(), 2);
+  EXPECT_EQ(carts.size(), 1);
+  t_session_id.clear();
+}
+
+TEST(FuncScopeOf, AStructKeyedRegistryTellsApartEveryField) {
+  Counts counts;
+  int next_id = 0;
+  ScopedRegistry<Counted, FuncScopeOf<TenantSession>> sessions(
+      [&] { return Counted(counts, ++next_id); },
+      FuncScopeOf<TenantSession>([] { return t_tenant_session; }));
+  t_tenant_session = {"acme", 1};
+  EXPECT_EQ(sessions().id(), 1);
+  t_tenant_session = {"acme", 2};
+  EXPECT_EQ(sessions().id(), 2);
+  t_tenant_session = {"globex", 1};
+  EXPECT_EQ(sessions().id(), 3);
+  t_tenant_session = {"acme", 1};
+  EXPECT_EQ(sessions().id(), 1);
+
+  end_scope(TenantSession{"acme", 2});
+  EXPECT_EQ(counts.destroyed.load(), 1);
+  EXPECT_EQ(sessions.size(), 2);
+  end_scope(std::string("acme"));  // another token type: reaches nothing here
+  EXPECT_EQ(sessions.size(), 2);
+  t_tenant_session = {};
+}
+
+TEST(FuncScopeOf, EndingAStringScopeLeavesRegistriesOfOtherTokenTypesAlone) {
+  Counts counts;
+  ScopedRegistry<Counted, FuncScopeOf<std::string>> by_string(
+      [&] { return Counted(counts); }, FuncScopeOf<std::string>([] { return t_session_id; }));
+  ScopedRegistry<Counted, FuncScope> by_token([&] { return Counted(counts); }, request_func());
+  t_session_id = "7";
+  t_request = ScopeToken(7);
+  by_string();
+  by_token();
+  end_scope(std::string("7"));
+  EXPECT_FALSE(by_string.has());
+  EXPECT_TRUE(by_token.has());
+  end_scope(ScopeToken(7));
+  EXPECT_FALSE(by_token.has());
+  EXPECT_EQ(counts.alive(), 0);
+  t_session_id.clear();
+  t_request = ScopeToken();
+}
+
+TEST(FuncScopeOf, AnEmptyFunctionIsRejectedWithTheFix) {
+  try {
+    FuncScopeOf<std::string> scope{ScopeFuncOf<std::string>()};
+    FAIL() << "expected ScopeError";
+  } catch (const ScopeError& e) {
+    EXPECT_NE(std::string(e.what()).find("ThreadScope::func()"), std::string::npos);
+  }
+}
+
+TEST(FuncScopeOf, DestroyingTheRegistryDestroysEveryStringScopesValue) {
+  Counts counts;
+  {
+    ScopedRegistry<Counted, FuncScopeOf<std::string>> reg(
+        [&] { return Counted(counts); }, FuncScopeOf<std::string>([] { return t_session_id; }));
+    for (const char* id : {"a", "b", "c"}) {
+      t_session_id = id;
+      reg();
+    }
+    EXPECT_EQ(counts.alive(), 3);
+  }
+  EXPECT_EQ(counts.alive(), 0);
+  end_scope(std::string("a"));  // the registry is gone: nothing left to reach
+  EXPECT_EQ(counts.destroyed.load(), 3);
+  t_session_id.clear();
 }
 
 }  // namespace

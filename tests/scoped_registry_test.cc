@@ -158,6 +158,43 @@ TEST(ScopedRegistry, FactoryThatReentersItsRegistryGetsScopeError) {
   EXPECT_FALSE(reg.has());
 }
 
+// The creation protocol is one piece of code for both backends: each misuse reads the
+// same whichever strategy the registry uses.
+template <typename Scope>
+std::string misuse_message(int kind, Scope scope) {
+  ScopedRegistry<int, Scope>* self = nullptr;
+  ScopedRegistry<int, Scope> reg(
+      [&] {
+        if (kind == 0) return (*self)() + 1;
+        if (kind == 1) self->set(5);
+        if (kind == 2) self->clear();
+        return 1;
+      },
+      scope);
+  self = &reg;
+  try {
+    reg();
+  } catch (const ScopeError& e) {
+    EXPECT_FALSE(reg.has());
+    return e.what();
+  }
+  ADD_FAILURE() << "expected ScopeError";
+  return "";
+}
+
+TEST(ScopedRegistry, MisuseInsideAFactoryGivesTheSameErrorOnBothBackends) {
+  for (int kind : {0, 1, 2}) {
+    const std::string slots = misuse_message(kind, ThreadScope());
+    const std::string keyed = misuse_message(kind, FuncScope(ThreadScope::func()));
+    const std::string user = misuse_message(kind, StringScope());
+    EXPECT_EQ(slots, keyed) << "kind " << kind;
+    EXPECT_EQ(slots, user) << "kind " << kind;
+    EXPECT_NE(slots.find(kind == 0 ? "re-entered" : "from inside the factory"),
+              std::string::npos)
+        << slots;
+  }
+}
+
 TEST(ScopedRegistry, EmptyFactoryIsRejectedWithAClearError) {
   EXPECT_THROW(ScopedRegistry<int>(std::function<int()>()), ScopeError);
   ScopedRegistry<int> reg;

@@ -54,12 +54,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <exception>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -68,7 +66,9 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/base/thread_annotations.h"
 #include "scopereg/error.h"
+#include "scopereg/internal/mutex.h"
 #include "scopereg/scoped_proxy.h"  // IWYU pragma: export (ScopedProxy was declared here first)
 #include "scopereg/scoped_registry.h"
 
@@ -130,7 +130,7 @@ class SessionCache {
 
   // Registers `name`. Throws ScopeError if the name exists or the factory is empty.
   void add(std::string name, Options options) {
-    std::lock_guard<std::mutex> lock(mu_);
+    internal::MutexLock lock(mu_);
     if (find_entry(name) != nullptr) {
       throw ScopeError("scopereg: SessionCache::add: '" + name +
                        "' is already registered; each name is added once");
@@ -141,14 +141,14 @@ class SessionCache {
   // Options for names not added up front, asked once per name on its first use; return
   // nullopt for a name that does not exist.
   void set_resolver(std::function<std::optional<Options>(std::string_view)> resolver) {
-    std::lock_guard<std::mutex> lock(mu_);
+    internal::MutexLock lock(mu_);
     resolver_ = std::move(resolver);
   }
 
   // Where failures that cannot be returned go (a close hook failing at scope end, a
   // TeardownGuard's failures). Default: one line on stderr.
   void set_error_reporter(std::function<void(const absl::Status&)> reporter) {
-    std::lock_guard<std::mutex> lock(reporter_mu_);
+    internal::MutexLock lock(reporter_mu_);
     reporter_ = std::move(reporter);
   }
 
@@ -214,8 +214,10 @@ class SessionCache {
     void acquire(const Entry& entry) {
       const Options& o = entry.options();
       if (o.max_live == 0) return;
-      std::unique_lock<std::mutex> lock(mu_);
-      if (!cv_.wait_for(lock, o.acquire_timeout, [&] { return live_ < o.max_live; })) {
+      const auto deadline = Clock::now() + o.acquire_timeout;
+      internal::MutexLock lock(mu_);
+      while (live_ >= o.max_live) {
+        if (cv_.wait_until(mu_, deadline) || live_ < o.max_live) continue;
         throw ScopeError("scopereg: SessionCache: '" + entry.name() + "' is at its cap of " +
                          std::to_string(o.max_live) +
                          " live values and none was released within the acquire_timeout; "
@@ -226,16 +228,16 @@ class SessionCache {
     void release(const Entry& entry) {
       if (entry.options().max_live == 0) return;
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        internal::MutexLock lock(mu_);
         --live_;
       }
       cv_.notify_one();
     }
 
    private:
-    std::mutex mu_;
-    std::condition_variable cv_;
-    std::size_t live_ = 0;
+    internal::Mutex mu_;
+    internal::CondVar cv_;
+    std::size_t live_ ABSL_GUARDED_BY(mu_) = 0;
   };
 
   // One value with its bookkeeping. Built in place (T need not be movable).
@@ -384,13 +386,13 @@ class SessionCache {
   [[gnu::noinline]] Entry& resolve(std::string_view name) {
     std::function<std::optional<Options>(std::string_view)> resolver;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      internal::MutexLock lock(mu_);
       if (Entry* e = find_entry(name)) return *e;
       resolver = resolver_;
     }
     std::optional<Options> options;
     if (resolver) options = resolver(name);  // outside the lock: it may be slow
-    std::lock_guard<std::mutex> lock(mu_);
+    internal::MutexLock lock(mu_);
     if (Entry* e = find_entry(name)) return *e;  // resolved concurrently
     if (!options) {
       std::string known;
@@ -403,7 +405,7 @@ class SessionCache {
   }
 
   // Requires mu_.
-  Entry& insert_locked(std::string name, Options options) {
+  Entry& insert_locked(std::string name, Options options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!options.factory) {
       throw ScopeError("scopereg: SessionCache: '" + name + "' needs a factory");
     }
@@ -456,7 +458,7 @@ class SessionCache {
   void report(const absl::Status& status) {
     std::function<void(const absl::Status&)> reporter;
     {
-      std::lock_guard<std::mutex> lock(reporter_mu_);
+      internal::MutexLock lock(reporter_mu_);
       reporter = reporter_;
     }
     try {
@@ -471,15 +473,15 @@ class SessionCache {
     }
   }
 
-  std::mutex reporter_mu_;
-  std::function<void(const absl::Status&)> reporter_;  // guarded by reporter_mu_
+  internal::Mutex reporter_mu_;
+  std::function<void(const absl::Status&)> reporter_ ABSL_GUARDED_BY(reporter_mu_);
   Scope scope_;
   ScopedRegistry<UsedList, Scope> used_;
-  std::mutex mu_;  // serialises adding names
-  std::function<std::optional<Options>(std::string_view)> resolver_;  // guarded by mu_
+  internal::Mutex mu_;  // serialises adding names
+  std::function<std::optional<Options>(std::string_view)> resolver_ ABSL_GUARDED_BY(mu_);
   std::atomic<const Index*> index_;
-  std::vector<const Index*> retired_;            // guarded by mu_
-  std::vector<std::unique_ptr<Entry>> entries_;  // guarded by mu_ (append only)
+  std::vector<const Index*> retired_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);  // append only
 };
 
 }  // namespace scopereg

@@ -7,10 +7,14 @@
 #include <string>
 #include <thread>
 
+#include "scopereg/boost_fiber_scope.h"
 #include "scopereg/error.h"
 #include "scopereg/explicit_scope.h"
+#include "scopereg/fiber.h"
 #include "scopereg/fiber_scope.h"
+#include "scopereg/func_scope.h"
 #include "scopereg/scope.h"
+#include "scopereg/scoped_proxy.h"
 #include "scopereg/scoped_registry.h"
 #include "scopereg/session_cache.h"
 #include "scopereg/thread_scope.h"

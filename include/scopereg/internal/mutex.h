@@ -9,6 +9,7 @@
 #ifndef SCOPEREG_INTERNAL_MUTEX_H_
 #define SCOPEREG_INTERNAL_MUTEX_H_
 
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 
@@ -54,6 +55,16 @@ class CondVar {
     cv_.wait(lock);
     lock.release();
   }
+  // As wait(), giving up at `deadline`: returns false if it timed out.
+  template <typename Clock, typename Duration>
+  bool wait_until(Mutex& mu, const std::chrono::time_point<Clock, Duration>& deadline)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    std::unique_lock<std::mutex> lock(mu.mu_, std::adopt_lock);
+    const bool woken = cv_.wait_until(lock, deadline) == std::cv_status::no_timeout;
+    lock.release();
+    return woken;
+  }
+  void notify_one() noexcept { cv_.notify_one(); }
   void notify_all() noexcept { cv_.notify_all(); }
 
  private:
