@@ -17,6 +17,12 @@
 // * tokens (kind kBoostFiber) are never reused, unlike fiber ids or addresses.
 // ExplicitScope's active-scope stack is per thread here, not per Boost.Fiber fiber: wrap()
 // callables to carry a request scope across fibers.
+// Misuse: Boost.Fiber fibers of one thread count as one context for the creation protocol.
+// A factory that suspends its fiber (a fiber mutex, a channel, a yield) while another fiber
+// of the same thread asks the same registry for the same scope's value (a shared scope:
+// the thread's main context, or one ExplicitScope token) makes that second caller get a
+// ScopeError as if the factory had re-entered itself. Do not suspend inside a factory of a
+// value other fibers share.
 //
 // Thread safety: any thread. Cost: a hit is a Boost.Fiber context look-up and a
 // fiber_specific_ptr read (about 10 ns here) plus two loads; the first access in a fiber

@@ -31,6 +31,11 @@
 // restored by every switch, so a fiber's ScopeGuards never show in its resumer. Each fiber
 // also owns a scope for FiberScope registries, ended on its stack when it finishes.
 //
+// Misuse: a factory that yields while another fiber of the same thread waits for the same
+// value (a scope shared by several fibers: their thread's, or one ExplicitScope token)
+// blocks that thread for good: the waiter waits on a condition variable, so the creator
+// is never resumed. Do not yield inside a factory of a value other fibers share.
+//
 // Cost: a resume+yield round trip is two Boost.Context switches plus a few thread-local
 // stores (see benchmarks/fiber_scope_benchmark.cc); creating a Fiber allocates its stack
 // from the allocator given.

@@ -14,7 +14,9 @@
 //   scopereg::end_scope(std::string("session-42"));   // that session's values die now
 //
 // Contract:
-// * Every call on the registry calls the function once to learn the current token.
+// * Every call on the registry calls the function to learn the current token (once on a
+//   hit, twice on a miss or a clear()): it must return the same token each time within
+//   one scope.
 // * A `ScopeToken` function says "no scope now" by returning a null token: get-or-create
 //   then throws ScopeError, look-ups return null. Every value of another token type is a
 //   scope.

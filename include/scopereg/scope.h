@@ -48,7 +48,7 @@ enum class ScopeKind : std::uint32_t {
   kFiber = 3,     // FiberScope
   kExplicit = 4,  // ExplicitScope
   kBoostFiber = 5,  // BoostFiberScope
-  // Kinds from new_scope_kind() start here.
+  // Values 6-63 are reserved for scopereg; new_scope_kind() hands out 64 and above.
 };
 
 // ScopeToken
@@ -122,7 +122,10 @@ using ScopeFuncOf = std::function<K()>;
 // registries too); call this for tokens your application mints.
 // Thread safety: any thread. Must not race with code still running in that scope (a value
 // destroyed here may not be in use). Ending a scope with no values is a no-op; a null
-// ScopeToken is ignored.
+// ScopeToken is ignored. It reaches token-keyed registries only: values of a thread, fiber
+// or explicit scope in registries of those strategies (slot-based) end with that scope
+// itself, never through end_scope(). A value still being created for `token` when it is
+// ended is stored afterwards and lives until the registry's end_scope or destruction.
 // Cost: one hash probe per token-keyed registry alive, under the process-wide lock.
 void end_scope(ScopeToken token);
 
