@@ -42,6 +42,14 @@ TARGETS = [
      "BM_Get_ScopedRegistry/threads:1", "info", None),
     ("Thread churn (spawn+join with a value) vs empty spawn+join", "BM_Churn_ThreadScope",
      "BM_Churn_ThreadSpawnJoin_Empty", "info", None),
+    ("Pool checkout+checkin vs mutex+deque pool", "BM_Pool_CheckoutCheckin/threads:1",
+     "BM_Pool_MutexDeque/threads:1", "max", 1.0),
+    # One shared pool: "ours" is the 2-thread figure, "anchor" the same benchmark's 1-thread
+    # figure; the row below reports the anchor pool's own ratio for comparison.
+    ("Pool checkout+checkin, 2 threads vs 1 thread (per-thread)",
+     "BM_Pool_CheckoutCheckin/threads:2", "BM_Pool_CheckoutCheckin/threads:1", "max", 1.2),
+    ("mutex+deque pool (anchor), 2 threads vs 1 thread (per-thread)",
+     "BM_Pool_MutexDeque/threads:2", "BM_Pool_MutexDeque/threads:1", "info", None),
 ]
 
 # Hit benchmarks whose per-thread cost must not grow with threads (per-thread tokens).

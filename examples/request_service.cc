@@ -1,6 +1,8 @@
 // request_service: scopereg's main job. Processes a stream of simulated requests against
 // two SQLite databases (orders and audit), each request in a transaction through per-scope
-// connections from a SessionCache, with one of three strategies:
+// sessions from a SessionCache whose connections come from one scopereg::Pool per
+// database (checked out on a request's first use, checked back in at its end), with one of
+// three strategies:
 //
 //   --strategy=thread    a pool of worker threads, one connection per thread
 //   --strategy=fiber     many scopereg fibers on a few threads, one connection per fiber
@@ -10,7 +12,8 @@
 // Every request ends with a TeardownGuard: commit on success, rollback on a simulated
 // failure, then clear_for_current_scope(). --stale-rate closes connections behind the
 // library's back, so validation must re-create them. At the end it prints a table and exits
-// non-zero if an invariant fails (connections leaked, rows lost, requests unaccounted).
+// non-zero if an invariant fails (connections leaked or beyond the pools' limits, rows
+// lost, requests unaccounted, checkouts not checked in).
 //
 //   request_service [--strategy=thread|fiber|explicit] [--requests=N] [--workers=N]
 //                   [--fibers=N] [--db-dir=DIR] [--stale-rate=F] [--failure-rate=F]
@@ -57,10 +60,16 @@ struct Config {
 };
 
 struct Stats {
-  std::atomic<long> done{0}, committed{0}, rolled_back{0}, errors{0};
+  std::atomic<long> done{0}, committed{0}, rolled_back{0}, errors{0}, pool_waits{0};
   std::atomic<long> opened{0}, closed{0}, stale_recreated{0}, broken{0};
   std::mutex latency_mu;
   std::vector<double> latencies_us;
+  std::vector<double> pool_waits_us;  // guarded by latency_mu
+  void record_pool_wait(Clock::duration d) {
+    ++pool_waits;
+    std::lock_guard<std::mutex> lock(latency_mu);
+    pool_waits_us.push_back(std::chrono::duration<double, std::micro>(d).count());
+  }
   void record_latency(Clock::time_point start) {
     const double us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
     std::lock_guard<std::mutex> lock(latency_mu);
@@ -102,6 +111,7 @@ class Db {
     ++g_stats.broken;
   }
   bool ping() { return handle_ != nullptr && sqlite3_exec(handle_, "SELECT 1", nullptr, nullptr, nullptr) == SQLITE_OK; }
+  bool in_transaction() { return handle_ != nullptr && sqlite3_get_autocommit(handle_) == 0; }
 
   // Runs `sql`, backing off while the database is locked by another connection.
   void exec(const std::string& sql) {
@@ -135,17 +145,46 @@ class Db {
 template <typename Scope>
 using Sessions = scopereg::SessionCache<Db, Scope>;
 
+// One pool per database, sized for the run's concurrency (no overflow: the limit is exact).
+struct Pools {
+  std::shared_ptr<scopereg::Pool<Db>> orders, audit;
+  std::size_t limit = 0;  // pool_size + max_overflow of each
+};
+Pools g_pools;
+
+std::shared_ptr<scopereg::Pool<Db>> make_pool(const std::string& name, const std::string& path,
+                                              std::size_t size) {
+  return std::make_shared<scopereg::Pool<Db>>(scopereg::PoolOptions<Db>{
+      .connect = [path] { return Db(path); },
+      .close = [](Db& db) { db.close(); },
+      .ping = [](Db& db) { return db.ping(); },  // pre_ping: a dead idle one is replaced
+      .reset_on_return = [](Db& db) {
+        if (db.in_transaction()) db.exec("ROLLBACK");
+      },
+      .pool_size = size,
+      .max_overflow = 0,
+      .timeout = std::chrono::seconds(60),
+      .name = name,
+      .error_reporter = [](const absl::Status& status) {
+        ++g_stats.errors;
+        std::fprintf(stderr, "request_service: %s\n", std::string(status.message()).c_str());
+      },
+      .on_wait = [](Clock::duration d) { g_stats.record_pool_wait(d); }});
+}
+
 template <typename Scope>
-void configure(Sessions<Scope>& sessions, const std::string& dir) {
+void configure(Sessions<Scope>& sessions, const std::string& dir, std::size_t concurrency) {
+  g_pools.orders = make_pool("orders", dir + "/orders.db", concurrency);
+  g_pools.audit = make_pool("audit", dir + "/audit.db", concurrency);
+  g_pools.limit = concurrency;
   for (const char* name : {"orders", "audit"}) {
-    sessions.add(name, {.factory = [path = dir + "/" + name + ".db"] { return Db(path); },
-                        .close = [](Db& db) { db.close(); },
-                        .teardown = [](Db& db, bool ok) { db.exec(ok ? "COMMIT" : "ROLLBACK"); },
+    sessions.add(name, {.teardown = [](Db& db, bool ok) { db.exec(ok ? "COMMIT" : "ROLLBACK"); },
                         .validate = [](Db& db) {
                           const bool alive = db.ping();
                           if (!alive) ++g_stats.stale_recreated;
                           return alive;
-                        }});
+                        },
+                        .pool = std::string(name) == "orders" ? g_pools.orders : g_pools.audit});
   }
   sessions.set_error_reporter([](const absl::Status& status) {
     ++g_stats.errors;
@@ -227,7 +266,7 @@ void run_request(const Config& config, RequestSteps<Scope>& steps, long id,
 
 void run_threads(const Config& config) {
   Sessions<scopereg::ThreadScope> sessions;
-  configure(sessions, config.db_dir);
+  configure(sessions, config.db_dir, config.workers);
   RequestSteps<scopereg::ThreadScope> steps{sessions, sessions.intern("orders"),
                                             sessions.intern("audit")};
   std::atomic<long> next{0};
@@ -242,7 +281,7 @@ void run_threads(const Config& config) {
 
 void run_fibers(const Config& config) {
   Sessions<scopereg::FiberScope> sessions;
-  configure(sessions, config.db_dir);
+  configure(sessions, config.db_dir, static_cast<std::size_t>(config.workers) * config.fibers);
   RequestSteps<scopereg::FiberScope> steps{sessions, sessions.intern("orders"),
                                            sessions.intern("audit")};
   g_backoff = [] { scopereg::Fiber::yield(); };  // let the lock holder on this thread run
@@ -319,7 +358,7 @@ class Pool {
 void run_explicit(const Config& config) {
   using Scope = scopereg::ExplicitScope;
   Sessions<Scope> sessions;
-  configure(sessions, config.db_dir);
+  configure(sessions, config.db_dir, config.workers);
   RequestSteps<Scope> steps{sessions, sessions.intern("orders"), sessions.intern("audit")};
 
   // The event loop: admits requests while fewer than `limit` are in flight.
@@ -446,6 +485,8 @@ int main(int argc, char** argv) {
                  config.db_dir.c_str());
   }
   long orders_rows = -1, audit_rows = -1;
+  scopereg::PoolStats pool_orders, pool_audit;
+  long pool_limit = 0;
   double seconds = 0;
   try {
     create_schema(config.db_dir);
@@ -454,6 +495,12 @@ int main(int argc, char** argv) {
     if (config.strategy == "fiber") run_fibers(config);
     if (config.strategy == "explicit") run_explicit(config);
     seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    // The sessions are gone: every connection is back in its pool. Read the pools, then
+    // close their idle connections.
+    pool_orders = g_pools.orders->stats();
+    pool_audit = g_pools.audit->stats();
+    pool_limit = static_cast<long>(g_pools.limit);
+    g_pools = Pools{};
     Db orders(config.db_dir + "/orders.db");
     Db audit(config.db_dir + "/audit.db");
     orders_rows = orders.count("orders");
@@ -467,6 +514,12 @@ int main(int argc, char** argv) {
   const long committed = g_stats.committed, rolled_back = g_stats.rolled_back;
   std::vector<double>& lat = g_stats.latencies_us;
   const double p50 = percentile(lat, 0.50), p99 = percentile(lat, 0.99);
+  const double wait_p99 = percentile(g_stats.pool_waits_us, 0.99);
+  const long limit = pool_limit;
+  const long pool_connects = static_cast<long>(pool_orders.connects + pool_audit.connects);
+  const bool balanced = pool_orders.checkouts == pool_orders.checkins &&
+                        pool_audit.checkouts == pool_audit.checkins &&
+                        pool_orders.checked_out == 0 && pool_audit.checked_out == 0;
 
   struct Check {
     const char* what;
@@ -479,6 +532,8 @@ int main(int argc, char** argv) {
       {"audit rows == committed", audit_rows == committed},
       {"no reported errors", g_stats.errors == 0},
       {"every broken connection re-created", g_stats.stale_recreated == g_stats.broken},
+      {"pool connects <= limits + re-created", pool_connects <= 2 * limit + g_stats.stale_recreated},
+      {"checked out == checked in", balanced},
   };
   std::printf("\nscopereg request_service — strategy %s\n", config.strategy.c_str());
   std::printf("  %-34s %12ld\n", "requests done", g_stats.done.load());
@@ -487,6 +542,14 @@ int main(int argc, char** argv) {
   std::printf("  %-34s %12ld\n", "connections opened", opened);
   std::printf("  %-34s %12ld\n", "connections closed", closed);
   std::printf("  %-34s %12ld\n", "stale connections re-created", g_stats.stale_recreated.load());
+  std::printf("  %-34s %12ld\n", "pool limit (per database)", limit);
+  std::printf("  %-34s %12llu\n", "pool checkouts",
+              static_cast<unsigned long long>(pool_orders.checkouts + pool_audit.checkouts));
+  std::printf("  %-34s %12llu\n", "pool checkins",
+              static_cast<unsigned long long>(pool_orders.checkins + pool_audit.checkins));
+  std::printf("  %-34s %12ld\n", "pool connects", pool_connects);
+  std::printf("  %-34s %12ld\n", "pool waits", g_stats.pool_waits.load());
+  std::printf("  %-34s %12.1f us\n", "pool wait p99", wait_p99);
   std::printf("  %-34s %12ld\n", "rows in orders.db", orders_rows);
   std::printf("  %-34s %12ld\n", "rows in audit.db", audit_rows);
   std::printf("  %-34s %12.0f req/s\n", "throughput", seconds > 0 ? config.requests / seconds : 0);

@@ -1,6 +1,7 @@
 #include "scopereg/internal/creation.h"
 
 #include <atomic>
+#include <exception>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -9,17 +10,16 @@
 
 namespace scopereg::internal {
 
-void throw_factory_reentered() {
-  throw ScopeError(
-      "scopereg: a registry's factory re-entered the same registry in the same scope "
-      "before returning; a factory must not use the value it is creating");
+void throw_factory_reentered(const char* registry) {
+  throw ScopeError(std::string("scopereg: the factory of ") + registry +
+                   " re-entered the same registry in the same scope before returning; a "
+                   "factory must not use the value it is creating");
 }
 
-void throw_set_inside_factory() {
-  throw ScopeError(
-      "scopereg: set() or clear() was called from inside the factory creating the same "
-      "registry's value in the same scope; a factory must not replace or clear the value "
-      "it is creating");
+void throw_set_inside_factory(const char* registry) {
+  throw ScopeError(std::string("scopereg: set() or clear() of ") + registry +
+                   " was called from inside the factory creating its value in the same "
+                   "scope; a factory must not replace or clear the value it is creating");
 }
 
 void throw_scope_ending(bool set) {
@@ -50,6 +50,39 @@ void rethrow_if_unwinding() {
 
 void set_unwinding_check(void (*check)()) noexcept {
   g_unwinding_check.store(check, std::memory_order_release);
+}
+
+namespace {
+constinit std::atomic<bool (*)() noexcept> g_can_yield{nullptr};
+constinit std::atomic<void (*)()> g_yield{nullptr};
+}  // namespace
+
+bool can_yield() noexcept {
+  auto can = g_can_yield.load(std::memory_order_acquire);
+  return can != nullptr && can();
+}
+
+void yield_now() {
+  if (auto yield = g_yield.load(std::memory_order_acquire)) yield();
+}
+
+void set_yield_hooks(bool (*can)() noexcept, void (*yield)()) noexcept {
+  g_yield.store(yield, std::memory_order_release);
+  g_can_yield.store(can, std::memory_order_release);
+}
+
+std::string describe_current_exception() {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown exception (not derived from std::exception)";
+  }
+}
+
+void report_to_stderr(const absl::Status& status) {
+  std::fprintf(stderr, "scopereg: %s\n", status.ToString().c_str());
 }
 
 }  // namespace scopereg::internal

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "scopereg/internal/fork.h"
+
 namespace scopereg::internal {
 
 constinit Mutex g_process_mutex;
@@ -28,6 +30,7 @@ void DyingList::add(RegistryRecord* record, NodeBase* node) {
   items_.push_back(Item{record, node, false});
   if (!registered_) {
     registered_ = true;
+    owner_ = current_thread_serial();
     prev_ = nullptr;
     next_ = t.dying;
     if (t.dying != nullptr) t.dying->prev_ = this;
@@ -66,6 +69,33 @@ void DyingList::destroy_all() noexcept {
 
 // ---- RegistryRecord -----------------------------------------------------------------
 
+RegistryRecord::RegistryRecord() : stack_owner_(stack_owner(this)) {}
+
+bool RegistryRecord::on_dead_stack_in_child() const { return on_dead_stack(stack_owner_); }
+
+void forget_dead_records_in_child() noexcept {
+  Teardown& t = teardown();
+  MutexLock lock(g_process_mutex);
+  // Registries on the stacks of threads that are gone: scope ends must not reach them.
+  std::erase_if(t.subscribers, [](RegistryRecord* r) {
+    if (!on_dead_stack(r->stack_owner_)) return false;
+    r->subscribed_ = false;
+    return true;
+  });
+  // Values other threads were destroying: abandoned with their lists (which may have lived
+  // on those threads' stacks); nobody is destroying anything now.
+  const std::uint64_t me = current_thread_serial();
+  for (DyingList* list = t.dying; list != nullptr;) {
+    DyingList* next = list->next_;
+    if (list->owner_ != me) {
+      if (list->prev_ != nullptr) list->prev_->next_ = next; else t.dying = next;
+      if (next != nullptr) next->prev_ = list->prev_;
+    }
+    list = next;
+  }
+  for (RegistryRecord* r : t.subscribers) r->destroying_ = 0;
+}
+
 void RegistryRecord::retire(std::vector<NodeBase*>& out) {
   Teardown& t = teardown();
   MutexLock lock(g_process_mutex);
@@ -85,6 +115,7 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out) {
 }
 
 void RegistryRecord::subscribe_to_scope_ends() {
+  install_fork_handlers();
   Teardown& t = teardown();
   MutexLock lock(g_process_mutex);
   t.subscribers.push_back(this);
@@ -94,6 +125,20 @@ void RegistryRecord::subscribe_to_scope_ends() {
 void collect_ended(TokenRef token, DyingList& out) {
   for (RegistryRecord* sub : teardown().subscribers) {
     if (NodeBase* node = sub->extract_for_end(token)) out.add(sub, node);
+  }
+}
+
+void lock_subscribers_for_fork() {
+  for (RegistryRecord* sub : teardown().subscribers) sub->lock_for_fork();
+}
+
+void unlock_subscribers_after_fork() {
+  for (RegistryRecord* sub : teardown().subscribers) sub->unlock_after_fork();
+}
+
+void abandon_everywhere(TokenRef token) {
+  for (RegistryRecord* sub : teardown().subscribers) {
+    (void)sub->extract_for_end(token);  // left alive on purpose: the parent's
   }
 }
 

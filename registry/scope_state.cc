@@ -7,6 +7,7 @@
 #include <cassert>
 
 #include "scopereg/error.h"
+#include "scopereg/thread_scope.h"
 
 namespace scopereg::internal {
 namespace {
@@ -30,6 +31,7 @@ Slots& slots() {
 // ---- SlotRegistry -------------------------------------------------------------------
 
 SlotRegistry::SlotRegistry() {
+  install_fork_handlers();
   Slots& s = slots();
   MutexLock lock(g_process_mutex);
   if (!s.free_indices.empty()) {
@@ -77,11 +79,73 @@ void SlotRegistry::for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit
   }
 }
 
+// ---- fork ---------------------------------------------------------------------------
+
+void lock_scopes_for_fork() {
+  for (ScopeState* scope = slots().scopes; scope != nullptr; scope = scope->next_) {
+    scope->mu_.lock();
+  }
+}
+
+void unlock_scopes_after_fork() {
+  for (ScopeState* scope = slots().scopes; scope != nullptr; scope = scope->next_) {
+    scope->mu_.unlock();
+  }
+}
+
+void abandon_other_threads_in_child() noexcept {
+  Slots& s = slots();
+  ScopeState* const mine = t_thread_state;
+  MutexLock lock(g_process_mutex);
+  // Registries that lived on the stacks of threads that are gone: their values are
+  // abandoned in every scope and their index is never reused.
+  for (std::uint32_t index = 0; index < s.registries.size(); ++index) {
+    SlotRegistry* reg = s.registries[index];
+    if (reg == nullptr) continue;
+    reg->destroying_ = 0;  // nobody is destroying anything now
+    if (!on_dead_stack(reg->stack_owner_)) continue;
+    const SlotId slot = slot_id_for(index);
+    for (ScopeState* scope = s.scopes; scope != nullptr; scope = scope->next_) {
+      MutexLock scope_lock(scope->mu_);
+      scope->store(slot, nullptr);
+    }
+    s.registries[index] = nullptr;
+  }
+  for (ScopeState* scope = s.scopes; scope != nullptr;) {
+    ScopeState* const next = scope->next_;
+    if (scope->token_.kind() == ScopeKind::kThread && scope != mine) {
+      {
+        MutexLock scope_lock(scope->mu_);
+        scope->closing_ = true;
+        for (int c = 0; c < kMaxChunks; ++c) {
+          std::atomic<NodeBase*>* chunk = scope->chunks_[c].load(std::memory_order_relaxed);
+          if (chunk == nullptr) continue;
+          const std::uint32_t n = kFirstChunkSlots << c;
+          const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
+          for (std::uint32_t o = 0; o < n; ++o) {
+            if (chunk[o].load(std::memory_order_relaxed) == nullptr) continue;
+            chunk[o].store(nullptr, std::memory_order_relaxed);  // abandoned, not destroyed
+            if (SlotRegistry* reg = s.registries[base + o]) {
+              reg->live_.fetch_sub(1, std::memory_order_relaxed);
+            }
+          }
+        }
+      }
+      abandon_everywhere(TokenRef::of(scope->token_));
+      if (scope->prev_ != nullptr) scope->prev_->next_ = next; else s.scopes = next;
+      if (next != nullptr) next->prev_ = scope->prev_;
+      scope->ended_ = true;  // the ScopeState itself is left: its thread's exit never comes
+    }
+    scope = next;
+  }
+}
+
 // ---- ScopeState ---------------------------------------------------------------------
 
 ScopeState::ScopeState(ScopeKind kind) : ScopeState(new_scope_token(kind)) {}
 
 ScopeState::ScopeState(ScopeToken token) : token_(token) {
+  install_fork_handlers();
   Slots& s = slots();
   MutexLock lock(g_process_mutex);
   next_ = s.scopes;

@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "absl/container/flat_hash_map.h"
+#include "scopereg/internal/fork.h"
 
 namespace scopereg {
 namespace internal {
@@ -43,10 +44,12 @@ class ScopeRecord {
 
 namespace {
 
-Shard& shard_for(std::size_t hash) {
+Shard* all_shards() {
   static Shard* const shards = new Shard[kShards];  // never destroyed, on purpose
-  return shards[(hash >> 11) % kShards];
+  return shards;
 }
+
+Shard& shard_for(std::size_t hash) { return all_shards()[(hash >> 11) % kShards]; }
 
 ScopeRecord* find_locked(Shard& shard, const TokenProbe& probe)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
@@ -99,6 +102,14 @@ ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
   record->refs_.fetch_add(1, std::memory_order_relaxed);
   if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
   return record;
+}
+
+void lock_explicit_table_for_fork() {
+  for (std::size_t i = 0; i < kShards; ++i) all_shards()[i].mu.lock();
+}
+
+void unlock_explicit_table_after_fork() {
+  for (std::size_t i = 0; i < kShards; ++i) all_shards()[i].mu.unlock();
 }
 
 void add_ref(ScopeRecord* record) noexcept {

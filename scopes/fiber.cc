@@ -110,8 +110,11 @@ void rethrow_forced_unwind() {
   } catch (...) {
   }
 }
-[[maybe_unused]] const bool g_unwinding_check_installed =
-    (set_unwinding_check(&rethrow_forced_unwind), true);
+bool in_fiber() noexcept { return t_current_fiber != nullptr; }
+void yield_fiber() { Fiber::yield(); }
+
+[[maybe_unused]] const bool g_hooks_installed =
+    (set_unwinding_check(&rethrow_forced_unwind), set_yield_hooks(&in_fiber, &yield_fiber), true);
 
 }  // namespace
 

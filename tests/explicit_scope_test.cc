@@ -343,5 +343,22 @@ TEST(ExplicitScopeDeathTest, AGuardDestroyedOnAnotherThreadAborts) {
       "another thread or fiber");
 }
 
+TEST(ExplicitScope, IntAndLongTokensAreDifferentScopesAndTypedTokensAreNot) {
+  ScopedRegistry<int, ExplicitScope> reg([] { return 0; });
+  {
+    ScopeGuard as_int(7);
+    reg.set(1);
+    ScopeGuard as_long(7L);  // another type: another scope, documented in explicit_scope.h
+    EXPECT_EQ(reg(), 0);
+  }
+  using RequestId = TypedToken<struct RequestIdTag>;
+  const int id_as_int = 9;
+  const long id_as_long = 9;
+  ScopeGuard first(RequestId{static_cast<std::uint64_t>(id_as_int)});
+  reg.set(5);
+  ScopeGuard second(RequestId{static_cast<std::uint64_t>(id_as_long)});
+  EXPECT_EQ(reg(), 5);  // the same request, whatever integer type the call site had
+}
+
 }  // namespace
 }  // namespace scopereg

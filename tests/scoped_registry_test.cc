@@ -379,5 +379,32 @@ TEST(ScopedRegistry, ConcurrentFirstUseAfterAThrowingFactoryRetriesOnce) {
   EXPECT_EQ(calls, 2);
 }
 
+struct Connection {
+  int fd = 0;
+};
+
+TEST(ScopedRegistry, TheReentryErrorNamesTheValueTypeOrTheGivenName) {
+  ScopedRegistry<Connection>* self = nullptr;
+  ScopedRegistry<Connection> reg([&] { return Connection{(*self)().fd + 1}; });
+  self = &reg;
+  try {
+    reg();
+    FAIL() << "expected ScopeError";
+  } catch (const ScopeError& e) {
+    EXPECT_NE(std::string(e.what()).find("ScopedRegistry<scopereg::{anonymous}::Connection>"),
+              std::string::npos)
+        << e.what();
+  }
+  ScopedRegistry<int>* named_self = nullptr;
+  ScopedRegistry<int> named([&] { return (*named_self)(); }, ThreadScope(), "the orders cache");
+  named_self = &named;
+  try {
+    named();
+    FAIL() << "expected ScopeError";
+  } catch (const ScopeError& e) {
+    EXPECT_NE(std::string(e.what()).find("the orders cache"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace scopereg

@@ -374,5 +374,17 @@ TEST(SessionCache, TheCapBoundsLiveValuesWakesWaitersAndTimesOut) {
   EXPECT_TRUE(cache.clear_for_current_scope().ok());
 }
 
+TEST(SessionCache, AFactoryThatReentersItsSessionGetsAnErrorNamingTheSession) {
+  SessionCache<int> sessions;
+  sessions.add("orders", {.factory = [&] { return sessions.get("orders") + 1; }});
+  try {
+    sessions.get("orders");
+    FAIL() << "expected ScopeError";
+  } catch (const ScopeError& e) {
+    EXPECT_NE(std::string(e.what()).find("session 'orders'"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(sessions.used().empty() || sessions.used() == std::vector<std::string>{"orders"});
+}
+
 }  // namespace
 }  // namespace scopereg

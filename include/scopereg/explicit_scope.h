@@ -47,6 +47,7 @@
 #define SCOPEREG_EXPLICIT_SCOPE_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <type_traits>
@@ -175,11 +176,32 @@ class ExplicitScope {
   }
 };
 
+// TypedToken
+//
+// A token whose type says what it identifies, so that scopes cannot be confused by the
+// integer type a call site happens to use. Tokens of different types never match:
+// ScopeGuard(7) (an int) and ScopeGuard(7L) (a long) enter two different scopes. With
+//
+//   using RequestId = scopereg::TypedToken<struct RequestIdTag>;
+//   scopereg::ScopeGuard request(RequestId{id});   // id of any integer type
+//
+// every call site names the same scope for the same id.
+template <typename Tag, typename Rep = std::uint64_t>
+struct TypedToken {
+  Rep value;
+  friend bool operator==(const TypedToken&, const TypedToken&) = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const TypedToken& t) {
+    return H::combine(std::move(h), t.value);
+  }
+};
+
 // ScopeGuard
 //
 // Enters the scope of `token` for the guard's lifetime. `K` is any copyable,
 // equality-comparable type hashable with absl::Hash (an integer, a std::string, a user
-// type with AbslHashValue). Tokens of different types never match (int 7 != long 7).
+// type with AbslHashValue). Tokens of different types never match (int 7 != long 7): use
+// one type per kind of token, ideally a TypedToken.
 // Thread safety: a guard must be destroyed on the thread (or fiber) that created it.
 // Cost: one hash, one sharded-lock look-up, no allocation when the token's scope is
 // already live on another thread.

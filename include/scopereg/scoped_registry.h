@@ -33,17 +33,21 @@
 #ifndef SCOPEREG_SCOPED_REGISTRY_H_
 #define SCOPEREG_SCOPED_REGISTRY_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
 #include "scopereg/error.h"
 #include "scopereg/func_scope.h"
 #include "scopereg/internal/creation.h"
+#include "scopereg/internal/fork.h"
 #include "scopereg/internal/keyed_store.h"
 #include "scopereg/internal/mutex.h"
 #include "scopereg/internal/node.h"
@@ -76,8 +80,16 @@ class ScopedRegistry {
 
   // Creates values with `factory`, keyed by `scope`.
   // Throws ScopeError if `factory` is empty.
-  explicit ScopedRegistry(Factory factory, Scope scope = Scope())
-      : scope_(std::move(scope)), factory_(checked(std::move(factory))) {}
+  //
+  // `name`, if given, names the registry in error messages (default:
+  // "ScopedRegistry<T>").
+  explicit ScopedRegistry(Factory factory, Scope scope = Scope(), std::string name = {})
+      : scope_(std::move(scope)),
+        name_(name.empty() ? "ScopedRegistry<" + internal::type_name<T>() + ">"
+                           : std::move(name)) {
+    factories_.push_back(checked(std::move(factory)));
+    factory_.store(factories_.back().get(), std::memory_order_release);
+  }
 
   ScopedRegistry(const ScopedRegistry&) = delete;
   ScopedRegistry& operator=(const ScopedRegistry&) = delete;
@@ -142,7 +154,7 @@ class ScopedRegistry {
   T& set(Args&&... args) {
     auto node = std::make_unique<internal::Node<T>>(std::in_place, std::forward<Args>(args)...);
     auto cell = backend_.cell(scope_);
-    std::unique_ptr<internal::NodeBase> old(internal::exchange(cell, node.get()));
+    std::unique_ptr<internal::NodeBase> old(internal::exchange(cell, node.get(), name_.c_str()));
     return node.release()->value;
   }
 
@@ -152,17 +164,20 @@ class ScopedRegistry {
   void clear() {
     if (!backend_.has_scope(scope_)) return;
     auto cell = backend_.cell(scope_);
-    delete internal::exchange(cell, nullptr);
+    delete internal::exchange(cell, nullptr, name_.c_str());
   }
 
   // Replaces the factory. Values that exist keep living; only values created afterwards
   // use the new factory. Thread safety: may run concurrently with any other call; a
   // creation that already started finishes with the factory it started with.
+  // Cost: replaced factories are kept until the registry is destroyed (a creation may
+  // still be running one), so calling this in a loop grows memory.
   // Throws ScopeError if `factory` is empty.
   void set_factory(Factory factory) {
-    std::shared_ptr<const Factory> next = checked(std::move(factory));
+    std::unique_ptr<const Factory> next = checked(std::move(factory));
     internal::MutexLock lock(factory_mu_);
-    factory_.swap(next);
+    factories_.push_back(std::move(next));
+    factory_.store(factories_.back().get(), std::memory_order_release);
   }
 
   // Number of live values across all scopes. Exact when nothing runs concurrently;
@@ -189,35 +204,31 @@ class ScopedRegistry {
     requires(!internal::SlotStrategy<Scope>)
   {
     auto cell = backend_.cell_of(token);
-    delete internal::exchange(cell, nullptr);
+    delete internal::exchange(cell, nullptr, name_.c_str());
   }
 
   // The strategy this registry was built with.
   const Scope& scope() const { return scope_; }
 
  private:
-  static std::shared_ptr<const Factory> checked(Factory factory) {
+  static std::unique_ptr<const Factory> checked(Factory factory) {
     if (!factory) {
       throw ScopeError(
           "scopereg: ScopedRegistry needs a factory; got an empty one. Pass a callable "
           "returning T, or use the default constructor when T is default-constructible");
     }
-    return std::make_shared<const Factory>(std::move(factory));
+    return std::make_unique<const Factory>(std::move(factory));
   }
 
   internal::NodeBase* get_or_create(absl::FunctionRef<internal::NodeBase*()> make,
                                     bool* created) {
     auto cell = backend_.cell(scope_);
-    return internal::get_or_create(cell, make, created);
+    return internal::get_or_create(cell, make, created, name_.c_str());
   }
 
   // The slow path of operator(), kept out of line.
   [[gnu::noinline]] T& create_from_factory() {
-    std::shared_ptr<const Factory> factory;
-    {
-      internal::MutexLock lock(factory_mu_);
-      factory = factory_;
-    }
+    const Factory* factory = factory_.load(std::memory_order_acquire);
     bool created = false;
     return internal::value_of<T>(get_or_create(
         [&]() -> internal::NodeBase* {
@@ -227,9 +238,11 @@ class ScopedRegistry {
   }
 
   [[no_unique_address]] Scope scope_;
+  const std::string name_;  // in error messages
   mutable internal::BackendFor<Scope> backend_;
-  internal::Mutex factory_mu_;
-  std::shared_ptr<const Factory> factory_ ABSL_GUARDED_BY(factory_mu_);
+  std::atomic<const Factory*> factory_{nullptr};  // the newest of factories_
+  internal::ForkSafeMutex factory_mu_;            // serialises set_factory
+  std::vector<std::unique_ptr<const Factory>> factories_ ABSL_GUARDED_BY(factory_mu_);
 };
 
 }  // namespace scopereg

@@ -35,6 +35,14 @@
 //   `validate_every`); with `max_age`, a value older than that is recycled. A value that
 //   fails (false or throws) or is too old is closed through its hook (a failure is
 //   reported) and re-created transparently, all inside get().
+// * Pooled names: with `pool` (a scopereg::Pool<T>, pool.h), a scope's first get(name)
+//   checks an object out of the pool, and the value's end -- clear_for_current_scope(),
+//   a TeardownGuard (after the teardown hook), the scope's end, a failed validation --
+//   checks it back in instead of destroying it. An object whose teardown hook threw, that
+//   failed validation, or that invalidate(name) marked broken is discarded (closed by the
+//   pool), never reused. The pool's limits replace `max_live`.
+// * Invalidation: invalidate(name) drops the calling scope's value as broken ("server has
+//   gone away"); the next get(name) makes or checks out a fresh one.
 // * Cap: with `max_live` = N, at most N values of that name exist across all scopes; a get
 //   that would create one more waits up to `acquire_timeout` for a value to be released
 //   (any clear or scope end releases one), then throws ScopeError naming the name and cap.
@@ -68,23 +76,19 @@
 #include "absl/status/status.h"
 #include "absl/base/thread_annotations.h"
 #include "scopereg/error.h"
+#include "scopereg/internal/creation.h"
+#include "scopereg/internal/fork.h"
 #include "scopereg/internal/mutex.h"
+#include "scopereg/pool.h"
 #include "scopereg/scoped_proxy.h"  // IWYU pragma: export (ScopedProxy was declared here first)
 #include "scopereg/scoped_registry.h"
 
 namespace scopereg {
 
-namespace internal {
-// Describes the error in flight (for status messages); "unknown exception" otherwise.
-std::string describe_current_exception();
-
-// What a failure report is written to when no reporter is set: stderr, one line.
-void report_to_stderr(const absl::Status& status);
-}  // namespace internal
 
 template <typename T>
 struct SessionOptions {
-  std::function<T()> factory = {};                      // required
+  std::function<T()> factory = {};                      // required, unless `pool` is set
   std::function<void(T&)> close = {};                   // before destruction; default: none
   std::function<void(T&, bool success)> teardown = {};  // at a TeardownGuard's end
   std::function<bool(T&)> validate = {};                // when taken; false means stale
@@ -92,6 +96,11 @@ struct SessionOptions {
   std::chrono::steady_clock::duration max_age{0};         // 0: no limit
   std::size_t max_live = 0;                               // 0: no cap
   std::chrono::steady_clock::duration acquire_timeout = std::chrono::seconds(10);
+  // Pooled name: values are checked out of this pool and checked back in when cleared or
+  // when their scope ends (instead of being made by `factory` and destroyed). Then
+  // `factory`, `close` and `max_live` must be left empty: the pool's connect, close and
+  // limits apply.
+  std::shared_ptr<Pool<T>> pool = {};
 };
 
 template <typename T, ScopeStrategy Scope = ThreadScope>
@@ -130,12 +139,18 @@ class SessionCache {
 
   // Registers `name`. Throws ScopeError if the name exists or the factory is empty.
   void add(std::string name, Options options) {
-    internal::MutexLock lock(mu_);
-    if (find_entry(name) != nullptr) {
-      throw ScopeError("scopereg: SessionCache::add: '" + name +
-                       "' is already registered; each name is added once");
+    if (find_entry(name) == nullptr) {
+      // Built outside the lock (it registers a registry: mu_ is a leaf lock).
+      auto entry = make_entry(std::move(name), std::move(options));
+      internal::MutexLock lock(mu_);
+      if (find_entry(entry->name()) == nullptr) {
+        publish_locked(std::move(entry));
+        return;
+      }
+      name = entry->name();
     }
-    insert_locked(std::move(name), std::move(options));
+    throw ScopeError("scopereg: SessionCache::add: '" + name +
+                     "' is already registered; each name is added once");
   }
 
   // Options for names not added up front, asked once per name on its first use; return
@@ -174,6 +189,18 @@ class SessionCache {
     std::vector<std::string> failures;
     clear_used(failures, nullptr);
     return to_status(failures);
+  }
+
+  // Marks the calling scope's value for `name` broken (say, the database reported
+  // "server has gone away"): it is removed now -- closed, or for a pooled name discarded by
+  // its pool instead of reused -- and the scope's next get(name) makes or checks out a
+  // fresh one. The name stays in used(). A no-op when the scope has no value for `name`.
+  // Returns a status naming a close failure, if any. Throws ScopeError for an unknown name.
+  absl::Status invalidate(std::string_view name) { return invalidate(intern(name)); }
+  absl::Status invalidate(const SessionName& name) {
+    std::string error;
+    if (name.entry_->invalidate(&error)) return absl::OkStatus();
+    return absl::UnknownError(name.name() + ": close failed: " + error);
   }
 
   // TeardownGuard
@@ -235,31 +262,47 @@ class SessionCache {
     }
 
    private:
-    internal::Mutex mu_;
+    internal::ForkSafeMutex mu_;
     internal::CondVar cv_;
     std::size_t live_ ABSL_GUARDED_BY(mu_) = 0;
   };
 
-  // One value with its bookkeeping. Built in place (T need not be movable).
+  // One value with its bookkeeping: a T built in place (T need not be movable), or, for a
+  // pooled name, a lease on a pooled T.
   class Slot {
    public:
-    explicit Slot(Entry* entry)
-        : entry_(entry), permit_(entry), value_(entry->options().factory()) {}
+    explicit Slot(Entry* entry) : entry_(entry), permit_(entry) {
+      if (const auto& pool = entry->options().pool) {
+        lease_ = pool->checkout();
+        value_ = &*lease_;
+      } else {
+        value_ = ::new (static_cast<void*>(storage_)) T(entry->options().factory());
+      }
+    }
     Slot(const Slot&) = delete;
     Slot& operator=(const Slot&) = delete;
     ~Slot() {
-      if (closed_) return;
-      std::string error;
-      if (!entry_->close_value(value_, &error)) {
-        entry_->cache().report(absl::UnknownError(entry_->name() + ": close failed: " + error));
+      if (!closed_ && !lease_) {
+        std::string error;
+        if (!entry_->close_value(*value_, &error)) {
+          entry_->cache().report(absl::UnknownError(entry_->name() + ": close failed: " + error));
+        }
       }
+      if (!lease_) value_->~T();
+      // A lease returns its object to the pool here (reset_on_return, then kept or closed).
     }
 
-    T& value() { return value_; }
-    // Runs the close hook once; false (with `error`) if it threw.
+    T& value() { return *value_; }
+    // Runs the close hook once; false (with `error`) if it threw. A pooled value is not
+    // closed: it goes back to its pool when the Slot is destroyed.
     bool close(std::string* error) {
       closed_ = true;
-      return entry_->close_value(value_, error);
+      if (lease_) return true;
+      return entry_->close_value(*value_, error);
+    }
+    // The value must not be reused: a pooled one is closed by its pool on return.
+    void mark_broken() {
+      if (lease_) lease_.invalidate();
     }
     bool stale() {
       const Options& o = entry_->options();
@@ -268,7 +311,7 @@ class SessionCache {
       if (!o.validate || now - checked_ < o.validate_every) return false;
       checked_ = now;
       try {
-        return !o.validate(value_);
+        return !o.validate(*value_);
       } catch (...) {
         internal::rethrow_if_unwinding();
         return true;
@@ -282,8 +325,10 @@ class SessionCache {
       Entry* entry;
     };
     Entry* entry_;
-    Permit permit_;  // before value_: released after it is destroyed, also if T() throws
-    T value_;
+    Permit permit_;  // before the value: released after it is destroyed, also if T() throws
+    typename Pool<T>::Lease lease_;
+    alignas(T) unsigned char storage_[sizeof(T)];
+    T* value_ = nullptr;
     const Clock::time_point created_ = Clock::now();
     Clock::time_point checked_ = created_;
     bool closed_ = false;
@@ -297,7 +342,8 @@ class SessionCache {
           options_(std::move(options)),
           checks_(options_.validate != nullptr ||
                   options_.max_age != Clock::duration::zero()),
-          registry_([this] { return make_slot(); }, cache->scope_) {}
+          registry_([this] { return make_slot(); }, cache->scope_,
+                    "SessionCache session '" + name_ + "'") {}
 
     const std::string& name() const { return name_; }
     const Options& options() const { return options_; }
@@ -329,8 +375,17 @@ class SessionCache {
       } catch (...) {
         internal::rethrow_if_unwinding();
         *error = internal::describe_current_exception();
+        slot->mark_broken();  // a pooled object in an unknown state is not reused
         return false;
       }
+    }
+
+    // Discards the calling scope's value as broken; false (with `error`) if close threw.
+    bool invalidate(std::string* error) {
+      Slot* slot = registry_.find();
+      if (slot == nullptr) return true;
+      slot->mark_broken();
+      return close_and_remove(error);
     }
 
     bool close_value(T& value, std::string* error) {
@@ -350,6 +405,7 @@ class SessionCache {
    private:
     [[gnu::noinline]] T& recycle(Slot& stale) {
       std::string error;
+      stale.mark_broken();
       if (!stale.close(&error)) {
         cache_->report(absl::UnknownError(name_ + ": close of a stale value failed: " + error));
       }
@@ -392,24 +448,34 @@ class SessionCache {
     }
     std::optional<Options> options;
     if (resolver) options = resolver(name);  // outside the lock: it may be slow
+    std::unique_ptr<Entry> entry;
+    if (options) entry = make_entry(std::string(name), std::move(*options));
     internal::MutexLock lock(mu_);
     if (Entry* e = find_entry(name)) return *e;  // resolved concurrently
-    if (!options) {
+    if (!entry) {
       std::string known;
       for (const auto& e : entries_) known += (known.empty() ? "" : ", ") + e->name();
       throw ScopeError("scopereg: SessionCache: unknown session name '" + std::string(name) +
                        "'; known names: " + (known.empty() ? "(none)" : known) +
                        ". Register it with add(), or set a resolver");
     }
-    return insert_locked(std::string(name), std::move(*options));
+    return publish_locked(std::move(entry));
   }
 
-  // Requires mu_.
-  Entry& insert_locked(std::string name, Options options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!options.factory) {
-      throw ScopeError("scopereg: SessionCache: '" + name + "' needs a factory");
+  std::unique_ptr<Entry> make_entry(std::string name, Options options) {
+    if (options.pool) {
+      if (options.factory || options.close || options.max_live != 0) {
+        throw ScopeError("scopereg: SessionCache: '" + name +
+                         "' has a pool: leave factory, close and max_live empty (the "
+                         "pool's connect, close and limits apply)");
+      }
+    } else if (!options.factory) {
+      throw ScopeError("scopereg: SessionCache: '" + name + "' needs a factory (or a pool)");
     }
-    auto entry = std::make_unique<Entry>(this, std::move(name), std::move(options));
+    return std::make_unique<Entry>(this, std::move(name), std::move(options));
+  }
+
+  Entry& publish_locked(std::unique_ptr<Entry> entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const Index* old = index_.load(std::memory_order_relaxed);
     auto* next = new Index(*old);
     next->emplace(entry->name(), entry.get());
@@ -473,11 +539,11 @@ class SessionCache {
     }
   }
 
-  internal::Mutex reporter_mu_;
+  internal::ForkSafeMutex reporter_mu_;
   std::function<void(const absl::Status&)> reporter_ ABSL_GUARDED_BY(reporter_mu_);
   Scope scope_;
   ScopedRegistry<UsedList, Scope> used_;
-  internal::Mutex mu_;  // serialises adding names
+  internal::ForkSafeMutex mu_;  // serialises adding names (a leaf lock)
   std::function<std::optional<Options>(std::string_view)> resolver_ ABSL_GUARDED_BY(mu_);
   std::atomic<const Index*> index_;
   std::vector<const Index*> retired_ ABSL_GUARDED_BY(mu_);

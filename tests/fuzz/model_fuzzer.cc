@@ -1,16 +1,19 @@
 // Model-based fuzzer: reads a byte string as a sequence of operations — create/destroy
 // registries of every strategy, enter/leave explicit scopes in any order, get/find/set/
 // clear, wrap and run and drop callbacks, run fibers step by step or destroy them, run a
-// short thread — applies them to scopereg and to a tiny, obviously correct model, and
+// short thread, check objects out of a Pool and back in (or invalidate them), dispose the
+// pool — applies them to scopereg and to a tiny, obviously correct model, and
 // aborts on any difference (which value, how many alive). Built with libFuzzer
 // (.ci/fuzz) and, for regression, replayed over tests/fuzz/corpus/ by every test build.
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -18,6 +21,7 @@
 
 #include "scopereg/explicit_scope.h"
 #include "scopereg/fiber_scope.h"
+#include "scopereg/pool.h"
 #include "scopereg/scoped_registry.h"
 
 namespace {
@@ -86,6 +90,10 @@ class Fuzz {
     wraps_.clear();
     for (auto& w : wrap_models_) release_lives(w);
     wrap_models_.clear();
+    leases_.clear();
+    lease_models_.clear();
+    pool_.reset();
+    pool_idle_.clear();
     while (!guards_.empty()) leave(0);
     for (int slot = 0; slot < kSlots; ++slot) destroy_registry(slot);
     check_all("teardown");
@@ -99,7 +107,7 @@ class Fuzz {
   std::uint8_t byte() { return pos_ < size_ ? data_[pos_++] : 0; }
 
   void step() {
-    const std::uint8_t op = byte() % 13;
+    const std::uint8_t op = byte() % 14;
     const int a = byte();
     switch (op) {
       case 0: create_registry(a % kSlots, static_cast<Kind>((a / kSlots) % kKinds)); break;
@@ -115,6 +123,7 @@ class Fuzz {
       case 10: drop_wrapped(a); break;
       case 11: fiber_op(a, byte() % kSlots); break;
       case 12: other_thread(a % kSlots); break;
+      case 13: pool_op(a); break;
     }
     check_all("op " + std::to_string(op));
   }
@@ -162,7 +171,7 @@ class Fuzz {
   void end_fiber_model(int id) { erase_key("F" + std::to_string(id)); }
 
   void check_all(const std::string& where) {
-    std::size_t expected = values_.size();
+    std::size_t expected = values_.size() + pool_idle_.size() + leases_.size();
     if (static_cast<std::size_t>(g_live) != expected) {
       fail(where + ": " + std::to_string(g_live) + " values alive, model has " +
            std::to_string(expected));
@@ -313,6 +322,56 @@ class Fuzz {
       fiber_models_.erase(f);
     }
   }
+  // Pool<Value>: pool_size 2, max_overflow 1, LIFO. The model: the idle serials (most
+  // recent last) and the serial of every lease out.
+  void pool_op(int a) {
+    if (!pool_) {
+      pool_ = std::make_unique<Pool<Value>>(PoolOptions<Value>{
+          .connect = [this] { return Value(++serial_); },
+          .pool_size = 2,
+          .max_overflow = 1,
+          .timeout = std::chrono::milliseconds(0)});
+    }
+    const int what = a % 4;
+    if (what == 0) {  // checkout
+      if (leases_.size() == 3) {
+        try {
+          (void)pool_->checkout();
+          fail("checkout beyond pool_size + max_overflow succeeded");
+        } catch (const PoolTimeout&) {
+        }
+        return;
+      }
+      const int expected = pool_idle_.empty() ? serial_ + 1 : pool_idle_.back();
+      if (!pool_idle_.empty()) pool_idle_.pop_back();
+      leases_.push_back(pool_->checkout());
+      lease_models_.push_back(expected);
+      if (leases_.back()->serial != expected) {
+        fail("checkout gave " + std::to_string(leases_.back()->serial) + ", model " +
+             std::to_string(expected));
+      }
+    } else if ((what == 1 || what == 2) && !leases_.empty()) {  // checkin, or invalidate
+      const std::size_t i = static_cast<std::size_t>(a / 4) % leases_.size();
+      if (what == 2) leases_[i].invalidate();
+      leases_[i].release();
+      if (what == 1 && pool_idle_.size() < 2) pool_idle_.push_back(lease_models_[i]);
+      leases_.erase(leases_.begin() + static_cast<std::ptrdiff_t>(i));
+      lease_models_.erase(lease_models_.begin() + static_cast<std::ptrdiff_t>(i));
+    } else if (what == 3) {  // dispose: idle ones close now, leases out close on return
+      pool_->dispose();
+      pool_idle_.clear();
+      disposed_.insert(lease_models_.begin(), lease_models_.end());
+    }
+    // A lease out at a dispose() is closed on return, never kept.
+    std::erase_if(pool_idle_, [this](int serial) { return disposed_.count(serial) != 0; });
+    const PoolStats st = pool_->stats();
+    if (st.idle != pool_idle_.size() || st.checked_out != leases_.size()) {
+      fail("pool: idle " + std::to_string(st.idle) + " out " + std::to_string(st.checked_out) +
+           ", model " + std::to_string(pool_idle_.size()) + " / " +
+           std::to_string(leases_.size()));
+    }
+  }
+
   void other_thread(int slot) {
     Context ctx;
     ctx.other_thread = true;
@@ -336,6 +395,11 @@ class Fuzz {
   std::map<int, Fiber> fibers_;
   std::map<int, int> fiber_models_;  // fiber slot -> model id
   int next_fiber_ = 0;
+  std::unique_ptr<Pool<Value>> pool_;
+  std::vector<Pool<Value>::Lease> leases_;
+  std::vector<int> lease_models_;  // serial of each lease out
+  std::vector<int> pool_idle_;     // serials idle in the pool, most recent last
+  std::set<int> disposed_;         // serials out at a dispose(): closed on return
 };
 
 }  // namespace

@@ -27,7 +27,11 @@
 #ifndef SCOPEREG_INTERNAL_CREATION_H_
 #define SCOPEREG_INTERNAL_CREATION_H_
 
+#include <string>
+#include <string_view>
+
 #include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
 #include "scopereg/internal/context_state.h"
 #include "scopereg/internal/mutex.h"
 #include "scopereg/internal/node.h"
@@ -35,8 +39,9 @@
 namespace scopereg::internal {
 
 // Misuse errors of the protocol (ScopeError; the texts name the fix).
-[[noreturn]] void throw_factory_reentered();
-[[noreturn]] void throw_set_inside_factory();
+// `registry` names the registry in the message (its value type, or the name it was given).
+[[noreturn]] void throw_factory_reentered(const char* registry);
+[[noreturn]] void throw_set_inside_factory(const char* registry);
 [[noreturn]] void throw_scope_ending(bool set);
 [[noreturn]] void throw_no_scope(const char* strategy);
 // Misuse that cannot throw (it is found in a destructor): prints what and why, aborts.
@@ -49,13 +54,27 @@ namespace scopereg::internal {
 void rethrow_if_unwinding();
 void set_unwinding_check(void (*check)()) noexcept;
 
+// Cooperative waiting, installed by a runtime (scopereg::fiber): can_yield() tells whether
+// the caller runs in a context that can yield (a scopereg Fiber); yield_now() yields it.
+// Code that waits for another context of the same thread (Pool::checkout) yields instead
+// of blocking the thread.
+bool can_yield() noexcept;
+void yield_now();
+void set_yield_hooks(bool (*can)() noexcept, void (*yield)()) noexcept;
+
+// Describes the exception in flight (for status messages); "unknown exception" otherwise.
+std::string describe_current_exception();
+// Where failure reports go when no reporter is set: one line on stderr.
+void report_to_stderr(const absl::Status& status);
+
 // get_or_create
 //
 // Returns the cell's value, creating it with `make` when absent; `*created` tells which.
 // `make` runs with no lock held. Throws what `make` throws (nothing is stored, waiters
 // wake and retry), ScopeError on re-entry or when the scope no longer takes values.
 template <typename Cell>
-NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* created) {
+NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* created,
+                        const char* registry) {
   const void* const context = current_context_id();
   MutexLock lock(cell.mu());
   for (;;) {
@@ -66,7 +85,7 @@ NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* c
     cell.check_can_create(/*set=*/false);
     const void* creator = cell.creator();
     if (creator == nullptr) break;
-    if (creator == context) throw_factory_reentered();
+    if (creator == context) throw_factory_reentered(registry);
     cell.wait();
   }
   cell.begin_create(context);
@@ -94,17 +113,27 @@ NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* c
 // when called from inside that factory, or (for a non-null node) when the scope no longer
 // takes values.
 template <typename Cell>
-NodeBase* exchange(Cell& cell, NodeBase* node) {
+NodeBase* exchange(Cell& cell, NodeBase* node, const char* registry) {
   const void* const context = current_context_id();
   MutexLock lock(cell.mu());
   for (;;) {
     const void* creator = cell.creator();
     if (creator == nullptr) break;
-    if (creator == context) throw_set_inside_factory();
+    if (creator == context) throw_set_inside_factory(registry);
     cell.wait();
   }
   if (node != nullptr) cell.check_can_create(/*set=*/true);
   return cell.swap(node);
+}
+
+// The name of type T, for messages ("Db", "std::vector<int>"), without RTTI.
+template <typename T>
+std::string type_name() {
+  const std::string_view f = __PRETTY_FUNCTION__;
+  const std::size_t start = f.find("T = ");
+  if (start == std::string_view::npos) return "T";
+  const std::size_t end = f.find_first_of(";]", start + 4);
+  return std::string(f.substr(start + 4, end - start - 4));
 }
 
 }  // namespace scopereg::internal

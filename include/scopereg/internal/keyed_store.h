@@ -151,6 +151,13 @@ class KeyedStore final : public RegistryRecord {
     return node;
   }
 
+  void lock_for_fork() override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    for (Shard& shard : shards_) shard.mu.lock();
+  }
+  void unlock_after_fork() override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    for (Shard& shard : shards_) shard.mu.unlock();
+  }
+
   const std::uint64_t id_ = next_store_id();
   alignas(64) std::atomic<std::uint64_t> epoch_{1};
   std::atomic<std::int64_t> live_{0};

@@ -21,6 +21,7 @@
 #ifndef SCOPEREG_INTERNAL_REGISTRY_RECORD_H_
 #define SCOPEREG_INTERNAL_REGISTRY_RECORD_H_
 
+#include <cstdint>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -51,12 +52,14 @@ class DyingList {
 
  private:
   friend class RegistryRecord;
+  friend void forget_dead_records_in_child() noexcept;
   struct Item {
     RegistryRecord* record;
     NodeBase* node;
     bool taken;
   };
   std::vector<Item> items_ ABSL_GUARDED_BY(g_process_mutex);
+  std::uint64_t owner_ ABSL_GUARDED_BY(g_process_mutex) = 0;  // the thread destroying them
   DyingList* prev_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
   DyingList* next_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
   bool registered_ ABSL_GUARDED_BY(g_process_mutex) = false;
@@ -64,7 +67,7 @@ class DyingList {
 
 class RegistryRecord {
  public:
-  RegistryRecord() = default;
+  RegistryRecord();
   RegistryRecord(const RegistryRecord&) = delete;
   RegistryRecord& operator=(const RegistryRecord&) = delete;
 
@@ -78,13 +81,26 @@ class RegistryRecord {
   // From now on, scope ends reach extract_for_end().
   void subscribe_to_scope_ends() ABSL_LOCKS_EXCLUDED(g_process_mutex);
 
+ protected:
+  // Whether this record lived on the stack of a thread that did not survive a fork.
+  bool on_dead_stack_in_child() const;
+
  private:
   friend class DyingList;
   friend void collect_ended(TokenRef token, DyingList& out);
+  friend void forget_dead_records_in_child() noexcept;
+  friend void abandon_other_threads_in_child() noexcept;
+  const std::uint64_t stack_owner_;
   // Removes and returns this registry's value for `token` (null when it has none or keys
   // by another token type). Called with the process mutex held: must not wait or call
   // back into scopereg.
   virtual NodeBase* extract_for_end(TokenRef /*token*/) { return nullptr; }
+  // fork(): take and release this registry's own locks (see fork.h).
+  virtual void lock_for_fork() {}
+  virtual void unlock_after_fork() {}
+  friend void lock_subscribers_for_fork();
+  friend void unlock_subscribers_after_fork();
+  friend void abandon_everywhere(TokenRef token);
 
   int destroying_ ABSL_GUARDED_BY(g_process_mutex) = 0;
   bool subscribed_ ABSL_GUARDED_BY(g_process_mutex) = false;
@@ -95,6 +111,10 @@ void collect_ended(TokenRef token, DyingList& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED
 
 // Ends `token`'s scope in every subscribed registry: its values are destroyed now.
 void end_scope_everywhere(TokenRef token) ABSL_LOCKS_EXCLUDED(g_process_mutex);
+
+// In a forked child: removes `token`'s values from every subscribed registry without
+// destroying them (they belong to a thread of the parent).
+void abandon_everywhere(TokenRef token) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
 
 }  // namespace scopereg::internal
 

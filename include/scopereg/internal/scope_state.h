@@ -31,6 +31,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
 #include "scopereg/internal/creation.h"
+#include "scopereg/internal/fork.h"
 #include "scopereg/internal/mutex.h"
 #include "scopereg/internal/node.h"
 #include "scopereg/internal/registry_record.h"
@@ -74,6 +75,7 @@ class SlotRegistry final : public RegistryRecord {
  private:
   friend class ScopeState;
   friend class SlotCell;
+  friend void abandon_other_threads_in_child() noexcept;
   std::uint32_t index_;
   SlotId slot_;
   std::atomic<std::int64_t> live_{0};
@@ -107,6 +109,9 @@ class ScopeState {
  private:
   friend class SlotRegistry;
   friend class SlotCell;
+  friend void lock_scopes_for_fork();
+  friend void unlock_scopes_after_fork();
+  friend void abandon_other_threads_in_child() noexcept;
   struct Creating {
     std::uint32_t index;
     const void* context;

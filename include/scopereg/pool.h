@@ -1,0 +1,512 @@
+// scopereg/pool.h
+//
+// Pool<T>: a thread-safe pool of reusable objects -- database connections, mostly -- with
+// the knobs of SQLAlchemy's QueuePool. A SessionCache name configured with a pool
+// (SessionOptions::pool) checks an object out on a scope's first get() and checks it back
+// in when the scope's value is cleared or the scope ends, instead of opening and closing
+// one per scope.
+//
+//   auto pool = std::make_shared<scopereg::Pool<Db>>(scopereg::PoolOptions<Db>{
+//       .connect = [] { return Db::open("orders.db"); },
+//       .close = [](Db& db) { db.close(); },
+//       .ping = [](Db& db) { return db.ping(); },           // pre_ping
+//       .reset_on_return = [](Db& db) { db.rollback(); },  // an unfinished transaction
+//       .pool_size = 8, .max_overflow = 4, .recycle = std::chrono::hours(1)});
+//
+//   {
+//     scopereg::Pool<Db>::Lease db = pool->checkout();   // an idle Db, or a new one
+//     db->query(...);
+//     if (lost_connection) db.invalidate();              // "server has gone away"
+//   }                                                     // back to the pool (or closed)
+//
+// Contract:
+// * Limits: at most pool_size + max_overflow objects exist at once (idle + checked out).
+//   At most pool_size idle objects are kept: an object returned to a full pool is closed
+//   (an overflow object). A checkout with every object out waits up to `timeout` for a
+//   return, then throws PoolTimeout naming the pool and its limits.
+// * Checkout takes an idle object (LIFO by default: the most recently used, whose
+//   connection is warmest; FIFO spreads use), closing and skipping objects older than
+//   `recycle` and, with `ping`, objects whose ping returns false or throws (pre_ping); when
+//   none is left it connects a new one. A failed ping costs a replacement, never an error.
+// * Return (Lease destroyed or release()): `reset_on_return` and `on_checkin` run, then the
+//   object is kept idle -- unless it was invalidated, a hook threw, it is older than
+//   `recycle`, the pool is full, or dispose() ran since it was checked out: then it is
+//   closed (`close` hook, then its destructor).
+// * Hooks may throw. `connect` and `on_checkout` errors reach the caller of checkout()
+//   (the object, if any, is closed; nothing leaks, limits stay exact). Errors of hooks run
+//   at return or close go to `error_reporter` (default: one line on stderr), never lost.
+// * dispose() closes every idle object now; objects checked out at that moment are closed
+//   when returned. The pool stays usable.
+// * Lifetime: a Lease keeps the pool's state alive; a Lease returned after the Pool was
+//   destroyed closes its object. Destroying the Pool closes its idle objects.
+//
+// Waiting: a checkout that must wait blocks its thread on a condition variable; inside a
+// scopereg Fiber it yields instead (polling every resume until the deadline), so other
+// fibers of the thread -- the ones that will return objects -- keep running. Boost.Fiber
+// fibers and C++20 coroutines block their thread: size the pool for the number of
+// concurrent scopes there, or keep timeouts short.
+//
+// Thread safety: every member may be called concurrently from any thread. A Lease is used
+// by one thread at a time (moving it to another thread is fine).
+// Cost: a checkout or a return of an idle object is one mutex lock and a deque operation,
+// plus the hooks; the clock is read only with `recycle` set or when a checkout must wait;
+// no reference count is touched (see benchmarks/pool_benchmark.cc).
+
+#ifndef SCOPEREG_POOL_H_
+#define SCOPEREG_POOL_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "scopereg/error.h"
+#include "scopereg/internal/creation.h"
+#include "scopereg/internal/fork.h"
+#include "scopereg/internal/mutex.h"
+
+namespace scopereg {
+
+// Thrown by Pool::checkout() when no object came free within the timeout.
+class PoolTimeout : public ScopeError {
+ public:
+  using ScopeError::ScopeError;
+};
+
+enum class PoolOrder { kLifo, kFifo };
+
+template <typename T>
+struct PoolOptions {
+  using Clock = std::chrono::steady_clock;
+  std::function<T()> connect = {};                    // required: makes a new object
+  std::function<void(T&)> close = {};                 // before an object is destroyed
+  std::function<bool(T&)> ping = {};                  // pre_ping: false or throw = dead
+  std::function<void(T&)> reset_on_return = {};       // e.g. roll back what is unfinished
+  std::function<void(T&)> on_checkout = {};
+  std::function<void(T&)> on_checkin = {};
+  std::size_t pool_size = 5;                          // idle objects kept
+  std::size_t max_overflow = 10;                      // extra objects allowed out
+  Clock::duration timeout = std::chrono::seconds(30);  // checkout wait
+  Clock::duration recycle{0};                          // max age; 0: no limit
+  PoolOrder order = PoolOrder::kLifo;
+  std::string name = "pool";                           // in error messages
+  std::function<void(const absl::Status&)> error_reporter = {};  // default: stderr
+  std::function<Clock::time_point()> clock = {};       // default: steady_clock (tests)
+  // Called after a checkout that had to wait, with how long it waited (outside the lock).
+  std::function<void(Clock::duration)> on_wait = {};
+};
+
+// Counters since the pool was made (a consistent snapshot).
+struct PoolStats {
+  std::size_t idle = 0;         // objects waiting in the pool
+  std::size_t checked_out = 0;  // objects out now
+  std::uint64_t connects = 0;   // objects made (connect succeeded)
+  std::uint64_t closes = 0;     // objects closed (any reason)
+  std::uint64_t checkouts = 0;
+  std::uint64_t checkins = 0;
+  std::uint64_t invalidated = 0;   // closed because invalidated or a hook failed
+  std::uint64_t ping_failures = 0;
+  std::uint64_t recycled = 0;      // closed for age
+  std::uint64_t waits = 0;         // checkouts that had to wait
+  std::uint64_t timeouts = 0;
+  std::chrono::nanoseconds max_wait{0};
+};
+
+template <typename T>
+class Pool {
+  struct Item;
+  struct State;
+
+ public:
+  using Options = PoolOptions<T>;
+  using Clock = std::chrono::steady_clock;
+
+  // A checked-out object. Move-only; returns its object to the pool when destroyed.
+  class Lease {
+   public:
+    Lease() = default;
+    Lease(Lease&& other) noexcept : item_(std::move(other.item_)) {}
+    Lease& operator=(Lease&& other) noexcept {
+      if (this != &other) {
+        release();
+        item_ = std::move(other.item_);
+      }
+      return *this;
+    }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { release(); }
+
+    T& operator*() const { return item_->value; }
+    T* operator->() const { return &item_->value; }
+    T& get() const { return item_->value; }
+    explicit operator bool() const { return item_ != nullptr; }
+
+    // Marks the object broken: it is closed instead of kept when returned.
+    void invalidate() {
+      if (item_) item_->broken = true;
+    }
+    // Returns the object now (a no-op on an empty lease).
+    void release() noexcept {
+      if (item_) State::checkin(std::move(item_));
+    }
+
+   private:
+    friend class Pool;
+    explicit Lease(std::unique_ptr<Item> item) : item_(std::move(item)) {}
+    std::unique_ptr<Item> item_;  // holds a reference to the pool's state
+  };
+
+  // Throws ScopeError if `connect` is empty or pool_size + max_overflow is 0.
+  explicit Pool(Options options) : state_(std::make_shared<State>(std::move(options))) {
+    if (!state_->options.connect) {
+      throw ScopeError("scopereg: Pool '" + state_->options.name +
+                       "' needs a connect function; set PoolOptions::connect");
+    }
+    if (state_->options.pool_size + state_->options.max_overflow == 0) {
+      throw ScopeError("scopereg: Pool '" + state_->options.name +
+                       "' allows no object at all; set pool_size or max_overflow above 0");
+    }
+  }
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+  // Closes the idle objects; leases still out close theirs when returned.
+  ~Pool() { state_->dispose(true); }
+
+  // Checks an object out (see the file comment). Throws PoolTimeout; whatever `connect`
+  // or `on_checkout` throws.
+  Lease checkout() { return Lease(state_->checkout(state_)); }
+
+  // Closes every idle object; objects out now are closed when returned.
+  // dispose(false) -- for a process forked from the pool's owner, as SQLAlchemy's
+  // engine.dispose(close=False) -- forgets them instead: idle objects and objects out now
+  // are dropped without their close hook or destructor (their connections belong to the
+  // parent process: closing them would end the parent's sessions). That memory is leaked on
+  // purpose. The pool stays usable and makes new objects.
+  void dispose(bool close = true) { state_->dispose(close); }
+
+  PoolStats stats() const { return state_->stats(); }
+  const Options& options() const { return state_->options; }
+
+ private:
+  // One pooled object. It keeps the pool's state alive while it exists (a lease returned
+  // after the Pool's destruction still finds it), without reference-count traffic per
+  // checkout: the reference moves with the item.
+  struct Item {
+    template <typename F>
+    Item(F& connect, Clock::time_point now, std::uint64_t gen, std::shared_ptr<State> s)
+        : value(connect()), created(now), generation(gen), state(std::move(s)) {}
+    T value;
+    Clock::time_point created;  // set only when `recycle` is used
+    std::uint64_t generation;
+    std::shared_ptr<State> state;
+    bool broken = false;
+  };
+
+  struct State {
+    explicit State(Options o) : options(std::move(o)) {}
+
+    Clock::time_point now() const { return options.clock ? options.clock() : Clock::now(); }
+    bool too_old(const Item& item, Clock::time_point t) const {
+      return options.recycle != Clock::duration::zero() && t - item.created >= options.recycle;
+    }
+
+    // Whether a checked-out idle object needs work outside the lock before it is handed out.
+    bool checks_on_checkout() const {
+      return options.recycle != Clock::duration::zero() || options.ping || options.on_checkout;
+    }
+
+    std::unique_ptr<Item> checkout(const std::shared_ptr<State>& self) {
+      Clock::time_point start{}, deadline{};
+      bool waited = false;
+      const bool checks = checks_on_checkout();
+      for (;;) {
+        std::unique_ptr<Item> item;
+        bool make = false;
+        {
+          internal::MutexLock lock(mu);
+          for (;;) {
+            if (!idle.empty()) {
+              if (options.order == PoolOrder::kLifo) {
+                item = std::move(idle.back());
+                idle.pop_back();
+              } else {
+                item = std::move(idle.front());
+                idle.pop_front();
+              }
+              ++out;
+              if (!checks) ++stat.checkouts;  // nothing can fail any more
+              break;
+            }
+            if (total < options.pool_size + options.max_overflow) {
+              ++total;  // reserved for the object we are about to make
+              ++out;
+              make = true;
+              break;
+            }
+            const Clock::time_point t = now();
+            if (!waited) {
+              waited = true;
+              ++stat.waits;
+              start = t;
+              deadline = t + options.timeout;
+            }
+            if (t >= deadline) {
+              ++stat.timeouts;
+              throw PoolTimeout(
+                  "scopereg: Pool '" + options.name + "': no object came free within the " +
+                  std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     options.timeout).count()) +
+                  " ms timeout; all " + std::to_string(total) + " objects (pool_size " +
+                  std::to_string(options.pool_size) + " + max_overflow " +
+                  std::to_string(options.max_overflow) +
+                  ") are checked out. Return leases sooner, raise the limits or the "
+                  "timeout");
+            }
+            wait_until(deadline);
+          }
+          if (waited) note_wait(start);
+        }
+        if (waited) {
+          if (options.on_wait) options.on_wait(now() - start);
+          waited = false;  // reported once
+        }
+        if (make) return connect_new(self);
+        if (!checks) return item;
+        // An idle object: check its age and, with pre_ping, that it still works.
+        if (options.recycle != Clock::duration::zero() && too_old(*item, now())) {
+          discard(std::move(item), &PoolStats::recycled);
+          continue;
+        }
+        if (options.ping && !ping(*item)) {
+          discard(std::move(item), &PoolStats::ping_failures);
+          continue;
+        }
+        return after_checkout(std::move(item));
+      }
+    }
+
+    // Waits for a return. Requires mu. Inside a scopereg Fiber, yields instead.
+    void wait_until(Clock::time_point deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      if (internal::can_yield()) {
+        mu.unlock();
+        try {
+          internal::yield_now();
+        } catch (...) {  // the fiber is being destroyed (forced_unwind): leave locked, as
+          mu.lock();     // the caller's MutexLock expects
+          throw;
+        }
+        mu.lock();
+        return;
+      }
+      if (options.clock) {  // a fake clock: poll, the real deadline means nothing
+        cv.wait_until(mu, Clock::now() + std::chrono::milliseconds(1));
+      } else {
+        cv.wait_until(mu, deadline);
+      }
+    }
+
+    void note_wait(Clock::time_point start) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      const auto d = std::chrono::duration_cast<std::chrono::nanoseconds>(now() - start);
+      if (d > stat.max_wait) stat.max_wait = d;
+    }
+
+    std::unique_ptr<Item> connect_new(const std::shared_ptr<State>& self) {
+      std::unique_ptr<Item> item;
+      std::uint64_t gen;
+      {
+        internal::MutexLock lock(mu);
+        gen = generation;
+      }
+      const Clock::time_point created =
+          options.recycle != Clock::duration::zero() ? now() : Clock::time_point{};
+      try {
+        item = std::make_unique<Item>(options.connect, created, gen, self);
+      } catch (...) {
+        internal::MutexLock lock(mu);
+        --total;
+        --out;
+        cv.notify_one();
+        throw;
+      }
+      {
+        internal::MutexLock lock(mu);
+        ++stat.connects;
+      }
+      return after_checkout(std::move(item));
+    }
+
+    std::unique_ptr<Item> after_checkout(std::unique_ptr<Item> item) {
+      if (options.on_checkout) {
+        try {
+          options.on_checkout(item->value);
+        } catch (...) {
+          discard(std::move(item), &PoolStats::invalidated);
+          throw;
+        }
+      }
+      internal::MutexLock lock(mu);
+      ++stat.checkouts;
+      return item;
+    }
+
+    bool ping(Item& item) {
+      try {
+        return options.ping(item.value);
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        return false;
+      }
+    }
+
+    // Closes a checked-out object and frees its place.
+    void discard(std::unique_ptr<Item> item, std::uint64_t PoolStats::*counter) {
+      close(std::move(item));  // its place stays taken until the close has finished
+      internal::MutexLock lock(mu);
+      --total;
+      --out;
+      ++(stat.*counter);
+      ++stat.closes;
+      cv.notify_one();
+    }
+
+    // Runs the close hook (a failure is reported), then destroys the object.
+    void close(std::unique_ptr<Item> item) noexcept {
+      if (options.close) {
+        try {
+          options.close(item->value);
+        } catch (...) {
+          internal::rethrow_if_unwinding();
+          report("close failed: " + internal::describe_current_exception());
+        }
+      }
+      item.reset();
+    }
+
+    static void checkin(std::unique_ptr<Item> item) noexcept {
+      State& s = *item->state;
+      if (item->generation < s.forget_below.load(std::memory_order_acquire)) {
+        // dispose(false) ran: never touch it again (it belongs to the parent process).
+        const std::shared_ptr<State> keep = std::move(item->state);
+        {
+          internal::MutexLock lock(s.mu);
+          --s.out;
+          --s.total;
+          ++s.stat.checkins;
+          s.cv.notify_one();
+        }
+        (void)item.release();  // leaked on purpose
+        return;
+      }
+      if (!item->broken && s.options.reset_on_return) s.run_return_hook(s.options.reset_on_return, *item, "reset_on_return");
+      if (!item->broken && s.options.on_checkin) s.run_return_hook(s.options.on_checkin, *item, "on_checkin");
+      const bool old = s.options.recycle != Clock::duration::zero() && s.too_old(*item, s.now());
+      {
+        internal::MutexLock lock(s.mu);
+        --s.out;
+        ++s.stat.checkins;
+        if (!item->broken && !old && item->generation == s.generation &&
+            s.idle.size() < s.options.pool_size) {
+          s.idle.push_back(std::move(item));
+          s.cv.notify_one();
+          return;
+        }
+        ++s.stat.closes;
+        if (item->broken) ++s.stat.invalidated;
+        else if (old) ++s.stat.recycled;
+      }
+      // The item may hold the last reference to the state (the Pool is gone): keep it
+      // alive until the close is done.
+      const std::shared_ptr<State> keep = item->state;
+      s.close(std::move(item));
+      s.closed_one();  // counts against the limits until its close has finished
+    }
+
+    // An object finished closing: its place is free.
+    void closed_one() {
+      internal::MutexLock lock(mu);
+      --total;
+      cv.notify_one();
+    }
+
+    void run_return_hook(const std::function<void(T&)>& hook, Item& item, const char* what) noexcept {
+      try {
+        hook(item.value);
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        item.broken = true;
+        report(std::string(what) + " failed (the object is closed, not reused): " +
+               internal::describe_current_exception());
+      }
+    }
+
+    void dispose(bool close_them) {
+      std::deque<std::unique_ptr<Item>> closing;
+      {
+        internal::MutexLock lock(mu);
+        ++generation;
+        closing.swap(idle);
+        if (!close_them) {
+          forget_below.store(generation, std::memory_order_release);
+          total -= closing.size();
+          for (auto& item : closing) {
+            item->state.reset();     // not the last reference: the Pool holds one
+            (void)item.release();    // leaked on purpose
+          }
+          cv.notify_all();
+          return;
+        }
+        stat.closes += closing.size();
+      }
+      for (auto& item : closing) {
+        close(std::move(item));
+        closed_one();  // counts against the limits until its close has finished
+      }
+    }
+
+    PoolStats stats() {
+      internal::MutexLock lock(mu);
+      PoolStats s = stat;
+      s.idle = idle.size();
+      s.checked_out = out;
+      return s;
+    }
+
+    void report(const std::string& what) noexcept {
+      const absl::Status status = absl::UnknownError("Pool '" + options.name + "': " + what);
+      try {
+        if (options.error_reporter) {
+          options.error_reporter(status);
+          return;
+        }
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+      }
+      internal::report_to_stderr(status);
+    }
+
+    const Options options;
+    internal::ForkSafeMutex mu;
+    internal::CondVar cv;
+    std::deque<std::unique_ptr<Item>> idle ABSL_GUARDED_BY(mu);
+    std::size_t total ABSL_GUARDED_BY(mu) = 0;  // idle + out
+    std::size_t out ABSL_GUARDED_BY(mu) = 0;
+    std::uint64_t generation ABSL_GUARDED_BY(mu) = 0;
+    std::atomic<std::uint64_t> forget_below{0};  // dispose(false): forget older generations
+    PoolStats stat ABSL_GUARDED_BY(mu);
+  };
+
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace scopereg
+
+#endif  // SCOPEREG_POOL_H_
