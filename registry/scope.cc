@@ -3,6 +3,18 @@
 #include <atomic>
 
 namespace scopereg {
+
+namespace internal {
+namespace {
+constexpr char kScopeTokenTag = 0;
+}  // namespace
+
+template <>
+const void* token_type_tag<ScopeToken>() noexcept {
+  return &kScopeTokenTag;
+}
+}  // namespace internal
+
 namespace {
 constinit std::atomic<std::uint64_t> g_next_serial{1};
 constinit std::atomic<std::uint32_t> g_next_kind{64};

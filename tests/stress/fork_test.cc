@@ -43,6 +43,18 @@ constexpr bool kThreadSanitizer = false;
 constexpr bool kThreadSanitizer = false;
 #endif
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kAddressSanitizer = true;
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+
 long scaled(long base) {
   const char* env = std::getenv("SCOPEREG_STRESS_SCALE");
   const long s = env != nullptr ? std::atol(env) : 1;
@@ -94,7 +106,15 @@ int child_work() {
 TEST(Fork, ChildrenForkedWhileOtherThreadsChurnNeverDeadlock) {
   if (kThreadSanitizer) {
     GTEST_SKIP() << "ThreadSanitizer does not support threads in a child of a "
-                    "multi-threaded fork(); this test runs in the plain and ASan builds";
+                    "multi-threaded fork(); this test runs in the plain build";
+  }
+  if (kAddressSanitizer) {
+    // GCC 12's AddressSanitizer does not take its allocator's locks around fork(): a child
+    // forked while another thread is inside malloc hangs at its first allocation (seen
+    // here: every hung child in SizeClassAllocator64::GetFromAllocator). That is the
+    // sanitizer's own limit, not scopereg's; the plain build runs the storm.
+    GTEST_SKIP() << "AddressSanitizer's allocator (GCC 12) is not fork-safe with threads "
+                    "allocating; this test runs in the plain build";
   }
   Counts counts;
   auto pool = std::make_shared<Pool<int>>(PoolOptions<int>{

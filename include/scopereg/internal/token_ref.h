@@ -6,24 +6,38 @@
 #ifndef SCOPEREG_INTERNAL_TOKEN_REF_H_
 #define SCOPEREG_INTERNAL_TOKEN_REF_H_
 
+namespace scopereg {
+class ScopeToken;
+}  // namespace scopereg
+
 namespace scopereg::internal {
 
 // One distinct address per type: tokens of different types never match.
 template <typename K>
 inline constexpr char kTokenTypeTag = 0;
 
+template <typename K>
+const void* token_type_tag() noexcept {
+  return &kTokenTypeTag<K>;
+}
+// ScopeToken's tag is one symbol of the compiled library (registry/scope.cc), not an
+// inline variable: every shared library and plugin that uses scopereg then agrees on it,
+// and the library never binds to a plugin's copy (which would keep the plugin loaded).
+template <>
+const void* token_type_tag<ScopeToken>() noexcept;
+
 struct TokenRef {
-  const void* type;   // &kTokenTypeTag<K>
+  const void* type;   // token_type_tag<K>()
   const void* value;  // a K
 
   template <typename K>
   static TokenRef of(const K& token) {
-    return TokenRef{&kTokenTypeTag<K>, &token};
+    return TokenRef{token_type_tag<K>(), &token};
   }
   // The token as a K, or null when it is of another type.
   template <typename K>
   const K* as() const {
-    return type == &kTokenTypeTag<K> ? static_cast<const K*>(value) : nullptr;
+    return type == token_type_tag<K>() ? static_cast<const K*>(value) : nullptr;
   }
 };
 
