@@ -21,6 +21,7 @@
 #include "gtest/gtest.h"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/fiber_scope.h"
+#include "scopereg/internal/sanitizers.h"  // SCOPEREG_ASAN, SCOPEREG_TSAN
 #include "scopereg/pool.h"
 #include "scopereg/scoped_registry.h"
 #include "scopereg/session_cache.h"
@@ -31,26 +32,13 @@ namespace {
 using ::scopereg::testing::Counted;
 using ::scopereg::testing::Counts;
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kThreadSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
+#ifdef SCOPEREG_TSAN
 constexpr bool kThreadSanitizer = true;
 #else
 constexpr bool kThreadSanitizer = false;
 #endif
-#else
-constexpr bool kThreadSanitizer = false;
-#endif
-
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef SCOPEREG_ASAN
 constexpr bool kAddressSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kAddressSanitizer = true;
-#else
-constexpr bool kAddressSanitizer = false;
-#endif
 #else
 constexpr bool kAddressSanitizer = false;
 #endif
