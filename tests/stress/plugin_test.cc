@@ -16,6 +16,11 @@
 
 #include "gtest/gtest.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#define SCOPEREG_TEST_LSAN 1
+#endif
+
 namespace {
 
 using InitFn = void (*)(std::atomic<int>*, std::atomic<int>*);
@@ -36,7 +41,26 @@ long rounds() {
 // threads' own values are destroyed at their exit by the plugin's still-mapped code; the
 // rest when the plugin is finally unloaded (here: the next dlclose after they exited).
 // With scopereg as a shared library, the plugin is unloaded by dlclose at once.
+// A plugin with scopereg linked in statically carries its own copy of scopereg's
+// process-wide state, which is never destroyed (threads may exit after static
+// destruction): each unload of such a plugin leaks it (about 3.5 KB; documented in
+// docs/fork-and-plugins.md). LeakSanitizer is told to ignore what that copy allocates.
+struct IgnoreLeaksOfStaticCopy {
+  explicit IgnoreLeaksOfStaticCopy(bool on) : on(on) {
+#ifdef SCOPEREG_TEST_LSAN
+    if (on) __lsan_disable();
+#endif
+  }
+  ~IgnoreLeaksOfStaticCopy() {
+#ifdef SCOPEREG_TEST_LSAN
+    if (on) __lsan_enable();
+#endif
+  }
+  bool on;
+};
+
 void load_use_unload(const char* path, int round, bool deferred_by_glibc) {
+  IgnoreLeaksOfStaticCopy ignore(deferred_by_glibc);
   std::atomic<int> made{0}, destroyed{0};
   void* plugin = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   ASSERT_NE(plugin, nullptr) << dlerror();
@@ -51,6 +75,11 @@ void load_use_unload(const char* path, int round, bool deferred_by_glibc) {
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
+#ifdef SCOPEREG_TEST_LSAN
+      // Until this thread's end: its thread_local destructors, in the plugin's copy of
+      // scopereg, still allocate that copy's never-destroyed state.
+      if (deferred_by_glibc) __lsan_disable();
+#endif
       use(round * 100 + t);
       used.count_down();
       while (!leave) std::this_thread::yield();  // holding its values, in host code
