@@ -77,11 +77,15 @@ void forget_dead_records_in_child() noexcept {
   Teardown& t = teardown();
   MutexLock lock(g_process_mutex);
   // Registries on the stacks of threads that are gone: scope ends must not reach them.
-  std::erase_if(t.subscribers, [](RegistryRecord* r) {
-    if (!on_dead_stack(r->stack_owner_)) return false;
-    r->subscribed_ = false;
-    return true;
-  });
+  std::vector<RegistryRecord*> kept;
+  for (RegistryRecord* r : t.subscribers) {
+    if (on_dead_stack(r->stack_owner_)) {
+      r->subscribed_ = false;
+    } else {
+      kept.push_back(r);
+    }
+  }
+  t.subscribers.swap(kept);
   // Values other threads were destroying: abandoned with their lists (which may have lived
   // on those threads' stacks); nobody is destroying anything now.
   const std::uint64_t me = current_thread_serial();
