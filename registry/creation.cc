@@ -81,6 +81,19 @@ std::string describe_current_exception() {
   }
 }
 
+void report_to(const std::function<void(const absl::Status&)>& reporter,
+               const absl::Status& status) {
+  try {
+    if (reporter) {
+      reporter(status);
+      return;
+    }
+  } catch (...) {
+    rethrow_if_unwinding();
+  }
+  report_to_stderr(status);
+}
+
 void report_to_stderr(const absl::Status& status) {
   std::fprintf(stderr, "scopereg: %s\n", status.ToString().c_str());
 }

@@ -79,6 +79,27 @@ void SlotRegistry::for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit
   }
 }
 
+// ---- ScopeState: emptying ------------------------------------------------------------
+
+template <typename F>
+void ScopeState::take_values(F&& take) {
+  Slots& s = slots();
+  for (int c = 0; c < kMaxChunks; ++c) {
+    std::atomic<NodeBase*>* chunk = chunks_[c].load(std::memory_order_relaxed);
+    if (chunk == nullptr) continue;
+    const std::uint32_t n = kFirstChunkSlots << c;
+    const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
+    for (std::uint32_t o = 0; o < n; ++o) {
+      NodeBase* node = chunk[o].load(std::memory_order_relaxed);
+      if (node == nullptr) continue;
+      chunk[o].store(nullptr, std::memory_order_relaxed);
+      SlotRegistry* reg = s.registries[base + o];
+      if (reg != nullptr) reg->live_.fetch_sub(1, std::memory_order_relaxed);
+      take(reg, node);
+    }
+  }
+}
+
 // ---- fork ---------------------------------------------------------------------------
 
 void lock_scopes_for_fork() {
@@ -117,19 +138,7 @@ void abandon_other_threads_in_child() noexcept {
       {
         MutexLock scope_lock(scope->mu_);
         scope->closing_ = true;
-        for (int c = 0; c < kMaxChunks; ++c) {
-          std::atomic<NodeBase*>* chunk = scope->chunks_[c].load(std::memory_order_relaxed);
-          if (chunk == nullptr) continue;
-          const std::uint32_t n = kFirstChunkSlots << c;
-          const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
-          for (std::uint32_t o = 0; o < n; ++o) {
-            if (chunk[o].load(std::memory_order_relaxed) == nullptr) continue;
-            chunk[o].store(nullptr, std::memory_order_relaxed);  // abandoned, not destroyed
-            if (SlotRegistry* reg = s.registries[base + o]) {
-              reg->live_.fetch_sub(1, std::memory_order_relaxed);
-            }
-          }
-        }
+        scope->take_values([](SlotRegistry*, NodeBase*) {});  // abandoned, not destroyed
       }
       abandon_everywhere(TokenRef::of(scope->token_));
       if (scope->prev_ != nullptr) scope->prev_->next_ = next; else s.scopes = next;
@@ -168,25 +177,13 @@ void ScopeState::store(SlotId slot, NodeBase* node) {
 }
 
 void ScopeState::collect_round(bool last) {
-  Slots& s = slots();
   {
     MutexLock lock(mu_);
     if (last) closing_ = true;
-    for (int c = 0; c < kMaxChunks; ++c) {
-      std::atomic<NodeBase*>* chunk = chunks_[c].load(std::memory_order_relaxed);
-      if (chunk == nullptr) continue;
-      const std::uint32_t n = kFirstChunkSlots << c;
-      const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
-      for (std::uint32_t o = 0; o < n; ++o) {
-        NodeBase* node = chunk[o].load(std::memory_order_relaxed);
-        if (node == nullptr) continue;
-        chunk[o].store(nullptr, std::memory_order_relaxed);
-        SlotRegistry* reg = s.registries[base + o];
-        assert(reg != nullptr);
-        reg->live_.fetch_sub(1, std::memory_order_relaxed);
-        dying_.add(reg, node);
-      }
-    }
+    take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      assert(reg != nullptr);  // a registry clears its slots before it goes
+      dying_.add(reg, node);   // under the process mutex, held by the caller
+    });
   }
   collect_ended(TokenRef::of(token_), dying_);
 }

@@ -215,8 +215,9 @@ class Pool {
     explicit State(Options o) : options(std::move(o)) {}
 
     Clock::time_point now() const { return options.clock ? options.clock() : Clock::now(); }
-    bool too_old(const Item& item, Clock::time_point t) const {
-      return options.recycle != Clock::duration::zero() && t - item.created >= options.recycle;
+    // Reads the clock only when `recycle` is set.
+    bool too_old(const Item& item) const {
+      return options.recycle != Clock::duration::zero() && now() - item.created >= options.recycle;
     }
 
     // Whether a checked-out idle object needs work outside the lock before it is handed out.
@@ -259,7 +260,7 @@ class Pool {
         Park& park = my_park();
         if (Item* parked = park.item.exchange(nullptr, std::memory_order_acquire)) {
           std::unique_ptr<Item> item(parked);
-          if (item->generation == current_generation.load(std::memory_order_acquire)) {
+          if (item->generation == generation.load(std::memory_order_acquire)) {
             if (!checks) {
               park.checkouts.fetch_add(1, std::memory_order_relaxed);
               return item;
@@ -299,7 +300,6 @@ class Pool {
             }
             if (total < options.pool_size + options.max_overflow) {
               ++total;  // reserved for the object we are about to make
-              total_hint.store(total, std::memory_order_relaxed);
               ++out;
               make = true;
               break;
@@ -325,7 +325,7 @@ class Pool {
                   "scopereg: Pool '" + options.name + "': no object came free within the " +
                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
                                      options.timeout).count()) +
-                  " ms timeout; all " + std::to_string(total) + " objects (pool_size " +
+                  " ms timeout; all " + std::to_string(total.load()) + " objects (pool_size " +
                   std::to_string(options.pool_size) + " + max_overflow " +
                   std::to_string(options.max_overflow) +
                   ") are checked out. Return leases sooner, raise the limits or the "
@@ -340,7 +340,7 @@ class Pool {
           waited = false;  // reported once
         }
         if (make) return connect_new(self);
-        if (item->generation != current_generation.load(std::memory_order_acquire)) {
+        if (item->generation != generation.load(std::memory_order_acquire)) {
           discard(std::move(item), &PoolStats::closes);  // a parked one from before dispose()
           continue;
         }
@@ -352,7 +352,7 @@ class Pool {
     // An idle object taken out: checks its age and, with pre_ping, that it still works,
     // and runs on_checkout. Null (the object discarded) when it failed a check.
     std::unique_ptr<Item> check_idle(std::unique_ptr<Item> item) {
-      if (options.recycle != Clock::duration::zero() && too_old(*item, now())) {
+      if (too_old(*item)) {
         discard(std::move(item), &PoolStats::recycled);
         return nullptr;
       }
@@ -398,11 +398,7 @@ class Pool {
 
     std::unique_ptr<Item> connect_new(const std::shared_ptr<State>& self) {
       std::unique_ptr<Item> item;
-      std::uint64_t gen;
-      {
-        internal::MutexLock lock(mu);
-        gen = generation;
-      }
+      const std::uint64_t gen = generation.load(std::memory_order_acquire);
       const Clock::time_point created =
           options.recycle != Clock::duration::zero() ? now() : Clock::time_point{};
       try {
@@ -410,7 +406,6 @@ class Pool {
       } catch (...) {
         internal::MutexLock lock(mu);
         --total;
-        total_hint.store(total, std::memory_order_relaxed);
         --out;
         cv.notify_one();
         throw;
@@ -450,7 +445,6 @@ class Pool {
       close(std::move(item));  // its place stays taken until the close has finished
       internal::MutexLock lock(mu);
       --total;
-      total_hint.store(total, std::memory_order_relaxed);
       --out;
       ++(stat.*counter);
       ++stat.closes;
@@ -479,7 +473,6 @@ class Pool {
           internal::MutexLock lock(s.mu);
           --s.out;
           --s.total;
-          s.total_hint.store(s.total, std::memory_order_relaxed);
           ++s.stat.checkins;
           s.cv.notify_one();
         }
@@ -488,11 +481,11 @@ class Pool {
       }
       if (!item->broken && s.options.reset_on_return) s.run_return_hook(s.options.reset_on_return, *item, "reset_on_return");
       if (!item->broken && s.options.on_checkin) s.run_return_hook(s.options.on_checkin, *item, "on_checkin");
-      const bool old = s.options.recycle != Clock::duration::zero() && s.too_old(*item, s.now());
+      const bool old = s.too_old(*item);
       bool counted = false;  // its check-in is counted already
       if (s.parking() && !item->broken && !old &&
-          item->generation == s.current_generation.load(std::memory_order_acquire) &&
-          s.total_hint.load(std::memory_order_relaxed) <= s.options.pool_size &&
+          item->generation == s.generation.load(std::memory_order_acquire) &&
+          s.total.load(std::memory_order_relaxed) <= s.options.pool_size &&
           s.waiters.load(std::memory_order_seq_cst) == 0) {
         Park& park = s.my_park();
         Item* displaced = park.item.exchange(item.release(), std::memory_order_seq_cst);
@@ -510,7 +503,8 @@ class Pool {
         internal::MutexLock lock(s.mu);
         --s.out;
         if (!counted) ++s.stat.checkins;
-        if (!item->broken && !old && item->generation == s.generation &&
+        if (!item->broken && !old &&
+            item->generation == s.generation.load(std::memory_order_relaxed) &&
             s.idle.size() < s.options.pool_size) {
           s.idle.push_back(std::move(item));
           s.cv.notify_one();
@@ -531,7 +525,6 @@ class Pool {
     void closed_one() {
       internal::MutexLock lock(mu);
       --total;
-      total_hint.store(total, std::memory_order_relaxed);
       cv.notify_one();
     }
 
@@ -550,17 +543,16 @@ class Pool {
       std::deque<std::unique_ptr<Item>> closing;
       {
         internal::MutexLock lock(mu);
-        ++generation;
-        current_generation.store(generation, std::memory_order_release);
+        const std::uint64_t next = generation.load(std::memory_order_relaxed) + 1;
+        generation.store(next, std::memory_order_release);
         closing.swap(idle);
         while (Item* parked = steal_parked()) {  // parked ones count as out: now idle
           closing.emplace_back(parked);
           --out;
         }
         if (!close_them) {
-          forget_below.store(generation, std::memory_order_release);
+          forget_below.store(next, std::memory_order_release);
           total -= closing.size();
-          total_hint.store(total, std::memory_order_relaxed);
           for (auto& item : closing) {
             item->state.reset();     // not the last reference: the Pool holds one
             (void)item.release();    // leaked on purpose
@@ -590,29 +582,22 @@ class Pool {
       return s;
     }
 
-    void report(const std::string& what) noexcept {
-      const absl::Status status = absl::UnknownError("Pool '" + options.name + "': " + what);
-      try {
-        if (options.error_reporter) {
-          options.error_reporter(status);
-          return;
-        }
-      } catch (...) {
-        internal::rethrow_if_unwinding();
-      }
-      internal::report_to_stderr(status);
+    void report(const std::string& what) {
+      internal::report_to(options.error_reporter,
+                          absl::UnknownError("Pool '" + options.name + "': " + what));
     }
 
     const Options options;
     internal::ForkSafeMutex mu;
     internal::CondVar cv;
     std::deque<std::unique_ptr<Item>> idle ABSL_GUARDED_BY(mu);
-    std::size_t total ABSL_GUARDED_BY(mu) = 0;  // idle + out
+    // Objects that exist (idle + out). Changed only under mu; read without it by checkin
+    // (whether the pool is within pool_size, so that a return may park).
+    std::atomic<std::size_t> total{0};
     std::size_t out ABSL_GUARDED_BY(mu) = 0;
-    std::uint64_t generation ABSL_GUARDED_BY(mu) = 0;
+    // Bumped by dispose() under mu; read without it (objects of older ones are not reused).
+    std::atomic<std::uint64_t> generation{0};
     std::atomic<std::uint64_t> forget_below{0};  // dispose(false): forget older generations
-    std::atomic<std::uint64_t> current_generation{0};  // == generation
-    std::atomic<std::size_t> total_hint{0};            // == total, read without the lock
     std::atomic<int> waiters{0};
     Park parks[kParks];
     PoolStats stat ABSL_GUARDED_BY(mu);

@@ -527,17 +527,9 @@ class SessionCache {
       internal::MutexLock lock(reporter_mu_);
       reporter = reporter_;
     }
-    try {
-      if (reporter) {
-        reporter(status);
-      } else {
-        internal::report_to_stderr(status);
-      }
-    } catch (...) {
-      internal::rethrow_if_unwinding();
-      internal::report_to_stderr(status);  // a throwing reporter must not lose the report
-    }
+    internal::report_to(reporter, status);
   }
+
 
   internal::ForkSafeMutex reporter_mu_;
   std::function<void(const absl::Status&)> reporter_ ABSL_GUARDED_BY(reporter_mu_);

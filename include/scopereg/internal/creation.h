@@ -27,6 +27,7 @@
 #ifndef SCOPEREG_INTERNAL_CREATION_H_
 #define SCOPEREG_INTERNAL_CREATION_H_
 
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -66,6 +67,10 @@ void set_yield_hooks(bool (*can)() noexcept, void (*yield)()) noexcept;
 std::string describe_current_exception();
 // Where failure reports go when no reporter is set: one line on stderr.
 void report_to_stderr(const absl::Status& status);
+// Hands `status` to `reporter`, or to stderr when there is none or it throws: a report is
+// never lost.
+void report_to(const std::function<void(const absl::Status&)>& reporter,
+               const absl::Status& status);
 
 // get_or_create
 //

@@ -119,6 +119,10 @@ class ScopeState {
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves every value to dying_.
   void collect_round(bool last) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
+  // Empties every slot, taking its value out of its registry's count, and hands
+  // `take(registry, value)` each one (registry null when it is gone). In scope_state.cc.
+  template <typename F>
+  void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex, mu_);
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
   const ScopeToken token_;
