@@ -3,10 +3,10 @@
 //
 //   BM_Get_ExplicitScope         registry hit in the current explicit scope
 //   BM_EnterLeave_ScopeGuard     entering and leaving a guard of a scope that stays live
-//   BM_ScopeLife_ExplicitScope   a whole scope life: enter a new token, one value, leave
 //   BM_WrapAndCall               wrap() a callable and call it
 //
-// At 2 threads every thread uses its own token.
+// With several threads every thread uses its own token. A whole scope's life is in
+// request_scope_benchmark.cc, beside its anchor.
 #include <atomic>
 #include <cstdint>
 
@@ -40,16 +40,7 @@ void BM_EnterLeave_ScopeGuard(benchmark::State& state) {
     benchmark::DoNotOptimize(&guard);
   }
 }
-BENCHMARK(BM_EnterLeave_ScopeGuard)->Threads(1)->Threads(2);
-
-void BM_ScopeLife_ExplicitScope(benchmark::State& state) {
-  ScopedRegistry<int, ExplicitScope>& reg = registry();
-  for (auto _ : state) {
-    ScopeGuard guard(g_next_token.fetch_add(1, std::memory_order_relaxed));
-    benchmark::DoNotOptimize(reg());
-  }
-}
-BENCHMARK(BM_ScopeLife_ExplicitScope)->Threads(1)->Threads(2);
+BENCHMARK(BM_EnterLeave_ScopeGuard)->ThreadRange(1, 16);
 
 void BM_WrapAndCall(benchmark::State& state) {
   ScopeGuard guard(g_next_token.fetch_add(1));
@@ -60,7 +51,7 @@ void BM_WrapAndCall(benchmark::State& state) {
     benchmark::DoNotOptimize(task());
   }
 }
-BENCHMARK(BM_WrapAndCall)->Threads(1)->Threads(2);
+BENCHMARK(BM_WrapAndCall)->ThreadRange(1, 16);
 
 }  // namespace
 }  // namespace scopereg::bench
