@@ -1,0 +1,198 @@
+// strategies.cc: the thread, fiber and explicit dispatchers (see strategies.h).
+
+#include "strategies.h"
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "scopereg/explicit_scope.h"
+#include "scopereg/fiber_scope.h"
+
+namespace example {
+namespace {
+
+using Job = std::function<void()>;
+
+// SQLite and the MariaDB client want more than the 64 KiB default.
+constexpr std::size_t kFiberStack = 256 * 1024;
+
+// A queue of jobs with a stop flag, shared by the workers that take from it.
+class JobQueue {
+ public:
+  void push(Job job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      jobs_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+  }
+  // Blocks for a job when `wait`; empty when stopped and drained (or none, without wait).
+  Job pop(bool wait) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (wait) cv_.wait(lock, [this] { return stop_ || !jobs_.empty(); });
+    if (jobs_.empty()) return {};
+    Job job = std::move(jobs_.front());
+    jobs_.pop_front();
+    return job;
+  }
+  bool stopped() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stop_ && jobs_.empty();
+  }
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> jobs_;
+  bool stop_ = false;
+};
+
+// Worker threads running jobs from one queue.
+class Workers {
+ public:
+  explicit Workers(int n) {
+    for (int i = 0; i < n; ++i) {
+      threads_.emplace_back([this] {
+        while (Job job = queue_.pop(true)) job();
+      });
+    }
+  }
+  ~Workers() { join(); }
+  void post(Job job) { queue_.push(std::move(job)); }
+  void join() {
+    queue_.stop();
+    for (auto& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+
+ private:
+  JobQueue queue_;
+  std::vector<std::thread> threads_;
+};
+
+// --strategy=thread
+class ThreadDispatcher final : public Dispatcher {
+ public:
+  ThreadDispatcher(const StrategyOptions& o, Store& store) : service_(store), workers_(o.workers) {}
+  void submit(HttpRequest request, std::function<void(HttpResponse)> done) override {
+    workers_.post([this, request = std::move(request), done = std::move(done)] {
+      done(service_.handle(request));  // this worker thread's scope; cleared at the end
+    });
+  }
+  void shutdown() override { workers_.join(); }
+
+ private:
+  OrderService<scopereg::ThreadScope> service_;
+  Workers workers_;  // after the service: joined before it is destroyed
+};
+
+// --strategy=fiber
+class FiberDispatcher final : public Dispatcher {
+ public:
+  FiberDispatcher(const StrategyOptions& o, Store& store)
+      : service_(store), queues_(o.workers), fibers_per_thread_(o.fibers) {
+    for (auto& queue : queues_) threads_.emplace_back([this, &queue] { run(queue); });
+  }
+  ~FiberDispatcher() override { shutdown(); }
+  void submit(HttpRequest request, std::function<void(HttpResponse)> done) override {
+    const std::size_t i = next_++ % queues_.size();
+    queues_[i].push([this, request = std::move(request), done = std::move(done)] {
+      done(service_.handle(request));  // this fiber's scope
+    });
+  }
+  void shutdown() override {
+    for (auto& queue : queues_) queue.stop();
+    for (auto& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+
+ private:
+  // One thread's scheduler: starts a fiber per job (up to the limit) and resumes the
+  // unfinished ones round-robin; sleeps on the queue when it has no fiber.
+  void run(JobQueue& queue) {
+    std::vector<scopereg::Fiber> fibers;
+    for (;;) {
+      while (static_cast<int>(fibers.size()) < fibers_per_thread_) {
+        Job job = queue.pop(fibers.empty());
+        if (!job) break;
+        fibers.emplace_back(std::move(job), boost::context::fixedsize_stack(kFiberStack));
+      }
+      if (fibers.empty()) {
+        if (queue.stopped()) return;
+        continue;
+      }
+      for (auto& f : fibers) f.resume();
+      std::erase_if(fibers, [](const scopereg::Fiber& f) { return f.done(); });
+    }
+  }
+
+  OrderService<scopereg::FiberScope> service_;
+  std::vector<JobQueue> queues_;
+  const int fibers_per_thread_;
+  std::atomic<std::size_t> next_{0};
+  std::vector<std::thread> threads_;
+};
+
+// --strategy=explicit
+class ExplicitDispatcher final : public Dispatcher {
+ public:
+  ExplicitDispatcher(const StrategyOptions& o, Store& store)
+      : service_(store), workers_(o.workers),
+        executor_([this](std::function<void()> job) { workers_.post(std::move(job)); }) {}
+  // Called on the event loop's thread.
+  void submit(HttpRequest request, std::function<void(HttpResponse)> done) override {
+    scopereg::ScopeGuard scope(++next_request_);  // the request's scope, entered here
+    executor_.post([this, request = std::move(request), done = std::move(done)] {
+      done(service_.handle(request));  // on a worker, in the request's scope
+    });
+  }  // the guard leaves; the scope lives on in the wrapped job, and ends with it
+  void shutdown() override { workers_.join(); }
+
+ private:
+  OrderService<scopereg::ExplicitScope> service_;
+  Workers workers_;
+  scopereg::ScopedExecutor<std::function<void(std::function<void()>)>> executor_;
+  std::uint64_t next_request_ = 0;
+};
+
+}  // namespace
+
+std::size_t concurrency(const StrategyOptions& o) {
+  return static_cast<std::size_t>(o.workers) * (o.name == "fiber" ? o.fibers : 1);
+}
+
+std::function<void()> backoff_for(const StrategyOptions& o) {
+  if (o.name == "fiber") {
+    return [] {
+      if (scopereg::getcurrent().kind() == scopereg::ScopeKind::kFiber) {
+        scopereg::Fiber::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    };
+  }
+  return [] { std::this_thread::sleep_for(std::chrono::microseconds(50)); };
+}
+
+std::unique_ptr<Dispatcher> make_dispatcher(const StrategyOptions& o, Store& store) {
+  if (o.name == "thread") return std::make_unique<ThreadDispatcher>(o, store);
+  if (o.name == "fiber") return std::make_unique<FiberDispatcher>(o, store);
+  if (o.name == "explicit") return std::make_unique<ExplicitDispatcher>(o, store);
+  throw std::invalid_argument("--strategy=" + o.name +
+                              ": use thread, fiber or explicit (coroutine comes with the "
+                              "coroutine issue)");
+}
+
+}  // namespace example
