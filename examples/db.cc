@@ -5,6 +5,7 @@
 #include <sqlite3.h>
 
 #include <charconv>
+#include <mutex>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -391,7 +392,12 @@ class MariaDbBackend final : public Db::Backend {
 
 Db Db::open(const DbUrl& url, std::function<void()> backoff) {
 #ifdef SCOPEREG_EXAMPLE_HAVE_MARIADB
-  if (url.kind == DbUrl::Kind::kMariaDb) return Db(std::make_unique<MariaDbBackend>(url));
+  if (url.kind == DbUrl::Kind::kMariaDb) {
+    // The client library's global set-up is not thread-safe: once, before any connection.
+    static std::once_flag once;
+    std::call_once(once, [] { mysql_library_init(0, nullptr, nullptr); });
+    return Db(std::make_unique<MariaDbBackend>(url));
+  }
 #endif
   if (url.kind != DbUrl::Kind::kSqlite) throw DbError("MariaDB support is not built in", false);
   return Db(std::make_unique<SqliteBackend>(url.sqlite_path, std::move(backoff)));
