@@ -66,11 +66,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
  private:
   void on_read(beast::error_code ec) {
     if (ec == http::error::end_of_stream) return close();  // the client is done
-    if (ec == beast::error::timeout) {
-      // Too slow: answer 408 if it started a request; an idle keep-alive just closes.
-      if (parser_->got_some()) return reply_error(408, "the request took too long to arrive");
-      return close();
-    }
+    // Too slow to send its request, or an idle keep-alive: Beast has closed the socket.
+    if (ec == beast::error::timeout) return;
     if (ec == http::error::body_limit) {
       return reply_error(413, "the body is larger than " +
                                   std::to_string(server_.options.body_limit) + " bytes");

@@ -1,6 +1,7 @@
 // http_server.h: the HTTP/1.1 front end (Boost.Beast on one Asio event-loop thread). It
-// reads each request, answers malformed or oversized ones itself (400, 413, 431, 408 for a
-// client too slow to send its request), and hands the others to a Dispatcher, which runs
+// reads each request, answers malformed or oversized ones itself (400, 413, 431), closes
+// the connection of a client too slow to send its whole request (no session is held for
+// it: a request reaches a strategy only once read), and hands the others to a Dispatcher, which runs
 // them in their own scope on the strategy's workers and gives back the response to write.
 // Listens on 127.0.0.1 only.
 
@@ -19,8 +20,9 @@ struct ServerOptions {
   unsigned short port = 0;  // 0: an ephemeral port (see port())
   std::size_t body_limit = 4096;
   std::size_t header_limit = 8192;
-  // A client must send a whole request within this time (slow or stalled clients are
-  // answered 408 and closed); also the limit for writing a response.
+  // A client must send a whole request within this time (a slow or stalled client's
+  // connection is closed, as is an idle keep-alive one); also the limit for writing a
+  // response.
   std::chrono::milliseconds io_timeout{10000};
 };
 
