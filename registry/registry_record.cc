@@ -1,7 +1,10 @@
 #include "scopereg/internal/registry_record.h"
 
 #include <algorithm>
+#include <cassert>
+#include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "scopereg/internal/fork.h"
 
 namespace scopereg::internal {
@@ -10,60 +13,103 @@ constinit Mutex g_process_mutex;
 
 namespace {
 
-struct Teardown {
-  CondVar destroyed;  // some RegistryRecord's destroying_ dropped to 0
-  DyingList* dying ABSL_GUARDED_BY(g_process_mutex) = nullptr;
-  std::vector<RegistryRecord*> subscribers ABSL_GUARDED_BY(g_process_mutex);
+// Token-keyed registries (for fork and for the child's clean-up).
+struct Subscribers {
+  std::vector<RegistryRecord*> list ABSL_GUARDED_BY(g_process_mutex);
 };
+Subscribers& subscribers() {
+  static Subscribers* const s = new Subscribers;  // never destroyed, on purpose
+  return *s;
+}
 
-Teardown& teardown() {
-  static Teardown* const t = new Teardown;  // never destroyed, on purpose
-  return *t;
+// The binding index: (token type, token hash) -> the registries holding a value for a
+// token with that type and hash, each as many times as it bound it.
+struct alignas(64) BindingShard {
+  Mutex mu;
+  absl::flat_hash_map<std::pair<const void*, std::size_t>,
+                      absl::InlinedVector<RegistryRecord*, 2>>
+      map ABSL_GUARDED_BY(mu);
+  std::atomic<std::size_t> size{0};  // map.size(), for a lock-free "nothing bound here"
+};
+constexpr std::size_t kBindingShards = 64;
+BindingShard* binding_shards() {
+  static BindingShard* const shards = new BindingShard[kBindingShards];  // never destroyed
+  return shards;
+}
+BindingShard& binding_shard(const TokenRef& token) {
+  return binding_shards()[(token.hash >> 13) % kBindingShards];
 }
 
 }  // namespace
 
+// ---- Domain -------------------------------------------------------------------------
+
+Domain* all_domains() noexcept {
+  static Domain* const domains = new Domain[kDomains];  // never destroyed, on purpose
+  return domains;
+}
+
+Domain& this_thread_domain() noexcept {
+  static Domain* const domains = all_domains();
+  return domains[current_thread_serial() % kDomains];
+}
+
 // ---- DyingList ----------------------------------------------------------------------
 
+void DyingList::assert_domain([[maybe_unused]] const Domain& held) const {
+  assert(&held == &domain_);
+}
+
 void DyingList::add(RegistryRecord* record, NodeBase* node) {
-  Teardown& t = teardown();
-  items_.push_back(Item{record, node, false});
+  items_.push_back(Item{record, node, State::kPending});
   if (!registered_) {
     registered_ = true;
     owner_ = current_thread_serial();
     prev_ = nullptr;
-    next_ = t.dying;
-    if (t.dying != nullptr) t.dying->prev_ = this;
-    t.dying = this;
+    next_ = domain_.dying;
+    if (next_ != nullptr) {
+      next_->assert_domain(domain_);
+      next_->prev_ = this;
+    }
+    domain_.dying = this;
   }
 }
 
 void DyingList::destroy_all() noexcept {
-  Teardown& t = teardown();
-  RegistryRecord* finished = nullptr;  // the record of the value destroyed last round
+  std::size_t finished = items_.size();  // the item destroyed last round (none yet)
   for (;;) {
-    Item item{};
+    NodeBase* node = nullptr;
+    std::size_t next = 0;
     {
-      MutexLock lock(g_process_mutex);
+      MutexLock lock(domain_.mu);
       // One lock per value: report the previous destruction and take the next value.
-      if (finished != nullptr && --finished->destroying_ == 0) t.destroyed.notify_all();
-      auto it = std::find_if(items_.begin(), items_.end(),
-                             [](const Item& i) { return !i.taken; });
-      if (it == items_.end()) {
+      if (finished != items_.size()) {
+        items_[finished].state = State::kGone;
+        domain_.destroyed.notify_all();
+      }
+      while (next < items_.size() && items_[next].state != State::kPending) ++next;
+      if (next == items_.size()) {
         items_.clear();
         if (registered_) {
-          if (prev_ != nullptr) prev_->next_ = next_; else t.dying = next_;
-          if (next_ != nullptr) next_->prev_ = prev_;
+          if (prev_ != nullptr) {
+            prev_->assert_domain(domain_);
+            prev_->next_ = next_;
+          } else {
+            domain_.dying = next_;
+          }
+          if (next_ != nullptr) {
+            next_->assert_domain(domain_);
+            next_->prev_ = prev_;
+          }
           registered_ = false;
         }
         return;
       }
-      it->taken = true;
-      item = *it;
-      ++item.record->destroying_;
+      items_[next].state = State::kDestroying;
+      node = items_[next].node;
     }
-    delete item.node;
-    finished = item.record;
+    delete node;
+    finished = next;
   }
 }
 
@@ -73,86 +119,189 @@ RegistryRecord::RegistryRecord() : stack_owner_(stack_owner(this)) {}
 
 bool RegistryRecord::on_dead_stack_in_child() const { return on_dead_stack(stack_owner_); }
 
-void forget_dead_records_in_child() noexcept {
-  Teardown& t = teardown();
-  MutexLock lock(g_process_mutex);
-  // Registries on the stacks of threads that are gone: scope ends must not reach them.
-  std::vector<RegistryRecord*> kept;
-  for (RegistryRecord* r : t.subscribers) {
-    if (on_dead_stack(r->stack_owner_)) {
-      r->subscribed_ = false;
-    } else {
-      kept.push_back(r);
-    }
-  }
-  t.subscribers.swap(kept);
-  // Values other threads were destroying: abandoned with their lists (which may have lived
-  // on those threads' stacks); nobody is destroying anything now.
-  const std::uint64_t me = current_thread_serial();
-  for (DyingList* list = t.dying; list != nullptr;) {
-    DyingList* next = list->next_;
-    if (list->owner_ != me) {
-      if (list->prev_ != nullptr) list->prev_->next_ = next; else t.dying = next;
-      if (next != nullptr) next->prev_ = list->prev_;
-    }
-    list = next;
-  }
-  for (RegistryRecord* r : t.subscribers) r->destroying_ = 0;
-}
-
-void RegistryRecord::retire(std::vector<NodeBase*>& out) {
-  Teardown& t = teardown();
-  MutexLock lock(g_process_mutex);
-  if (subscribed_) {
-    std::erase(t.subscribers, this);
-    subscribed_ = false;
-  }
-  for (DyingList* list = t.dying; list != nullptr; list = list->next_) {
-    for (DyingList::Item& item : list->items_) {
-      if (!item.taken && item.record == this) {
-        item.taken = true;
-        out.push_back(item.node);
+void RegistryRecord::retire(std::vector<NodeBase*>& out,
+                            absl::FunctionRef<void(Domain&)> in_domain) {
+  Domain* const domains = all_domains();
+  for (std::size_t d = 0; d < kDomains; ++d) {
+    Domain& domain = domains[d];
+    MutexLock lock(domain.mu);
+    in_domain(domain);
+    for (;;) {
+      bool in_progress = false;
+      for (DyingList* list = domain.dying; list != nullptr; list = list->next_) {
+        list->assert_domain(domain);
+        for (DyingList::Item& item : list->items_) {
+          if (item.record != this) continue;
+          if (item.state == DyingList::State::kPending) {
+            item.state = DyingList::State::kGone;
+            out.push_back(item.node);
+          } else if (item.state == DyingList::State::kDestroying) {
+            in_progress = true;
+          }
+        }
       }
+      if (!in_progress) break;
+      domain.destroyed.wait(domain.mu);
     }
   }
-  while (destroying_ != 0) t.destroyed.wait(g_process_mutex);
 }
 
 void RegistryRecord::subscribe_to_scope_ends() {
   install_fork_handlers();
-  Teardown& t = teardown();
   MutexLock lock(g_process_mutex);
-  t.subscribers.push_back(this);
+  subscribers().list.push_back(this);
   subscribed_ = true;
 }
 
+void RegistryRecord::unsubscribe() {
+  MutexLock lock(g_process_mutex);
+  if (subscribed_) {
+    std::erase(subscribers().list, this);
+    subscribed_ = false;
+  }
+}
+
+void RegistryRecord::bind(TokenRef token) {
+  BindingShard& shard = binding_shard(token);
+  MutexLock lock(shard.mu);
+  shard.map[{token.type, token.hash}].push_back(this);
+  shard.size.store(shard.map.size(), std::memory_order_relaxed);
+}
+
+void RegistryRecord::unbind(TokenRef token) {
+  BindingShard& shard = binding_shard(token);
+  MutexLock lock(shard.mu);
+  auto it = shard.map.find({token.type, token.hash});
+  if (it == shard.map.end()) return;  // already taken by the scope's end
+  auto& holders = it->second;
+  auto pos = std::find(holders.begin(), holders.end(), this);
+  if (pos == holders.end()) return;
+  holders.erase(pos);
+  if (holders.empty()) shard.map.erase(it);
+  shard.size.store(shard.map.size(), std::memory_order_relaxed);
+}
+
+// ---- scope ends ---------------------------------------------------------------------
+
+void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take) {
+  BindingShard& shard = binding_shard(token);
+  if (shard.size.load(std::memory_order_acquire) == 0) return;  // the common case
+  MutexLock lock(shard.mu);
+  auto it = shard.map.find({token.type, token.hash});
+  if (it == shard.map.end()) return;
+  absl::InlinedVector<RegistryRecord*, 2>& holders = it->second;
+  // A holder may appear once per binding; the first extraction takes its value. Holders
+  // whose token only shares the hash keep their bindings.
+  absl::InlinedVector<RegistryRecord*, 2> kept;
+  for (RegistryRecord* holder : holders) {
+    if (NodeBase* node = holder->extract_for_end(token)) {
+      take(holder, node);
+    } else if (std::find(kept.begin(), kept.end(), holder) == kept.end()) {
+      kept.push_back(holder);
+    }
+  }
+  // A holder whose value was taken may still hold a colliding token's value: keep it once
+  // (a later end of that token finds it; an extra visit costs one look-up).
+  if (kept.empty()) {
+    shard.map.erase(it);
+  } else {
+    holders = std::move(kept);
+  }
+  shard.size.store(shard.map.size(), std::memory_order_relaxed);
+}
+
 void collect_ended(TokenRef token, DyingList& out) {
-  for (RegistryRecord* sub : teardown().subscribers) {
-    if (NodeBase* node = sub->extract_for_end(token)) out.add(sub, node);
-  }
-}
-
-void lock_subscribers_for_fork() {
-  for (RegistryRecord* sub : teardown().subscribers) sub->lock_for_fork();
-}
-
-void unlock_subscribers_after_fork() {
-  for (RegistryRecord* sub : teardown().subscribers) sub->unlock_after_fork();
-}
-
-void abandon_everywhere(TokenRef token) {
-  for (RegistryRecord* sub : teardown().subscribers) {
-    (void)sub->extract_for_end(token);  // left alive on purpose: the parent's
-  }
+  extract_bound(token, [&out](RegistryRecord* holder, NodeBase* node) {
+    MutexLock lock(out.domain().mu);
+    out.add(holder, node);
+  });
 }
 
 void end_scope_everywhere(TokenRef token) {
-  DyingList dying;
+  DyingList dying(this_thread_domain());
+  collect_ended(token, dying);
+  dying.destroy_all();
+}
+
+void abandon_everywhere(TokenRef token) {
+  extract_bound(token, [](RegistryRecord*, NodeBase*) {});  // left alive: the parent's
+}
+
+// ---- fork ---------------------------------------------------------------------------
+
+void lock_bindings_for_fork() {
+  for (std::size_t i = 0; i < kBindingShards; ++i) binding_shards()[i].mu.lock();
+}
+
+void unlock_bindings_after_fork() {
+  for (std::size_t i = 0; i < kBindingShards; ++i) binding_shards()[i].mu.unlock();
+}
+
+void lock_subscribers_for_fork() {
+  for (RegistryRecord* sub : subscribers().list) sub->lock_for_fork();
+}
+
+void unlock_subscribers_after_fork() {
+  for (RegistryRecord* sub : subscribers().list) sub->unlock_after_fork();
+}
+
+void forget_dead_records_in_child() noexcept {
   {
     MutexLock lock(g_process_mutex);
-    collect_ended(token, dying);
+    // Registries on the stacks of threads that are gone: scope ends must not reach them.
+    std::vector<RegistryRecord*> kept;
+    std::vector<RegistryRecord*> dead;
+    for (RegistryRecord* r : subscribers().list) {
+      if (on_dead_stack(r->stack_owner_)) {
+        r->subscribed_ = false;
+        dead.push_back(r);
+      } else {
+        kept.push_back(r);
+      }
+    }
+    subscribers().list.swap(kept);
+    if (!dead.empty()) {
+      for (std::size_t i = 0; i < kBindingShards; ++i) {
+        BindingShard& shard = binding_shards()[i];
+        MutexLock shard_lock(shard.mu);
+        for (auto it = shard.map.begin(); it != shard.map.end();) {
+          auto& holders = it->second;
+          holders.erase(std::remove_if(holders.begin(), holders.end(),
+                                       [&dead](RegistryRecord* r) {
+                                         return std::find(dead.begin(), dead.end(), r) !=
+                                                dead.end();
+                                       }),
+                        holders.end());
+          if (it->second.empty()) shard.map.erase(it++); else ++it;
+        }
+        shard.size.store(shard.map.size(), std::memory_order_relaxed);
+      }
+    }
   }
-  dying.destroy_all();
+  // Values other threads were destroying: abandoned with their lists (which may have lived
+  // on those threads' stacks); nobody is destroying anything now.
+  const std::uint64_t me = current_thread_serial();
+  for (std::size_t d = 0; d < kDomains; ++d) {
+    Domain& domain = all_domains()[d];
+    MutexLock lock(domain.mu);
+    for (DyingList* list = domain.dying; list != nullptr;) {
+      list->assert_domain(domain);
+      DyingList* next = list->next_;
+      if (list->owner_ != me) {
+        if (list->prev_ != nullptr) {
+          list->prev_->assert_domain(domain);
+          list->prev_->next_ = next;
+        } else {
+          domain.dying = next;
+        }
+        if (next != nullptr) {
+          next->assert_domain(domain);
+          next->prev_ = list->prev_;
+        }
+      }
+      list = next;
+    }
+  }
 }
 
 }  // namespace scopereg::internal

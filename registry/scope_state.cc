@@ -1,6 +1,6 @@
-// The slot backend's process-wide part: the table of registry indices and the list of
-// live scopes, both under the process mutex (registry_record.h), in never-destroyed
-// storage.
+// The slot backend's process-wide part: the table of registry indices (under the process
+// mutex, read lock-free) and the live scopes, linked into their domains
+// (registry_record.h), all in never-destroyed storage.
 
 #include "scopereg/internal/scope_state.h"
 
@@ -15,15 +15,46 @@ namespace {
 constexpr int kMaxRounds = 8;    // after this, creation in a dying scope throws
 constexpr int kHardRounds = 16;  // after this, end() stops (keyed leftovers stay owned)
 
+// Registry index -> registry, chunked like the slots: chunks never move, so a scope's end
+// reads an entry with no lock (the registry of a non-null slot outlives that read: it
+// empties its slots under the scope's domain mutex, which the reader holds).
 struct Slots {
-  ScopeState* scopes ABSL_GUARDED_BY(g_process_mutex) = nullptr;
-  std::vector<SlotRegistry*> registries ABSL_GUARDED_BY(g_process_mutex);  // by index
+  std::atomic<std::atomic<SlotRegistry*>*> table[kMaxChunks] = {};
+  std::uint32_t next_index ABSL_GUARDED_BY(g_process_mutex) = 0;
   std::vector<std::uint32_t> free_indices ABSL_GUARDED_BY(g_process_mutex);
 };
 
 Slots& slots() {
   static Slots* const s = new Slots;  // never destroyed, on purpose
   return *s;
+}
+
+SlotRegistry* registry_at(std::uint32_t index) {
+  const SlotId id = slot_id_for(index);
+  std::atomic<SlotRegistry*>* chunk = slots().table[id.chunk].load(std::memory_order_acquire);
+  return chunk != nullptr ? chunk[id.offset].load(std::memory_order_acquire) : nullptr;
+}
+
+void set_registry_at(std::uint32_t index, SlotRegistry* reg)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex) {
+  const SlotId id = slot_id_for(index);
+  std::atomic<SlotRegistry*>* chunk = slots().table[id.chunk].load(std::memory_order_relaxed);
+  if (chunk == nullptr) {
+    chunk = new std::atomic<SlotRegistry*>[kFirstChunkSlots << id.chunk]();
+    slots().table[id.chunk].store(chunk, std::memory_order_release);
+  }
+  chunk[id.offset].store(reg, std::memory_order_release);
+}
+
+// Calls visit(scope) for every live scope of `domain`.
+template <typename F>
+void for_each_scope(Domain& domain, F&& visit) ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain.mu) {
+  for (ScopeState* scope = domain.scopes; scope != nullptr;) {
+    scope->assert_domain(domain);
+    ScopeState* const next = scope->next_in_domain();
+    visit(scope);
+    scope = next;
+  }
 }
 
 }  // namespace
@@ -37,54 +68,105 @@ SlotRegistry::SlotRegistry() {
   if (!s.free_indices.empty()) {
     index_ = s.free_indices.back();
     s.free_indices.pop_back();
-    s.registries[index_] = this;
   } else {
     constexpr std::uint64_t kLimit = kFirstChunkSlots * ((std::uint64_t{1} << kMaxChunks) - 1);
-    if (s.registries.size() >= kLimit) {
+    if (s.next_index >= kLimit) {
       throw ScopeError("scopereg: too many registries alive at once; destroy some first");
     }
-    index_ = static_cast<std::uint32_t>(s.registries.size());
-    s.registries.push_back(this);
+    index_ = s.next_index++;
   }
   slot_ = slot_id_for(index_);
+  set_registry_at(index_, this);
 }
 
 SlotRegistry::~SlotRegistry() {
-  Slots& s = slots();
   std::vector<NodeBase*> nodes;
-  {
-    MutexLock lock(g_process_mutex);
-    for (ScopeState* scope = s.scopes; scope != nullptr; scope = scope->next_) {
+  // In every domain: empty our slot in each scope, take back our values that dying scopes
+  // have not started destroying, and wait for those they have.
+  retire(nodes, [this, &nodes](Domain& domain) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    for_each_scope(domain, [this, &nodes](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
       MutexLock scope_lock(scope->mu_);
       if (NodeBase* n = scope->load(slot_)) {
         scope->store(slot_, nullptr);
         nodes.push_back(n);
       }
-    }
-  }
-  retire(nodes);
+    });
+  });
   {
     MutexLock lock(g_process_mutex);
-    s.registries[index_] = nullptr;
-    s.free_indices.push_back(index_);
+    set_registry_at(index_, nullptr);
+    slots().free_indices.push_back(index_);
   }
   for (NodeBase* n : nodes) delete n;
 }
 
+std::int64_t SlotRegistry::size() const {
+  std::int64_t n = 0;
+  for (std::size_t d = 0; d < kDomains; ++d) {
+    Domain& domain = all_domains()[d];
+    MutexLock lock(domain.mu);
+    for_each_scope(domain, [this, &n](ScopeState* scope) { n += scope->load(slot_) != nullptr; });
+  }
+  return n;
+}
+
 void SlotRegistry::for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit) const {
-  MutexLock lock(g_process_mutex);
-  for (ScopeState* scope = slots().scopes; scope != nullptr; scope = scope->next_) {
-    MutexLock scope_lock(scope->mu_);
-    if (NodeBase* n = scope->load(slot_)) visit(scope->token_, n);
+  for (std::size_t d = 0; d < kDomains; ++d) {
+    Domain& domain = all_domains()[d];
+    MutexLock lock(domain.mu);
+    for_each_scope(domain, [this, &visit](ScopeState* scope) {
+      MutexLock scope_lock(scope->mu_);
+      if (NodeBase* n = scope->load(slot_)) visit(scope->token_, n);
+    });
   }
 }
 
-// ---- ScopeState: emptying ------------------------------------------------------------
+// ---- ScopeState: storage ------------------------------------------------------------
+
+void ScopeState::assert_domain([[maybe_unused]] const Domain& held) const {
+  assert(&held == &domain_);
+}
+
+void ScopeState::store(SlotId slot, NodeBase* node) {
+  NodeBase* const old = load(slot);
+  values_ += (node != nullptr) - (old != nullptr);
+  const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
+  std::atomic<NodeBase*>* chunk = chunks_[slot.chunk].load(std::memory_order_relaxed);
+  if (first == slot.index) first_node_.store(node, std::memory_order_release);
+  if (chunk != nullptr) {
+    chunk[slot.offset].store(node, std::memory_order_release);
+    return;
+  }
+  if (first == slot.index || node == nullptr) return;
+  if (first == kNoIndex) {
+    first_node_.store(node, std::memory_order_release);
+    first_index_.store(slot.index, std::memory_order_release);
+    return;
+  }
+  // A second registry: a chunk, mirroring the inline value if it belongs to this chunk.
+  chunk = new std::atomic<NodeBase*>[kFirstChunkSlots << slot.chunk]();
+  const SlotId first_slot = slot_id_for(first);
+  if (first_slot.chunk == slot.chunk) {
+    chunk[first_slot.offset].store(first_node_.load(std::memory_order_relaxed),
+                                   std::memory_order_relaxed);
+  }
+  chunk[slot.offset].store(node, std::memory_order_relaxed);
+  chunks_[slot.chunk].store(chunk, std::memory_order_release);
+  if (slot.chunk >= chunk_limit_) chunk_limit_ = slot.chunk + 1;
+}
 
 template <typename F>
 void ScopeState::take_values(F&& take) {
-  Slots& s = slots();
-  for (int c = 0; c < kMaxChunks; ++c) {
+  if (values_ == 0) return;
+  const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
+  if (first != kNoIndex) {
+    const SlotId first_slot = slot_id_for(first);
+    if (NodeBase* node = load(first_slot)) {
+      store(first_slot, nullptr);
+      take(registry_at(first), node);
+    }
+  }
+  for (std::uint32_t c = 0; c < chunk_limit_ && values_ != 0; ++c) {
     std::atomic<NodeBase*>* chunk = chunks_[c].load(std::memory_order_relaxed);
     if (chunk == nullptr) continue;
     const std::uint32_t n = kFirstChunkSlots << c;
@@ -93,9 +175,8 @@ void ScopeState::take_values(F&& take) {
       NodeBase* node = chunk[o].load(std::memory_order_relaxed);
       if (node == nullptr) continue;
       chunk[o].store(nullptr, std::memory_order_relaxed);
-      SlotRegistry* reg = s.registries[base + o];
-      if (reg != nullptr) reg->live_.fetch_sub(1, std::memory_order_relaxed);
-      take(reg, node);
+      --values_;
+      take(registry_at(base + o), node);
     }
   }
 }
@@ -103,109 +184,118 @@ void ScopeState::take_values(F&& take) {
 // ---- fork ---------------------------------------------------------------------------
 
 void lock_scopes_for_fork() {
-  for (ScopeState* scope = slots().scopes; scope != nullptr; scope = scope->next_) {
-    scope->mu_.lock();
+  for (std::size_t d = 0; d < kDomains; ++d) {
+    Domain& domain = all_domains()[d];
+    domain.mu.lock();
+    for_each_scope(domain, [](ScopeState* scope) { scope->mu_.lock(); });
   }
 }
 
 void unlock_scopes_after_fork() {
-  for (ScopeState* scope = slots().scopes; scope != nullptr; scope = scope->next_) {
-    scope->mu_.unlock();
+  for (std::size_t d = kDomains; d-- > 0;) {
+    Domain& domain = all_domains()[d];
+    for_each_scope(domain, [](ScopeState* scope) { scope->mu_.unlock(); });
+    domain.mu.unlock();
   }
 }
 
 void abandon_other_threads_in_child() noexcept {
   Slots& s = slots();
   ScopeState* const mine = t_thread_state;
-  MutexLock lock(g_process_mutex);
-  // Registries that lived on the stacks of threads that are gone: their values are
-  // abandoned in every scope and their index is never reused.
-  for (std::uint32_t index = 0; index < s.registries.size(); ++index) {
-    SlotRegistry* reg = s.registries[index];
-    if (reg == nullptr) continue;
-    reg->destroying_ = 0;  // nobody is destroying anything now
-    if (!on_dead_stack(reg->stack_owner_)) continue;
-    const SlotId slot = slot_id_for(index);
-    for (ScopeState* scope = s.scopes; scope != nullptr; scope = scope->next_) {
-      MutexLock scope_lock(scope->mu_);
-      scope->store(slot, nullptr);
+  std::vector<std::uint32_t> dead;
+  {
+    MutexLock lock(g_process_mutex);
+    // Registries that lived on the stacks of threads that are gone: their values are
+    // abandoned in every scope and their index is never reused.
+    for (std::uint32_t index = 0; index < s.next_index; ++index) {
+      SlotRegistry* reg = registry_at(index);
+      if (reg != nullptr && on_dead_stack(reg->stack_owner_)) {
+        dead.push_back(index);
+        set_registry_at(index, nullptr);
+      }
     }
-    s.registries[index] = nullptr;
   }
-  for (ScopeState* scope = s.scopes; scope != nullptr;) {
-    ScopeState* const next = scope->next_;
-    if (scope->token_.kind() == ScopeKind::kThread && scope != mine) {
+  for (std::size_t d = 0; d < kDomains; ++d) {
+    Domain& domain = all_domains()[d];
+    MutexLock lock(domain.mu);
+    for_each_scope(domain, [&](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      {
+        MutexLock scope_lock(scope->mu_);
+        for (std::uint32_t index : dead) scope->store(slot_id_for(index), nullptr);
+      }
+      if (scope->token_.kind() != ScopeKind::kThread || scope == mine) return;
       {
         MutexLock scope_lock(scope->mu_);
         scope->closing_ = true;
         scope->take_values([](SlotRegistry*, NodeBase*) {});  // abandoned, not destroyed
       }
       abandon_everywhere(TokenRef::of(scope->token_));
-      if (scope->prev_ != nullptr) scope->prev_->next_ = next; else s.scopes = next;
-      if (next != nullptr) next->prev_ = scope->prev_;
-      scope->ended_ = true;  // the ScopeState itself is left: its thread's exit never comes
-    }
-    scope = next;
+      scope->unlink();  // the ScopeState itself is left: its thread's exit never comes
+    });
   }
 }
 
-// ---- ScopeState ---------------------------------------------------------------------
+// ---- ScopeState: life ---------------------------------------------------------------
 
 ScopeState::ScopeState(ScopeKind kind) : ScopeState(new_scope_token(kind)) {}
 
-ScopeState::ScopeState(ScopeToken token) : token_(token) {
+ScopeState::ScopeState(ScopeToken token) : token_(token), domain_(this_thread_domain()) {
   install_fork_handlers();
-  Slots& s = slots();
-  MutexLock lock(g_process_mutex);
-  next_ = s.scopes;
-  if (s.scopes != nullptr) s.scopes->prev_ = this;
-  s.scopes = this;
+  MutexLock lock(domain_.mu);
+  next_ = domain_.scopes;
+  if (next_ != nullptr) {
+    next_->assert_domain(domain_);
+    next_->prev_ = this;
+  }
+  domain_.scopes = this;
 }
 
 ScopeState::~ScopeState() {
   for (auto& chunk : chunks_) delete[] chunk.load(std::memory_order_relaxed);
 }
 
-void ScopeState::store(SlotId slot, NodeBase* node) {
-  std::atomic<NodeBase*>* chunk = chunks_[slot.chunk].load(std::memory_order_relaxed);
-  if (chunk == nullptr) {
-    if (node == nullptr) return;
-    chunk = new std::atomic<NodeBase*>[kFirstChunkSlots << slot.chunk]();
-    chunks_[slot.chunk].store(chunk, std::memory_order_release);
+void ScopeState::unlink() {
+  if (prev_ != nullptr) {
+    prev_->assert_domain(domain_);
+    prev_->next_ = next_;
+  } else {
+    domain_.scopes = next_;
   }
-  chunk[slot.offset].store(node, std::memory_order_release);
+  if (next_ != nullptr) {
+    next_->assert_domain(domain_);
+    next_->prev_ = prev_;
+  }
+  prev_ = next_ = nullptr;
 }
 
-void ScopeState::collect_round(bool last) {
-  {
-    MutexLock lock(mu_);
-    if (last) closing_ = true;
-    take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      assert(reg != nullptr);  // a registry clears its slots before it goes
-      dying_.add(reg, node);   // under the process mutex, held by the caller
-    });
-  }
-  collect_ended(TokenRef::of(token_), dying_);
-}
-
-void ScopeState::end() noexcept {
-  Slots& s = slots();
+void ScopeState::end(bool reachable) noexcept {
   for (int round = 0;; ++round) {
+    // Token-keyed values first: found through the binding index (nothing to do, and no
+    // lock taken, when no token-keyed registry holds a value for this scope).
+    if (round < kHardRounds) collect_ended(TokenRef::of(token_), dying_);
+    bool done = false;
+    bool dying = false;
     {
-      MutexLock lock(g_process_mutex);
-      if (round < kHardRounds) collect_round(round >= kMaxRounds);
-      if (dying_.empty()) {
-        {
-          MutexLock scope_lock(mu_);
-          closing_ = true;
+      MutexLock lock(domain_.mu);
+      {
+        MutexLock scope_lock(mu_);
+        if (!reachable || round >= kMaxRounds) closing_ = true;
+        if (round < kHardRounds) {
+          take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            assert(reg != nullptr);  // a registry empties its slots before it goes
+            dying_.add(reg, node);   // under our domain's mutex, held here
+          });
         }
-        if (prev_ != nullptr) prev_->next_ = next_; else s.scopes = next_;
-        if (next_ != nullptr) next_->prev_ = prev_;
-        ended_ = true;
-        return;
+        // Unreachable: nothing can add values now; reachable: stop once a round found
+        // none (values created from here on are refused).
+        dying = !dying_.empty();
+        done = !reachable || !dying;
+        if (done) closing_ = true;
       }
+      if (done) unlink();
     }
-    dying_.destroy_all();
+    if (dying) dying_.destroy_all();
+    if (done) return;
   }
 }
 

@@ -5,6 +5,11 @@
 #include "scopereg/thread_scope.h"
 
 namespace scopereg {
+namespace internal {
+thread_local constinit BoostFiberCache t_boost_fiber_cache;
+constinit std::atomic<std::uint64_t> g_boost_fiber_ends{1};
+}  // namespace internal
+
 namespace {
 
 struct FiberSlots {
@@ -16,6 +21,8 @@ boost::fibers::fiber_specific_ptr<FiberSlots>& slots_of_fiber() {
   static auto* const slots = new boost::fibers::fiber_specific_ptr<FiberSlots>(
       [](FiberSlots* s) {
         s->state.end();
+        // Before the slots go: every thread's cached pointer to them is now stale.
+        internal::g_boost_fiber_ends.fetch_add(1, std::memory_order_acq_rel);
         delete s;
       });
   return *slots;
@@ -23,18 +30,31 @@ boost::fibers::fiber_specific_ptr<FiberSlots>& slots_of_fiber() {
 
 }  // namespace
 
-internal::ScopeState* BoostFiberScope::current_state() {
-  boost::fibers::context* active = boost::fibers::context::active();
+internal::ScopeState* internal::boost_fiber_state_slow(std::uintptr_t frame) {
+  boost::fibers::context* const active = boost::fibers::context::active();
   if (active == nullptr || active->is_context(boost::fibers::type::main_context)) {
-    return internal::thread_state();
+    return internal::thread_state();  // not cached: a thread's state is one load away
   }
-  boost::fibers::fiber_specific_ptr<FiberSlots>& slots = slots_of_fiber();
-  FiberSlots* s = slots.get();
-  if (s == nullptr) [[unlikely]] {
-    s = new FiberSlots;
-    slots.reset(s);
+  const std::uint64_t ends = g_boost_fiber_ends.load(std::memory_order_acquire);
+  BoostFiberCache& cache = t_boost_fiber_cache;
+  if (cache.context != active || cache.ends != ends) {
+    boost::fibers::fiber_specific_ptr<FiberSlots>& slots = slots_of_fiber();
+    FiberSlots* s = slots.get();
+    if (s == nullptr) [[unlikely]] {
+      s = new FiberSlots;
+      slots.reset(s);
+    }
+    cache = BoostFiberCache{};  // another fiber: forget the old one's frames
+    cache.context = active;
+    cache.state = &s->state;
+    cache.ends = ends;
   }
-  return &s->state;
+  const auto top = reinterpret_cast<std::uintptr_t>(active);
+  if (frame < top && top - frame < kOwnStackWindow) {  // on the fiber's own stack
+    cache.frames[cache.next] = frame;
+    cache.next = (cache.next + 1) % BoostFiberCache::kFrames;
+  }
+  return cache.state;
 }
 
 ScopeToken BoostFiberScope::current() { return current_state()->token(); }

@@ -13,12 +13,12 @@ namespace internal {
 
 namespace {
 
-struct Shard {
+struct alignas(64) Shard {
   Mutex mu;
   absl::flat_hash_map<std::pair<const void*, std::size_t>, ScopeRecord*> map
       ABSL_GUARDED_BY(mu);
 };
-constexpr std::size_t kShards = 16;
+constexpr std::size_t kShards = 64;
 
 }  // namespace
 
@@ -77,7 +77,8 @@ void unlink_locked(Shard& shard, ScopeRecord* record) ABSL_EXCLUSIVE_LOCKS_REQUI
 }
 
 void end_record(ScopeRecord* record) noexcept {
-  record->state_.end();
+  // No guard, capture or table entry reaches the record now: nothing can add values.
+  record->state_.end(/*reachable=*/false);
   delete record;
 }
 

@@ -24,17 +24,60 @@
 // ScopeError as if the factory had re-entered itself. Do not suspend inside a factory of a
 // value other fibers share.
 //
-// Thread safety: any thread. Cost: a hit is a Boost.Fiber context look-up and a
-// fiber_specific_ptr read (about 10 ns here) plus two loads; the first access in a fiber
-// allocates its slots.
+// Thread safety: any thread. Cost: a hit is a per-thread cache check (was this frame
+// address seen in the fiber seen last, and has no fiber ended since) plus two loads, about
+// 1 ns here; on a miss (the first access after a switch to another fiber, after any fiber
+// ended, from a call site not among the last four seen or deeper than 8 KiB into the
+// fiber's stack, or with a Boost other than 1.74) Boost.Fiber's context::active() and,
+// when the fiber changed, a fiber_specific_ptr read. On a thread's main context every access takes the
+// miss path. The first access in a fiber allocates its slots.
 
 #ifndef SCOPEREG_BOOST_FIBER_SCOPE_H_
 #define SCOPEREG_BOOST_FIBER_SCOPE_H_
 
+#include <atomic>
+#include <cstdint>
+
+#include "boost/fiber/context.hpp"
+#include "boost/version.hpp"
 #include "scopereg/internal/scope_state.h"
 #include "scopereg/scope.h"
 
 namespace scopereg {
+namespace internal {
+
+// The last fiber's slots seen on this thread, valid while no fiber has ended since
+// (`g_boost_fiber_ends` unchanged: a context's address and its stack are reused only after
+// its fiber ended, which bumps the counter before its slots go).
+//
+// With it, up to four frame addresses seen while that fiber ran, each on the fiber's own
+// stack: an address belongs to one live stack only, so meeting one of them again means
+// that fiber runs, and a hit needs neither Boost.Fiber's context::active() (two
+// __tls_get_addr calls in libboost_fiber) nor a fiber_specific_ptr look-up. A frame is
+// known to be on the fiber's own stack from Boost.Fiber's layout (make_worker_context puts
+// the context object at the top of the fiber's stack): only frames less than
+// kOwnStackWindow below the context are kept. Frames on a stack the fiber runs itself (a
+// generator, a scopereg Fiber) are never kept: that stack could be freed and reused by
+// another fiber without any fiber ending. Used only with the Boost.Fiber release whose
+// layout was read (1.74); with others every access asks context::active().
+struct BoostFiberCache {
+  static constexpr int kFrames = 4;
+  std::uintptr_t frames[kFrames] = {};
+  const boost::fibers::context* context = nullptr;
+  ScopeState* state = nullptr;
+  std::uint64_t ends = 0;
+  unsigned next = 0;  // the frame entry to replace next
+};
+#if BOOST_VERSION == 107400
+inline constexpr std::uintptr_t kOwnStackWindow = 8 * 1024;  // fiber stacks are larger
+#else
+inline constexpr std::uintptr_t kOwnStackWindow = 0;  // layout not verified: no frames
+#endif
+extern thread_local constinit BoostFiberCache t_boost_fiber_cache;
+extern constinit std::atomic<std::uint64_t> g_boost_fiber_ends;
+ScopeState* boost_fiber_state_slow(std::uintptr_t frame);
+
+}  // namespace internal
 
 class BoostFiberScope {
  public:
@@ -48,7 +91,16 @@ class BoostFiberScope {
 
  private:
   friend struct internal::StrategyAccess;
-  static internal::ScopeState* current_state();
+  static internal::ScopeState* current_state() {
+    const auto frame = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
+    const internal::BoostFiberCache& cache = internal::t_boost_fiber_cache;
+    if ((frame == cache.frames[0] || frame == cache.frames[1] || frame == cache.frames[2] ||
+         frame == cache.frames[3]) &&
+        cache.ends == internal::g_boost_fiber_ends.load(std::memory_order_acquire)) [[likely]] {
+      return cache.state;
+    }
+    return internal::boost_fiber_state_slow(frame);
+  }
 };
 
 }  // namespace scopereg

@@ -41,7 +41,9 @@ struct KeyCacheEntry {
   ScopeToken token;
   NodeBase* node = nullptr;
 };
-inline constexpr std::size_t kKeyCacheSize = 16;
+// Direct-mapped by store id (ids are consecutive): up to 128 registries used alternately
+// on one thread each keep their entry.
+inline constexpr std::size_t kKeyCacheSize = 128;
 // Trivially destructible and constant-initialised: no TLS init guard on a hit.
 extern thread_local constinit KeyCacheEntry t_key_cache[kKeyCacheSize];
 
@@ -58,15 +60,22 @@ class KeyedStore final : public RegistryRecord {
   KeyedStore() { subscribe_to_scope_ends(); }
 
   ~KeyedStore() {
+    unsubscribe();
     std::vector<NodeBase*> nodes;
-    retire(nodes);  // after this no scope end reaches us
+    std::vector<Token> bound;
     for (Shard& shard : shards_) {
       MutexLock lock(shard.mu);
       for (auto& [token, entry] : shard.map) {
-        if (entry.node != nullptr) nodes.push_back(entry.node);
+        if (entry.node != nullptr) {
+          nodes.push_back(entry.node);
+          bound.push_back(token);
+        }
       }
       shard.map.clear();
     }
+    // After this no scope end reaches us; then take back what dying scopes hold of ours.
+    for (const Token& token : bound) unbind(TokenRef::of(token));
+    retire(nodes);
     for (NodeBase* n : nodes) delete n;
   }
 
@@ -135,8 +144,9 @@ class KeyedStore final : public RegistryRecord {
     if (old != nullptr) epoch_.fetch_add(1, std::memory_order_release);
   }
 
-  // Called with the process mutex held: never waits. A value still being created for
-  // an ended scope (misuse: code still running in it) is left for the registry's end.
+  // Called with the token's binding shard held (registry_record.h): never waits, never
+  // unbinds (the caller drops the binding). A value still being created for an ended
+  // scope (misuse: code still running in it) is left for the registry's end.
   NodeBase* extract_for_end(TokenRef ref) override {
     const Token* token = ref.as<Token>();
     if (token == nullptr) return nullptr;
@@ -173,6 +183,14 @@ class KeyedCell {
  public:
   KeyedCell(Store& store, Token token)
       : store_(store), shard_(store.shard_for(token)), token_(std::move(token)) {}
+  KeyedCell(const KeyedCell&) = delete;
+  KeyedCell& operator=(const KeyedCell&) = delete;
+  // Records in the binding index what the protocol stored or removed, now that the
+  // shard's mutex is free (the index is locked before a store's shards, never after).
+  ~KeyedCell() {
+    for (; bound_ > 0; --bound_) store_.bind(TokenRef::of(token_));
+    for (; bound_ < 0; ++bound_) store_.unbind(TokenRef::of(token_));
+  }
 
   Mutex& mu() const ABSL_LOCK_RETURNED(shard_.mu) { return shard_.mu; }
   NodeBase* load() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
@@ -195,6 +213,7 @@ class KeyedCell {
     shard_.map[token_] = typename Store::Entry{node, nullptr};
     store_.live_.fetch_add(1, std::memory_order_relaxed);
     store_.remember(token_, node);
+    ++bound_;
   }
   NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
     NodeBase* old = nullptr;
@@ -210,7 +229,9 @@ class KeyedCell {
       shard_.map.emplace(token_, typename Store::Entry{node, nullptr});
     }
     store_.removed(old);
-    store_.live_.fetch_add((node != nullptr) - (old != nullptr), std::memory_order_relaxed);
+    const int delta = (node != nullptr) - (old != nullptr);
+    store_.live_.fetch_add(delta, std::memory_order_relaxed);
+    bound_ += delta;
     return old;
   }
   void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.cv.wait(shard_.mu); }
@@ -220,6 +241,7 @@ class KeyedCell {
   Store& store_;
   typename Store::Shard& shard_;
   const Token token_;
+  int bound_ = 0;  // bindings to add (> 0) or drop (< 0) once unlocked
 };
 
 // KeyedBackend: the registry-side interface of the keyed backend (the same members as

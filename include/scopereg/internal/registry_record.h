@@ -1,22 +1,27 @@
 // scopereg/internal/registry_record.h -- not part of the public API.
 //
-// What every registry, whichever its backend, shares with scope teardown:
+// What every registry, whichever its backend, shares with scope teardown. Nothing here is
+// process-wide on the path of a scope's life: scopes and the values they are destroying
+// live in `Domain`s (a fixed set of shards, one picked per creating thread), and the
+// token-keyed values a scope's end must reach are found through a sharded binding index.
 //
-// * `g_process_mutex`: the one process-wide lock. It guards the lists of live scopes and
-//   of registries (scope_state.cc), the registries that scope ends must reach, and the
-//   values being destroyed (this file). It is taken only when registries or scopes are
-//   created or destroyed, never on a hit or a creation.
-// * `RegistryRecord`: the base of both backends. A scope that ends takes its values out of
-//   their registries into a `DyingList` under the process mutex, then destroys them one at
-//   a time with no lock held; a registry destroyed meanwhile takes back the values not yet
-//   started (`retire`) and waits for the one in progress, so every value dies exactly once
-//   and no registry is destroyed under a running destructor.
-// * Scope-end subscriptions: token-keyed registries hear every scope end
-//   (`extract_for_end`), so `end_scope(token)` and the end of a thread, fiber or explicit
-//   scope reach FuncScope registries too.
+// * `Domain`: a shard of live scopes (scope_state.cc) and of `DyingList`s, under its own
+//   mutex. A scope links into the domain of the thread that created it, so threads that
+//   start and end scopes touch different domains.
+// * `DyingList`: values a scope's end took out of their registries, destroyed one at a time
+//   with no lock held. A registry destroyed meanwhile visits every domain: it takes back
+//   its values not yet started (`retire`) and waits for the ones in progress, so every
+//   value dies exactly once and no registry is destroyed under a running destructor.
+// * Bindings: a token-keyed registry (KeyedStore) records "I hold a value for this token"
+//   in a sharded index when it stores one, and removes the record when the value goes.
+//   A scope's end (and `end_scope(token)`) looks up its own token there and visits only
+//   the registries that hold a value for it: its cost follows its values, not the number
+//   of registries alive.
+// * `g_process_mutex` guards only the table of registries (creation and destruction of a
+//   registry), never a scope's life.
 //
-// Process-wide state lives in never-destroyed storage in registry_record.cc: no static
-// destructor runs before a thread that exits late, and shared libraries see one copy.
+// Process-wide state lives in never-destroyed storage: no static destructor runs before a
+// thread that exits late, and shared libraries see one copy.
 
 #ifndef SCOPEREG_INTERNAL_REGISTRY_RECORD_H_
 #define SCOPEREG_INTERNAL_REGISTRY_RECORD_H_
@@ -25,6 +30,8 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/inlined_vector.h"
+#include "absl/functional/function_ref.h"
 #include "scopereg/internal/mutex.h"
 #include "scopereg/internal/node.h"
 #include "scopereg/internal/token_ref.h"
@@ -34,35 +41,54 @@ namespace scopereg::internal {
 ABSL_CONST_INIT extern Mutex g_process_mutex;
 
 class RegistryRecord;
+class DyingList;
+class ScopeState;
+
+// A shard of scopes and of the values they are destroying.
+struct alignas(64) Domain {
+  Mutex mu;
+  CondVar destroyed;  // a value of some registry finished its destructor
+  ScopeState* scopes ABSL_GUARDED_BY(mu) = nullptr;
+  DyingList* dying ABSL_GUARDED_BY(mu) = nullptr;
+};
+inline constexpr std::size_t kDomains = 32;
+Domain* all_domains() noexcept;
+// The calling thread's domain.
+Domain& this_thread_domain() noexcept;
 
 // Values taken out of their registries (by a scope's end) and not yet destroyed. While a
-// DyingList is non-empty it is registered process-wide, so that a registry destroyed
+// DyingList is non-empty it is registered in its domain, so that a registry destroyed
 // meanwhile takes back the values not yet started and waits for the ones in progress.
 class DyingList {
  public:
-  DyingList() = default;
+  explicit DyingList(Domain& domain) : domain_(domain) {}
   DyingList(const DyingList&) = delete;
   DyingList& operator=(const DyingList&) = delete;
 
-  void add(RegistryRecord* record, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
-  bool empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex) { return items_.empty(); }
+  Domain& domain() const ABSL_LOCK_RETURNED(domain_.mu) { return domain_; }
+  // Tells the analysis that `held`, a locked domain, is this list's.
+  void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
+  void add(RegistryRecord* record, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
+  bool empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return items_.empty(); }
   // Destroys every value not taken back, one at a time with no lock held, then
   // unregisters.
-  void destroy_all() noexcept ABSL_LOCKS_EXCLUDED(g_process_mutex);
+  void destroy_all() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu);
 
  private:
   friend class RegistryRecord;
   friend void forget_dead_records_in_child() noexcept;
+  enum class State : std::uint8_t { kPending, kDestroying, kGone };
   struct Item {
     RegistryRecord* record;
     NodeBase* node;
-    bool taken;
+    State state;
   };
-  std::vector<Item> items_ ABSL_GUARDED_BY(g_process_mutex);
-  std::uint64_t owner_ ABSL_GUARDED_BY(g_process_mutex) = 0;  // the thread destroying them
-  DyingList* prev_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
-  DyingList* next_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
-  bool registered_ ABSL_GUARDED_BY(g_process_mutex) = false;
+  Domain& domain_;
+  absl::InlinedVector<Item, 2> items_ ABSL_GUARDED_BY(domain_.mu);
+  std::uint64_t owner_ ABSL_GUARDED_BY(domain_.mu) = 0;  // the thread destroying them
+  DyingList* prev_ ABSL_GUARDED_BY(domain_.mu) = nullptr;
+  DyingList* next_ ABSL_GUARDED_BY(domain_.mu) = nullptr;
+  bool registered_ ABSL_GUARDED_BY(domain_.mu) = false;
 };
 
 class RegistryRecord {
@@ -74,47 +100,66 @@ class RegistryRecord {
  protected:
   ~RegistryRecord() = default;
 
-  // Called by the derived destructor: stops scope ends from reaching this registry, takes
-  // every value of it that dying scopes have not started destroying (appended to `out`),
-  // and waits for those they have.
-  void retire(std::vector<NodeBase*>& out) ABSL_LOCKS_EXCLUDED(g_process_mutex);
-  // From now on, scope ends reach extract_for_end().
+  // Called by the derived destructor once no new scope end can reach this registry: visits
+  // every domain; in each, with its mutex held, calls `in_domain(domain)` (the slot
+  // backend empties its slots in that domain's scopes there), takes every value of this
+  // registry that dying scopes have not started destroying (appended to `out`), and waits
+  // for those they have.
+  void retire(std::vector<NodeBase*>& out,
+              absl::FunctionRef<void(Domain&)> in_domain = [](Domain&) {});
+  // Registers a token-keyed registry: fork() locks it (lock_for_fork), and a forked
+  // child drops it if it lived on a thread that is gone.
   void subscribe_to_scope_ends() ABSL_LOCKS_EXCLUDED(g_process_mutex);
+  // Stops that (first thing in a token-keyed registry's destructor).
+  void unsubscribe() ABSL_LOCKS_EXCLUDED(g_process_mutex);
 
- protected:
+  // Bindings (token-keyed registries): records that this registry holds a value for
+  // `token` / no longer does. Call with none of the registry's own locks held. Bindings
+  // are counted: bind twice, unbind twice.
+  void bind(TokenRef token);
+  void unbind(TokenRef token);
+
   // Whether this record lived on the stack of a thread that did not survive a fork.
   bool on_dead_stack_in_child() const;
 
  private:
   friend class DyingList;
-  friend void collect_ended(TokenRef token, DyingList& out);
+  friend void extract_bound(TokenRef token,
+                            absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take);
   friend void forget_dead_records_in_child() noexcept;
   friend void abandon_other_threads_in_child() noexcept;
+  friend void abandon_everywhere(TokenRef token);
+  friend void lock_subscribers_for_fork();
+  friend void unlock_subscribers_after_fork();
   const std::uint64_t stack_owner_;
-  // Removes and returns this registry's value for `token` (null when it has none or keys
-  // by another token type). Called with the process mutex held: must not wait or call
-  // back into scopereg.
+  // Removes and returns this registry's value for `token` (null when it has none). Called
+  // with a binding shard's mutex held: must not wait or call back into scopereg.
   virtual NodeBase* extract_for_end(TokenRef /*token*/) { return nullptr; }
   // fork(): take and release this registry's own locks (see fork.h).
   virtual void lock_for_fork() {}
   virtual void unlock_after_fork() {}
-  friend void lock_subscribers_for_fork();
-  friend void unlock_subscribers_after_fork();
-  friend void abandon_everywhere(TokenRef token);
 
-  int destroying_ ABSL_GUARDED_BY(g_process_mutex) = 0;
   bool subscribed_ ABSL_GUARDED_BY(g_process_mutex) = false;
 };
 
-// Moves `token`'s values out of every subscribed registry into `out`.
-void collect_ended(TokenRef token, DyingList& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
+// Hands `take(registry, value)` each of `token`'s values in a token-keyed registry,
+// removing them and the token's bindings, with the binding shard's mutex held.
+void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take);
 
-// Ends `token`'s scope in every subscribed registry: its values are destroyed now.
-void end_scope_everywhere(TokenRef token) ABSL_LOCKS_EXCLUDED(g_process_mutex);
+// Moves `token`'s values out of every token-keyed registry that holds one into `out`,
+// taking `out`'s domain mutex for each. Visits only those registries.
+void collect_ended(TokenRef token, DyingList& out) ABSL_LOCKS_EXCLUDED(out.domain().mu);
 
-// In a forked child: removes `token`'s values from every subscribed registry without
+// Ends `token`'s scope in every token-keyed registry: its values are destroyed now.
+void end_scope_everywhere(TokenRef token);
+
+// In a forked child: removes `token`'s values from every token-keyed registry without
 // destroying them (they belong to a thread of the parent).
-void abandon_everywhere(TokenRef token) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
+void abandon_everywhere(TokenRef token);
+
+// fork(): the binding index's shards.
+void lock_bindings_for_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;
+void unlock_bindings_after_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;
 
 }  // namespace scopereg::internal
 

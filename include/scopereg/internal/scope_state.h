@@ -10,11 +10,13 @@
 //   load one slot. No hashing, no lock, no shared write.
 // * Creation, replacement and removal take the ScopeState's own mutex (never a
 //   registry-wide lock), through the shared creation protocol (creation.h).
-// * The process mutex (registry_record.h) is taken only when registries or scopes are
-//   created or destroyed.
+// * A scope's creation and end take its domain's mutex (registry_record.h: one of a fixed
+//   set, picked by the creating thread), never a process-wide lock. The process mutex is
+//   taken only when registries are created or destroyed.
 //
 // Slot arrays are chunked (chunk k holds 16 << k slots) and chunks are never moved or freed
-// while the scope lives, so a reader never races with growth.
+// while the scope lives, so a reader never races with growth. A scope's first value is
+// stored inline (see ScopeState).
 //
 // A strategy is slot-based when it gives `StrategyAccess` a `current_state()` (a private
 // member, with `friend struct internal::StrategyAccess;`) and a `kName`.
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/functional/function_ref.h"
 #include "scopereg/internal/creation.h"
 #include "scopereg/internal/fork.h"
@@ -43,6 +46,7 @@ namespace scopereg::internal {
 struct SlotId {
   std::uint32_t chunk = 0;
   std::uint32_t offset = 0;
+  std::uint32_t index = 0;
 };
 
 inline constexpr std::uint32_t kFirstChunkSlots = 16;
@@ -50,7 +54,7 @@ inline constexpr int kMaxChunks = 26;  // ~1e9 registries alive at once
 
 constexpr SlotId slot_id_for(std::uint32_t index) {
   const std::uint32_t k = std::bit_width(index / kFirstChunkSlots + 1) - 1;
-  return SlotId{k, index - kFirstChunkSlots * ((1u << k) - 1)};
+  return SlotId{k, index - kFirstChunkSlots * ((1u << k) - 1), index};
 }
 
 class ScopeState;
@@ -67,10 +71,10 @@ class SlotRegistry final : public RegistryRecord {
 
   std::uint32_t index() const { return index_; }
   SlotId slot() const { return slot_; }
-  std::int64_t size() const { return live_.load(std::memory_order_relaxed); }
-  // Visits every value, in every scope, with the process mutex and that scope's mutex held.
-  void for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit) const
-      ABSL_LOCKS_EXCLUDED(g_process_mutex);
+  // Counts the values in every live scope (walks the scopes: a diagnostic, not a hit).
+  std::int64_t size() const;
+  // Visits every value, in every scope, with that scope's domain and mutex held.
+  void for_each(absl::FunctionRef<void(ScopeToken, NodeBase*)> visit) const;
 
  private:
   friend class ScopeState;
@@ -78,13 +82,18 @@ class SlotRegistry final : public RegistryRecord {
   friend void abandon_other_threads_in_child() noexcept;
   std::uint32_t index_;
   SlotId slot_;
-  std::atomic<std::int64_t> live_{0};
 };
 
 // ScopeState
 //
 // The slots of one scope. Created lazily on a scope's first registry access; ended once
-// by whoever owns the scope (thread exit, fiber end, last explicit guard).
+// by whoever owns the scope (thread exit, fiber end, last explicit guard). Linked into the
+// domain (registry_record.h) of the thread that created it.
+//
+// Storage: a scope's first value sits inline (`first_index_`/`first_node_`): a request
+// scope with one value allocates no slot array. Slot chunks are allocated when a second
+// registry's value arrives; the inline value is then mirrored in its chunk slot, so a
+// reader that finds a chunk reads only the chunk.
 class ScopeState {
  public:
   explicit ScopeState(ScopeKind kind);
@@ -98,13 +107,23 @@ class ScopeState {
 
   NodeBase* load(SlotId slot) const noexcept {
     std::atomic<NodeBase*>* chunk = chunks_[slot.chunk].load(std::memory_order_acquire);
-    return chunk != nullptr ? chunk[slot.offset].load(std::memory_order_acquire) : nullptr;
+    if (chunk != nullptr) [[likely]] return chunk[slot.offset].load(std::memory_order_acquire);
+    return first_index_.load(std::memory_order_acquire) == slot.index
+               ? first_node_.load(std::memory_order_acquire)
+               : nullptr;
   }
 
   // Destroys every value of this scope, in rounds (a destructor may create values in the
   // scope it is tearing down), also in token-keyed registries, then unlinks the scope.
-  // After 8 rounds further creation in this scope throws ScopeError. Called exactly once.
-  void end() noexcept ABSL_LOCKS_EXCLUDED(g_process_mutex, mu_);
+  // After 8 rounds further creation in this scope throws ScopeError. `reachable` false
+  // means no code can reach this scope any more (an explicit scope whose last guard and
+  // capture are gone): one round, and creation is refused from the start. Called exactly
+  // once.
+  void end(bool reachable = true) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_);
+
+  // Tells the analysis that `held`, a locked domain, is this scope's.
+  void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
+  ScopeState* next_in_domain() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return next_; }
 
  private:
   friend class SlotRegistry;
@@ -116,26 +135,29 @@ class ScopeState {
     std::uint32_t index;
     const void* context;
   };
+  static constexpr std::uint32_t kNoIndex = ~std::uint32_t{0};
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Moves every value to dying_.
-  void collect_round(bool last) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
-  // Empties every slot, taking its value out of its registry's count, and hands
-  // `take(registry, value)` each one (registry null when it is gone). In scope_state.cc.
+  // Empties every slot, handing `take(registry, value)` each value. In scope_state.cc.
   template <typename F>
-  void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex, mu_);
+  void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void unlink() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
+  std::atomic<std::uint32_t> first_index_{kNoIndex};
+  std::atomic<NodeBase*> first_node_{nullptr};
   const ScopeToken token_;
+  Domain& domain_;
 
   Mutex mu_;
   CondVar cv_;
-  std::vector<Creating> creating_ ABSL_GUARDED_BY(mu_);
+  absl::InlinedVector<Creating, 1> creating_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  std::uint32_t values_ ABSL_GUARDED_BY(mu_) = 0;      // non-null slots
+  std::uint32_t chunk_limit_ ABSL_GUARDED_BY(mu_) = 0;  // chunks_[k] null for k >= this
 
-  ScopeState* prev_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
-  ScopeState* next_ ABSL_GUARDED_BY(g_process_mutex) = nullptr;
-  DyingList dying_;
-  bool ended_ ABSL_GUARDED_BY(g_process_mutex) = false;
+  ScopeState* prev_ ABSL_GUARDED_BY(domain_.mu) = nullptr;
+  ScopeState* next_ ABSL_GUARDED_BY(domain_.mu) = nullptr;
+  DyingList dying_{domain_};
 };
 
 // SlotCell: one registry's slot in one scope, as the creation protocol sees it.
@@ -160,18 +182,21 @@ class SlotCell {
     state_.creating_.push_back(ScopeState::Creating{reg_.index_, context});
   }
   void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
-    std::erase_if(state_.creating_,
-                  [this](const ScopeState::Creating& c) { return c.index == reg_.index_; });
+    auto& creating = state_.creating_;
+    for (auto it = creating.begin(); it != creating.end(); ++it) {
+      if (it->index == reg_.index_) {
+        creating.erase(it);
+        return;
+      }
+    }
   }
   void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     abort_create();
     state_.store(reg_.slot_, node);
-    reg_.live_.fetch_add(1, std::memory_order_relaxed);
   }
   NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     NodeBase* old = state_.load(reg_.slot_);
     state_.store(reg_.slot_, node);
-    reg_.live_.fetch_add((node != nullptr) - (old != nullptr), std::memory_order_relaxed);
     return old;
   }
   void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) { state_.cv_.wait(state_.mu_); }

@@ -6,6 +6,10 @@
 #ifndef SCOPEREG_INTERNAL_TOKEN_REF_H_
 #define SCOPEREG_INTERNAL_TOKEN_REF_H_
 
+#include <cstddef>
+
+#include "absl/hash/hash.h"
+
 namespace scopereg {
 class ScopeToken;
 }  // namespace scopereg
@@ -29,10 +33,11 @@ const void* token_type_tag<ScopeToken>() noexcept;
 struct TokenRef {
   const void* type;   // token_type_tag<K>()
   const void* value;  // a K
+  std::size_t hash;   // absl::Hash<K>
 
   template <typename K>
   static TokenRef of(const K& token) {
-    return TokenRef{token_type_tag<K>(), &token};
+    return TokenRef{token_type_tag<K>(), &token, absl::Hash<K>{}(token)};
   }
   // The token as a K, or null when it is of another type.
   template <typename K>
