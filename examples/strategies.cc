@@ -175,12 +175,17 @@ std::size_t concurrency(const StrategyOptions& o) {
 
 std::function<void()> backoff_for(const StrategyOptions& o) {
   if (o.name == "fiber") {
-    return [] {
-      if (scopereg::getcurrent().kind() == scopereg::ScopeKind::kFiber) {
-        scopereg::Fiber::yield();
-      } else {
+    // A fiber yields to the others of its thread; once per round of them, the thread also
+    // sleeps a little, so that fibers all waiting for the lock do not starve its holder
+    // (on another thread) of the CPU.
+    return [fibers = o.fibers] {
+      if (scopereg::getcurrent().kind() != scopereg::ScopeKind::kFiber) {
         std::this_thread::sleep_for(std::chrono::microseconds(50));
+        return;
       }
+      thread_local int waits = 0;  // this dispatcher's fibers never change threads
+      if (++waits % fibers == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      scopereg::Fiber::yield();
     };
   }
   return [] { std::this_thread::sleep_for(std::chrono::microseconds(50)); };
