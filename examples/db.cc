@@ -102,10 +102,11 @@ DbUrl DbUrl::parse(std::string_view text) {
 
 std::string DbUrl::describe() const {
   if (kind == Kind::kSqlite) return "sqlite:" + sqlite_path;
-  std::string s = "mariadb://" + user + "@" + host;
-  if (port != 0) s += ":" + std::to_string(port);
-  s += "/" + database;
-  if (!socket.empty()) s += "?socket=" + socket;
+  std::string s = "mariadb://";
+  s.append(user).append("@").append(host);
+  if (port != 0) s.append(":").append(std::to_string(port));
+  s.append("/").append(database);
+  if (!socket.empty()) s.append("?socket=").append(socket);
   return s;
 }
 
@@ -118,10 +119,9 @@ class Db::Backend {
   virtual bool in_transaction() const = 0;
   virtual bool ping() = 0;
   virtual void close() = 0;
-  virtual long long insert_order(std::string_view customer, long amount, std::string_view ref) = 0;
-  virtual void insert_audit(long long order_id, std::string_view event) = 0;
-  virtual std::optional<Order> find_order(long long id) = 0;
-  virtual bool has_ref(std::string_view ref) = 0;
+  virtual long long last_insert_id() = 0;
+  // `s` as a string literal of the backend's SQL dialect.
+  virtual std::string quote(std::string_view s) = 0;
   // Runs a query and calls `row` with each row's columns (NULL as "").
   virtual void query(const std::string& sql,
                      const std::function<void(const std::vector<std::string>&)>& row) = 0;
@@ -168,32 +168,14 @@ class SqliteBackend final : public Db::Backend {
   void exec(const std::string& sql) override {
     query(sql == "BEGIN" ? "BEGIN IMMEDIATE" : sql, [](const std::vector<std::string>&) {});
   }
-  long long insert_order(std::string_view customer, long amount, std::string_view ref) override {
-    query("INSERT INTO orders(ref, customer, amount) VALUES(" + quote(ref) + ", " +
-              quote(customer) + ", " + std::to_string(amount) + ")",
-          [](const std::vector<std::string>&) {});
-    return sqlite3_last_insert_rowid(db_);
-  }
-  void insert_audit(long long order_id, std::string_view event) override {
-    query("INSERT INTO audit(order_id, event) VALUES(" + std::to_string(order_id) + ", " +
-              quote(event) + ")",
-          [](const std::vector<std::string>&) {});
-  }
-  std::optional<Order> find_order(long long id) override {
-    std::optional<Order> order;
-    query("SELECT o.id, o.customer, o.amount, o.ref, (SELECT COUNT(*) FROM audit a WHERE "
-          "a.order_id = o.id) FROM orders o WHERE o.id = " + std::to_string(id),
-          [&](const std::vector<std::string>& r) {
-            order = Order{to_ll(r[0]), r[1], static_cast<long>(to_ll(r[2])), r[3],
-                          static_cast<int>(to_ll(r[4]))};
-          });
-    return order;
-  }
-  bool has_ref(std::string_view ref) override {
-    bool found = false;
-    query("SELECT 1 FROM orders WHERE ref = " + quote(ref),
-          [&](const std::vector<std::string>&) { found = true; });
-    return found;
+  long long last_insert_id() override { return sqlite3_last_insert_rowid(db_); }
+  std::string quote(std::string_view s) override {
+    std::string out = "'";
+    for (char c : s) {
+      if (c == '\'') out += '\'';
+      out += c;
+    }
+    return out + "'";
   }
   void query(const std::string& sql,
              const std::function<void(const std::vector<std::string>&)>& row) override {
@@ -244,15 +226,6 @@ class SqliteBackend final : public Db::Backend {
     if (backoff_) backoff_();
     return true;
   }
-  static std::string quote(std::string_view s) {
-    std::string out = "'";
-    for (char c : s) {
-      if (c == '\'') out += '\'';
-      out += c;
-    }
-    return out + "'";
-  }
-
   sqlite3* db_ = nullptr;
   std::function<void()> backoff_;
 };
@@ -311,30 +284,14 @@ class MariaDbBackend final : public Db::Backend {
   void exec(const std::string& sql) override {
     run(sql == "BEGIN" ? "START TRANSACTION" : sql);
   }
-  long long insert_order(std::string_view customer, long amount, std::string_view ref) override {
-    run("INSERT INTO orders(ref, customer, amount) VALUES(" + quote(ref) + ", " +
-        quote(customer) + ", " + std::to_string(amount) + ")");
-    return static_cast<long long>(mysql_insert_id(mysql_));
-  }
-  void insert_audit(long long order_id, std::string_view event) override {
-    run("INSERT INTO audit(order_id, event) VALUES(" + std::to_string(order_id) + ", " +
-        quote(event) + ")");
-  }
-  std::optional<Order> find_order(long long id) override {
-    std::optional<Order> order;
-    query("SELECT o.id, o.customer, o.amount, o.ref, (SELECT COUNT(*) FROM audit a WHERE "
-          "a.order_id = o.id) FROM orders o WHERE o.id = " + std::to_string(id),
-          [&](const std::vector<std::string>& r) {
-            order = Order{to_ll(r[0]), r[1], static_cast<long>(to_ll(r[2])), r[3],
-                          static_cast<int>(to_ll(r[4]))};
-          });
-    return order;
-  }
-  bool has_ref(std::string_view ref) override {
-    bool found = false;
-    query("SELECT 1 FROM orders WHERE ref = " + quote(ref),
-          [&](const std::vector<std::string>&) { found = true; });
-    return found;
+  long long last_insert_id() override { return static_cast<long long>(mysql_insert_id(mysql_)); }
+  std::string quote(std::string_view s) override {
+    if (mysql_ == nullptr) throw DbError("the connection is closed", true);
+    std::string out(2 * s.size() + 3, '\0');
+    out[0] = '\'';
+    const unsigned long n = mysql_real_escape_string(mysql_, out.data() + 1, s.data(), s.size());
+    out.resize(n + 1);
+    return out + "'";
   }
   void query(const std::string& sql,
              const std::function<void(const std::vector<std::string>&)>& row) override {
@@ -372,15 +329,6 @@ class MariaDbBackend final : public Db::Backend {
                       mysql_error(mysql_),
                   connection_lost(code));
   }
-  std::string quote(std::string_view s) {
-    std::string out(2 * s.size() + 3, '\0');
-    out[0] = '\'';
-    const unsigned long n =
-        mysql_real_escape_string(mysql_, out.data() + 1, s.data(), s.size());
-    out.resize(n + 1);
-    return out + "'";
-  }
-
   MYSQL* mysql_ = nullptr;
 };
 
@@ -415,13 +363,35 @@ bool Db::in_transaction() const { return backend_->in_transaction(); }
 bool Db::ping() { return backend_->ping(); }
 void Db::close() { backend_->close(); }
 long long Db::insert_order(std::string_view customer, long amount, std::string_view ref) {
-  return backend_->insert_order(customer, amount, ref);
+  backend_->exec("INSERT INTO orders(ref, customer, amount) VALUES(" + backend_->quote(ref) +
+                 ", " + backend_->quote(customer) + ", " + std::to_string(amount) + ")");
+  return backend_->last_insert_id();
 }
+
 void Db::insert_audit(long long order_id, std::string_view event) {
-  backend_->insert_audit(order_id, event);
+  backend_->exec("INSERT INTO audit(order_id, event) VALUES(" + std::to_string(order_id) + ", " +
+                 backend_->quote(event) + ")");
 }
-std::optional<Order> Db::find_order(long long id) { return backend_->find_order(id); }
-bool Db::has_ref(std::string_view ref) { return backend_->has_ref(ref); }
+
+std::optional<Order> Db::find_order(long long id) {
+  std::optional<Order> order;
+  backend_->query(
+      "SELECT o.id, o.customer, o.amount, o.ref, (SELECT COUNT(*) FROM audit a WHERE "
+      "a.order_id = o.id) FROM orders o WHERE o.id = " + std::to_string(id),
+      [&](const std::vector<std::string>& r) {
+        order = Order{to_ll(r[0]), r[1], static_cast<long>(to_ll(r[2])), r[3],
+                      static_cast<int>(to_ll(r[4]))};
+      });
+  return order;
+}
+
+bool Db::has_ref(std::string_view ref) {
+  bool found = false;
+  backend_->query("SELECT 1 FROM orders WHERE ref = " + backend_->quote(ref),
+                  [&](const std::vector<std::string>&) { found = true; });
+  return found;
+}
+
 void Db::reset_schema() { backend_->reset_schema(); }
 
 std::vector<std::pair<long long, std::string>> Db::all_order_refs() {

@@ -17,6 +17,8 @@
 #include <mutex>
 #include <thread>
 
+#include <unistd.h>
+
 namespace example {
 
 namespace asio = boost::asio;
@@ -110,7 +112,8 @@ LoadResult run_load(const LoadOptions& o) {
     Client client(o);
     std::vector<double> mine;
     long long last_id = 0;
-    long count = 0;
+    long count = 0, posts = 0;
+    std::string last_ref;
     std::string body;
     for (int b = 0; b < bursts; ++b) {
       for (long i; (i = next.fetch_add(1)) < burst_end;) {
@@ -120,10 +123,13 @@ LoadResult run_load(const LoadOptions& o) {
         if (get) {
           status = client.send(http::verb::get, "/orders/" + std::to_string(last_id), "", nullptr);
         } else {
+          const bool duplicate =
+              o.duplicate_every > 0 && !last_ref.empty() && ++posts % o.duplicate_every == 0;
+          if (!duplicate) last_ref = o.ref_prefix + "-" + std::to_string(i);
           status = client.send(http::verb::post, "/orders",
                                "{\"customer\":\"customer-" + std::to_string(i % 97) +
                                    "\",\"amount\":" + std::to_string(1 + i % 997) +
-                                   ",\"ref\":\"" + o.ref_prefix + "-" + std::to_string(i) + "\"}",
+                                   ",\"ref\":\"" + last_ref + "\"}",
                                &body);
           if (status == 201) last_id = id_in(body);
           if (status >= 200 && status < 300) ++p2;
@@ -141,18 +147,20 @@ LoadResult run_load(const LoadOptions& o) {
     latencies.insert(latencies.end(), mine.begin(), mine.end());
   };
   std::atomic<bool> finished{false};
+  // The progress line: rewritten in place on a terminal, else printed at every quarter.
+  const bool tty = isatty(STDERR_FILENO) != 0;
   std::thread progress([&] {
     long shown = 0;
-    const long step = std::max(1L, o.requests / 10);
-    while (!finished.load()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const long step = tty ? 1 : std::max(1L, o.requests / 4);
+    for (bool last = false; !last;) {
+      last = finished.load();
+      if (!last) std::this_thread::sleep_for(std::chrono::milliseconds(200));
       const long d = done.load();
-      if (o.progress && d / step > shown / step) {
-        shown = d;
-        std::fprintf(stderr, "  load: %3ld%%  %ld/%ld requests  2xx %ld  4xx %ld  5xx %ld  errors %ld\n",
-                     d * 100 / std::max(1L, o.requests), d, o.requests, s2.load(), s4.load(),
-                     s5.load(), errors.load());
-      }
+      if (!o.progress || (d / step <= shown / step && !(last && tty))) continue;
+      shown = d;
+      std::fprintf(stderr, "%s  load: %3ld%%  %ld/%ld requests  2xx %ld  4xx %ld  5xx %ld  errors %ld%s",
+                   tty ? "\r" : "", d * 100 / std::max(1L, o.requests), d, o.requests, s2.load(),
+                   s4.load(), s5.load(), errors.load(), tty && !last ? "" : "\n");
     }
   });
   std::vector<std::thread> threads;

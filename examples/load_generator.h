@@ -1,6 +1,6 @@
 // load_generator.h: a small HTTP load generator over real sockets: C keep-alive
-// connections, each sending POST /orders (and every Nth request a GET /orders/<id> of an
-// order it created) until N requests are done; optionally in bursts separated by idle
+// connections, each sending POST /orders (every Nth request a GET /orders/<id> of an order
+// it created, every Mth POST a repeated ref that must be refused) until N requests are done; optionally in bursts separated by idle
 // periods (so that pooled connections sit idle longer than the server's wait_timeout).
 
 #ifndef SCOPEREG_EXAMPLES_LOAD_GENERATOR_H_
@@ -18,6 +18,9 @@ struct LoadOptions {
   long requests = 20000;
   int connections = 16;
   int get_every = 5;   // every 5th request of a connection is a GET (0: POSTs only)
+  // Every 50th POST of a connection repeats the ref of its previous one: answered 409,
+  // rolled back (0: never).
+  int duplicate_every = 50;
   int bursts = 1;      // the requests are split into this many bursts...
   std::chrono::milliseconds idle{0};  // ...with this idle time between them
   std::string ref_prefix = "lg";      // refs are <prefix>-<n>: unique per run

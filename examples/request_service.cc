@@ -55,6 +55,7 @@ const char kUsage[] =
     "usage: request_service [--strategy=thread|fiber|explicit] [--workers=N] [--fibers=N]\n"
     "         [--db=sqlite|sqlite:DIR|mariadb://USER[:PASSWORD]@HOST[:PORT]/DB[?socket=PATH]]\n"
     "         [--requests=N] [--connections=C] [--bursts=B] [--idle-ms=MS] [--get-every=N]\n"
+    "         [--duplicate-every=N]\n"
     "         [--serve] [--port=P] [--port-file=PATH] [--load=HOST:PORT] [--pool-size=N]\n"
     "         [--body-limit=BYTES] [--io-timeout-ms=MS] [--single] [--quiet]\n";
 
@@ -91,6 +92,7 @@ bool parse(int argc, char** argv, Config& c) {
     else if (key == "--bursts") c.load.bursts = static_cast<int>(number(1, 1000));
     else if (key == "--idle-ms") c.load.idle = std::chrono::milliseconds(number(0, 600000));
     else if (key == "--get-every") c.load.get_every = static_cast<int>(number(0, 1000000));
+    else if (key == "--duplicate-every") c.load.duplicate_every = static_cast<int>(number(0, 1000000));
     else if (key == "--port") c.server.port = static_cast<unsigned short>(number(0, 65535));
     else if (key == "--port-file" && value) c.port_file = value;
     else if (key == "--pool-size") c.pool_size = static_cast<std::size_t>(number(1, 10000));
@@ -208,9 +210,11 @@ bool round(const Config& c, const DbUrl& url, const StrategyOptions& s, LoadResu
   const ServiceCounters& k = service.store.counters();
   lines.push_back({"load generator: requests == answered", std::to_string(load.requests),
                    load.requests == k.requests && load.transport_errors == 0});
-  lines.push_back({"load generator: 2xx/5xx == service's",
-                   std::to_string(load.status_2xx) + "/" + std::to_string(load.status_5xx),
-                   load.status_2xx == k.status_2xx && load.status_5xx == k.status_5xx});
+  lines.push_back({"load generator: 2xx/4xx/5xx == service's",
+                   std::to_string(load.status_2xx) + "/" + std::to_string(load.status_4xx) + "/" +
+                       std::to_string(load.status_5xx),
+                   load.status_2xx == k.status_2xx && load.status_4xx == k.status_4xx &&
+                       load.status_5xx == k.status_5xx});
   if (print) {
     std::printf("\nscopereg request_service -- strategy %s, %d workers, %d connections\n",
                 s.name.c_str(), s.workers, c.load.connections);
@@ -240,7 +244,9 @@ int drive(const Config& c, const DbUrl& url) {
     s.workers = 1;
     if (!c.quiet) std::fprintf(stderr, "request_service: round 1 of 2: 1 worker\n");
     ok = round(c, url, s, one, false) && ok;
-    if (!c.quiet) std::fprintf(stderr, "request_service: round 2 of 2: %d workers\n", s.workers);
+    if (!c.quiet) {
+      std::fprintf(stderr, "request_service: round 2 of 2: %d workers\n", c.strategy.workers);
+    }
   }
   ok = round(c, url, c.strategy, all, !c.quiet) && ok;
   if (scaling) {

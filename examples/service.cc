@@ -130,7 +130,8 @@ std::string report_json(const std::vector<ReportLine>& lines) {
   bool all_ok = true;
   for (const ReportLine& l : lines) {
     std::string& out = l.ok < 0 ? figures : checks;
-    out += (out.empty() ? "" : ",") + json_string(l.name) + ":";
+    if (!out.empty()) out += ',';
+    out.append(json_string(l.name)).append(":");
     if (l.ok < 0) {
       out += l.value.find_first_not_of("0123456789") == std::string::npos && !l.value.empty()
                  ? l.value
