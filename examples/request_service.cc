@@ -140,6 +140,20 @@ struct Database {
   }
 };
 
+// Runs `f` on a connection of its own, on a new one if the connection dies (a test that
+// KILLs connections may hit this one too).
+template <typename F>
+auto on_own_connection(const DbUrl& url, F f) {
+  for (int attempt = 1;; ++attempt) {
+    try {
+      Db db = Db::open(url);
+      return f(db);
+    } catch (const DbError& e) {
+      if (!e.lost() || attempt == 5) throw;
+    }
+  }
+}
+
 // One service on a fresh schema: store, strategy, HTTP server.
 struct Service {
   Store store;
@@ -155,21 +169,13 @@ struct Service {
   std::vector<ReportLine> finish() {
     server.stop();
     store.close_pool();
-    for (int attempt = 1;; ++attempt) {
-      try {
-        Db db = Db::open(store.options().url);
-        return store.report(db, true);
-      } catch (const DbError& e) {
-        // A test that KILLs connections may hit this one too: read again on a new one.
-        if (!e.lost() || attempt == 3) throw;
-      }
-    }
+    return on_own_connection(store.options().url,
+                             [&](Db& db) { return store.report(db, true); });
   }
 };
 
 void reset_schema(const DbUrl& url) {
-  Db db = Db::open(url);
-  db.reset_schema();
+  on_own_connection(url, [](Db& db) { db.reset_schema(); });
 }
 
 int serve(const Config& c, const DbUrl& url) {

@@ -118,7 +118,7 @@ std::vector<ReportLine> Store::report(Db& db, bool final) {
         others = db.other_connections_of_user();
       }
       lines.push_back({"no connection left (server processlist)", n(others), others == 0});
-      lines.push_back({"server Threads_connected (this check's own)",
+      lines.push_back({"server Threads_connected (incl. this check)",
                        n(db.global_status("Threads_connected"))});
     }
   }
