@@ -16,8 +16,37 @@ import subprocess
 import sys
 
 # (label, ours, anchor, kind, bound): kind "max" means ours/anchor <= bound;
-# "faster" means anchor/ours >= bound.
+# "faster" means anchor/ours >= bound; "scaling" compares a benchmark's 2-thread figure
+# with its 1-thread one (see SCALING_ANCHOR); "bytes" is a counter of one benchmark.
+SCALING_ANCHOR = ("BM_ScopeLife_FollyStyleContext/threads:2",
+                  "BM_ScopeLife_FollyStyleContext/threads:1")
+SCALING_SLACK = 0.05  # how far above the anchor's own 2-vs-1-thread ratio ours may be
 TARGETS = [
+    ("Request scope life vs folly-style context (1 thread)",
+     "BM_ScopeLife_ExplicitScope/threads:1", "BM_ScopeLife_FollyStyleContext/threads:1",
+     "max", 1.0),
+    ("Scope life, 2 threads vs 1 (per-thread)", "BM_ScopeLife_ExplicitScope/threads:2",
+     "BM_ScopeLife_ExplicitScope/threads:1", "scaling", 1.2),
+    ("Explicit churn, 2 threads vs 1 (per-thread)", "BM_Churn_ExplicitScope/threads:2",
+     "BM_Churn_ExplicitScope/threads:1", "scaling", 1.2),
+    ("wrap + call, 2 threads vs 1 (per-thread)", "BM_WrapAndCall/threads:2",
+     "BM_WrapAndCall/threads:1", "scaling", 1.2),
+    ("Guard enter/leave, 2 threads vs 1 (per-thread)", "BM_EnterLeave_ScopeGuard/threads:2",
+     "BM_EnterLeave_ScopeGuard/threads:1", "scaling", 1.2),
+    ("folly-style context (anchor), 2 threads vs 1 (per-thread)", SCALING_ANCHOR[0],
+     SCALING_ANCHOR[1], "info", None),
+    ("Scope life, 10,000 FuncScope registries alive vs none",
+     "BM_ScopeLife_FuncScopeAlive/10000", "BM_ScopeLife_FuncScopeAlive/0", "max", 1.2),
+    ("Scope life, 100 FuncScope registries alive vs none",
+     "BM_ScopeLife_FuncScopeAlive/100", "BM_ScopeLife_FuncScopeAlive/0", "max", 1.2),
+    ("FuncScope hit, 16 registries used alternately vs 1", "BM_Get_FuncScope_Registries/16",
+     "BM_Get_FuncScope_Registries/1", "max", 1.5),
+    ("FuncScope hit, 64 registries used alternately vs 1", "BM_Get_FuncScope_Registries/64",
+     "BM_Get_FuncScope_Registries/1", "max", 1.5),
+    ("Bytes per fresh scope's first value, beyond sizeof(T)",
+     "BM_Memory_BytesPerValue_ExplicitScope/iterations:1", "bytes_per_value", "bytes", 64),
+    ("BoostFiberScope hit vs fiber_specific_ptr", "BM_Get_BoostFiberScope",
+     "BM_Get_BoostFiberSpecificPtr", "faster", 3.0),
     ("ThreadScope hit vs raw thread_local", "BM_Get_ThreadScope/threads:1",
      "BM_Get_RawThreadLocal/threads:1", "max", 3.0),
     ("ThreadScope hit vs boost::thread_specific_ptr", "BM_Get_ThreadScope/threads:1",
@@ -54,6 +83,11 @@ TARGETS = [
 
 # Hit benchmarks whose per-thread cost must not grow with threads (per-thread tokens).
 SCALING = [
+    ("folly-style request context life (anchor)", "BM_ScopeLife_FollyStyleContext"),
+    ("ExplicitScope request scope life", "BM_ScopeLife_ExplicitScope"),
+    ("ExplicitScope churn (a registry per thread)", "BM_Churn_ExplicitScope"),
+    ("wrap() + call", "BM_WrapAndCall"),
+    ("ScopeGuard enter/leave", "BM_EnterLeave_ScopeGuard"),
     ("raw thread_local (anchor)", "BM_Get_RawThreadLocal"),
     ("ThreadScope", "BM_Get_ThreadScope"),
     ("ExplicitScope", "BM_Get_ExplicitScope"),
@@ -140,6 +174,13 @@ def summarize(by_binary, counters):
              "|---|---|---|---|---|---|"]
     verdicts = []
     for label, ours, anchor, kind, bound in TARGETS:
+        if kind == "bytes":
+            v = counters.get(ours, {}).get(anchor)
+            ok = v is not None and v <= bound
+            verdicts.append(ok)
+            shown = f"{v:.0f} B" if v is not None else "missing"
+            lines.append(f"| {label} | {shown} | | | <= {bound} B | {'yes' if ok else 'no'} |")
+            continue
         o, a = pick(by_binary, ours, anchor)
         if o is None:
             lines.append(f"| {label} | missing | missing | | | |")
@@ -151,6 +192,20 @@ def summarize(by_binary, counters):
         elif kind == "faster":
             ratio, target, ok = a / o, f">= {bound}x faster", a / o >= bound
             ratio_s = f"{ratio:.1f}x faster"
+        elif kind == "scaling":
+            a2, a1 = pick(by_binary, *SCALING_ANCHOR)
+            if a2 is None:
+                a2, a1 = results.get(SCALING_ANCHOR[0]), results.get(SCALING_ANCHOR[1])
+            anchor_ratio = a2 / a1 if a2 is not None else None
+            ratio = o / a
+            ratio_s = f"{ratio:.2f}x"
+            if anchor_ratio is None:
+                target, ok = f"<= {bound}x", ratio <= bound
+            else:
+                limit = anchor_ratio + SCALING_SLACK
+                target = (f"<= {bound}x and <= anchor's {anchor_ratio:.2f}x"
+                          f" + {SCALING_SLACK}")
+                ok = ratio <= bound and ratio <= limit
         else:
             ratio_s, target, ok = f"{o / a:.2f}x", "(reported)", None
         verdicts.append(ok is not False)
@@ -170,7 +225,9 @@ def summarize(by_binary, counters):
             cells.append(f"{v / one:.2f}x" if v is not None else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         two = results.get(f"{base}/threads:2")
-        if two is not None and "anchor" not in label and "get(name)" not in label:
+        if (two is not None and "anchor" not in label and "get(name)" not in label
+                and not base.startswith(("BM_ScopeLife", "BM_Churn", "BM_WrapAndCall",
+                                         "BM_EnterLeave"))):  # those are target rows
             verdicts.append(two / one <= SCALING_BOUND)
     lines += ["", "## Churn and memory", "", "| benchmark | time per op | counters |",
               "|---|---|---|"]
@@ -200,7 +257,7 @@ def chart(by_binary, path):
     rows = []
     for label, o, a, kind, _ in TARGETS:
         ours, anchor = pick(by_binary, o, a)
-        if kind != "info" and ours is not None:
+        if kind in ("max", "faster") and ours is not None:
             rows.append((label, ours, anchor))
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
     ys = range(len(rows))

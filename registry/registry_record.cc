@@ -75,15 +75,26 @@ void DyingList::add(RegistryRecord* record, NodeBase* node) {
   }
 }
 
-void DyingList::destroy_all() noexcept {
-  std::size_t finished = items_.size();  // the item destroyed last round (none yet)
+NodeBase* DyingList::start_first() {
+  if (items_.empty() || items_[0].state != State::kPending) return nullptr;
+  items_[0].state = State::kDestroying;
+  return items_[0].node;
+}
+
+void DyingList::destroy_all(NodeBase* first) noexcept {
+  constexpr std::size_t kNone = ~std::size_t{0};
+  std::size_t finished = kNone;  // the item destroyed last round
+  if (first != nullptr) {
+    delete first;  // items_[0], ours since start_first()
+    finished = 0;
+  }
   for (;;) {
     NodeBase* node = nullptr;
     std::size_t next = 0;
     {
       MutexLock lock(domain_.mu);
       // One lock per value: report the previous destruction and take the next value.
-      if (finished != items_.size()) {
+      if (finished != kNone) {
         items_[finished].state = State::kGone;
         domain_.destroyed.notify_all();
       }
@@ -211,10 +222,8 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
 }
 
 void collect_ended(TokenRef token, DyingList& out) {
-  extract_bound(token, [&out](RegistryRecord* holder, NodeBase* node) {
-    MutexLock lock(out.domain().mu);
-    out.add(holder, node);
-  });
+  extract_bound(token,
+                [&out](RegistryRecord* holder, NodeBase* node) { out.add_locking(holder, node); });
 }
 
 void end_scope_everywhere(TokenRef token) {

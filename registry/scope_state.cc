@@ -187,14 +187,18 @@ void lock_scopes_for_fork() {
   for (std::size_t d = 0; d < kDomains; ++d) {
     Domain& domain = all_domains()[d];
     domain.mu.lock();
-    for_each_scope(domain, [](ScopeState* scope) { scope->mu_.lock(); });
+    for_each_scope(domain, [](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      scope->mu_.lock();
+    });
   }
 }
 
 void unlock_scopes_after_fork() {
   for (std::size_t d = kDomains; d-- > 0;) {
     Domain& domain = all_domains()[d];
-    for_each_scope(domain, [](ScopeState* scope) { scope->mu_.unlock(); });
+    for_each_scope(domain, [](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      scope->mu_.unlock();
+    });
     domain.mu.unlock();
   }
 }
@@ -268,13 +272,26 @@ void ScopeState::unlink() {
   prev_ = next_ = nullptr;
 }
 
-void ScopeState::end(bool reachable) noexcept {
+void ScopeState::reuse(ScopeToken token) noexcept {
+  MutexLock lock(mu_);
+  token_ = token;
+  closing_ = false;
+  first_index_.store(kNoIndex, std::memory_order_relaxed);  // the next first value is inline
+}
+
+void ScopeState::leave_domain() noexcept {
+  MutexLock lock(domain_.mu);
+  unlink();
+}
+
+void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
   for (int round = 0;; ++round) {
     // Token-keyed values first: found through the binding index (nothing to do, and no
     // lock taken, when no token-keyed registry holds a value for this scope).
     if (round < kHardRounds) collect_ended(TokenRef::of(token_), dying_);
     bool done = false;
     bool dying = false;
+    NodeBase* first = nullptr;
     {
       MutexLock lock(domain_.mu);
       {
@@ -283,18 +300,19 @@ void ScopeState::end(bool reachable) noexcept {
         if (round < kHardRounds) {
           take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
             assert(reg != nullptr);  // a registry empties its slots before it goes
-            dying_.add(reg, node);   // under our domain's mutex, held here
+            dying_add(reg, node);    // under our domain's mutex, held here
           });
         }
         // Unreachable: nothing can add values now; reachable: stop once a round found
         // none (values created from here on are refused).
-        dying = !dying_.empty();
+        dying = !dying_empty();
         done = !reachable || !dying;
         if (done) closing_ = true;
       }
-      if (done) unlink();
+      if (done && !reuse) unlink();
+      if (dying) first = dying_start_first();  // saves destroy_all a lock
     }
-    if (dying) dying_.destroy_all();
+    if (dying) dying_.destroy_all(first);
     if (done) return;
   }
 }

@@ -23,23 +23,40 @@ constexpr std::size_t kShards = 64;
 }  // namespace
 
 // One life of one application token's scope. Its table fields are guarded by the mutex of
-// the shard its token hashes to.
+// the shard its token hashes to. Records are recycled per thread (see RecordCache): a
+// record's ScopeState stays linked in its domain between lives.
 class ScopeRecord {
  public:
-  ScopeRecord(std::unique_ptr<TokenKey> key, Shard& shard) : key_(std::move(key)), shard_(shard) {}
+  ScopeRecord() = default;
+  ScopeRecord(const ScopeRecord&) = delete;
+  ScopeRecord& operator=(const ScopeRecord&) = delete;
+  ~ScopeRecord() { drop_key(); }
 
   // Tells the analysis that `held`, the caller's locked shard, is this record's shard.
-  void assert_shard(const Shard& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(shard_.mu);
+  void assert_shard(const Shard& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(shard_->mu);
 
-  std::unique_ptr<TokenKey> key_;
-  Shard& shard_;
+  void set_key(const TokenProbe& probe) {
+    key_ = probe.make(key_buffer_, sizeof(key_buffer_), probe.value, probe.hash);
+  }
+  void drop_key() {
+    if (key_ == reinterpret_cast<TokenKey*>(key_buffer_)) {
+      key_->~TokenKey();
+    } else {
+      delete key_;
+    }
+    key_ = nullptr;
+  }
+
+  TokenKey* key_ = nullptr;
+  alignas(16) unsigned char key_buffer_[64];
+  Shard* shard_ = nullptr;
   ScopeState state_{ScopeKind::kExplicit};
   // Increments from an existing reference may happen anywhere; every other change of refs_
   // happens under the shard's mutex, so "last reference gone" is decided exactly once.
   std::atomic<int> refs_{0};
-  bool keep_ ABSL_GUARDED_BY(shard_.mu) = false;
-  bool in_table_ ABSL_GUARDED_BY(shard_.mu) = true;
-  ScopeRecord* next_ ABSL_GUARDED_BY(shard_.mu) = nullptr;  // same (type, hash) chain
+  bool keep_ ABSL_GUARDED_BY(shard_->mu) = false;
+  bool in_table_ ABSL_GUARDED_BY(shard_->mu) = true;
+  ScopeRecord* next_ ABSL_GUARDED_BY(shard_->mu) = nullptr;  // same (type, hash) chain
 };
 
 namespace {
@@ -62,6 +79,64 @@ ScopeRecord* find_locked(Shard& shard, const TokenProbe& probe)
   return nullptr;
 }
 
+// Each thread keeps up to 16 ended records of its own domain for the next scopes it starts:
+// a scope's life then allocates nothing but its values. Trivially destructible, so it is
+// usable until the thread's very end; RecordCacheDrain frees it at thread exit.
+struct RecordCache {
+  static constexpr int kMax = 16;
+  ScopeRecord* records[kMax];
+  int size;
+  bool drain_registered;
+  bool exited;
+};
+thread_local constinit RecordCache t_records{};
+
+void destroy_record(ScopeRecord* record) noexcept {
+  record->state_.leave_domain();
+  delete record;
+}
+
+struct RecordCacheDrain {
+  ~RecordCacheDrain() {
+    RecordCache& cache = t_records;
+    cache.exited = true;
+    while (cache.size > 0) destroy_record(cache.records[--cache.size]);
+  }
+  void touch() {}
+};
+thread_local RecordCacheDrain t_records_drain;
+
+ScopeRecord* new_record(const TokenProbe& probe, Shard& shard) {
+  RecordCache& cache = t_records;
+  ScopeRecord* record;
+  if (cache.size > 0) {
+    record = cache.records[--cache.size];
+    record->state_.reuse(new_scope_token(ScopeKind::kExplicit));
+  } else {
+    record = new ScopeRecord;
+  }
+  record->set_key(probe);
+  record->shard_ = &shard;
+  return record;
+}
+
+// A record whose scope ended (end_for_reuse) and that no one reaches any more.
+void recycle_record(ScopeRecord* record) noexcept {
+  record->drop_key();
+  RecordCache& cache = t_records;
+  if (cache.exited || cache.size == RecordCache::kMax ||
+      !record->state_.in_domain(this_thread_domain())) {
+    destroy_record(record);
+    return;
+  }
+  if (!cache.drain_registered) {
+    t_records_drain.touch();  // constructs it: its destructor runs at thread exit
+    cache.drain_registered = true;
+  }
+  record->refs_.store(0, std::memory_order_relaxed);
+  cache.records[cache.size++] = record;
+}
+
 void unlink_locked(Shard& shard, ScopeRecord* record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
   record->assert_shard(shard);
   auto it = shard.map.find(std::make_pair(record->key_->type(), record->key_->hash()));
@@ -78,14 +153,14 @@ void unlink_locked(Shard& shard, ScopeRecord* record) ABSL_EXCLUSIVE_LOCKS_REQUI
 
 void end_record(ScopeRecord* record) noexcept {
   // No guard, capture or table entry reaches the record now: nothing can add values.
-  record->state_.end(/*reachable=*/false);
-  delete record;
+  record->state_.end_for_reuse();
+  recycle_record(record);
 }
 
 }  // namespace
 
 void ScopeRecord::assert_shard([[maybe_unused]] const Shard& held) const {
-  assert(&held == &shard_);
+  assert(&held == shard_);
 }
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
@@ -93,8 +168,10 @@ ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
   MutexLock lock(shard.mu);
   ScopeRecord* record = find_locked(shard, probe);
   if (record == nullptr) {
-    record = new ScopeRecord(probe.make(probe.value, probe.hash), shard);
+    record = new_record(probe, shard);
     record->assert_shard(shard);
+    record->keep_ = false;
+    record->in_table_ = true;
     ScopeRecord*& head = shard.map[std::make_pair(probe.type, probe.hash)];
     record->next_ = head;
     head = record;
@@ -118,7 +195,7 @@ void add_ref(ScopeRecord* record) noexcept {
 }
 
 void release_record(ScopeRecord* record) noexcept {
-  Shard& shard = record->shard_;
+  Shard& shard = *record->shard_;
   {
     MutexLock lock(shard.mu);
     record->assert_shard(shard);

@@ -41,7 +41,11 @@
 //
 // Cost: entering/leaving a guard is a hash and a sharded-lock map operation (see
 // benchmarks/explicit_scope_benchmark.cc); a registry hit is three loads after one
-// constant-initialised thread_local load, no lock.
+// constant-initialised thread_local load, no lock. A whole request scope's life (a fresh
+// token, one value, the guard left) takes no process-wide lock: the scope's record comes
+// from a per-thread cache of ended records (its token key stored inline when it fits in
+// 64 bytes), its first value sits inline in the record (no slot array), and its end takes
+// only its own thread's domain lock (benchmarks/request_scope_benchmark.cc).
 
 #ifndef SCOPEREG_EXPLICIT_SCOPE_H_
 #define SCOPEREG_EXPLICIT_SCOPE_H_
@@ -98,19 +102,27 @@ class TypedTokenKey final : public TokenKey {
 };
 
 // How to find (and, on a miss, make) the key of a token without allocating on a hit.
+// make() builds the key in `buffer` when it fits (the record's inline storage), else on
+// the heap; the record tells which by the address.
 struct TokenProbe {
   const void* type;
   std::size_t hash;
   const void* value;
-  std::unique_ptr<TokenKey> (*make)(const void* value, std::size_t hash);
+  TokenKey* (*make)(void* buffer, std::size_t size, const void* value, std::size_t hash);
 };
 
 template <typename K>
 TokenProbe probe_for(const K& token) {
-  return TokenProbe{&kTokenTypeTag<K>, absl::Hash<K>{}(token), &token,
-                    [](const void* v, std::size_t h) -> std::unique_ptr<TokenKey> {
-                      return std::make_unique<TypedTokenKey<K>>(*static_cast<const K*>(v), h);
-                    }};
+  return TokenProbe{
+      &kTokenTypeTag<K>, absl::Hash<K>{}(token), &token,
+      [](void* buffer, std::size_t size, const void* v, std::size_t h) -> TokenKey* {
+        using Key = TypedTokenKey<K>;
+        const K& value = *static_cast<const K*>(v);
+        if constexpr (alignof(Key) <= 16) {
+          if (sizeof(Key) <= size) return new (buffer) Key(value, h);
+        }
+        return new Key(value, h);
+      }};
 }
 
 class ScopeRecord;
@@ -203,8 +215,9 @@ struct TypedToken {
 // type with AbslHashValue). Tokens of different types never match (int 7 != long 7): use
 // one type per kind of token, ideally a TypedToken.
 // Thread safety: a guard must be destroyed on the thread (or fiber) that created it.
-// Cost: one hash, one sharded-lock look-up, no allocation when the token's scope is
-// already live on another thread.
+// Cost: one hash, one sharded-lock look-up; no allocation when the token's scope is
+// already live, or when this thread has an ended record to reuse (the common case for a
+// thread that starts and ends request scopes).
 class ScopeGuard {
  public:
   template <typename K>

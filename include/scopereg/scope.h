@@ -126,7 +126,8 @@ using ScopeFuncOf = std::function<K()>;
 // or explicit scope in registries of those strategies (slot-based) end with that scope
 // itself, never through end_scope(). A value still being created for `token` when it is
 // ended is stored afterwards and lives until the registry's end_scope or destruction.
-// Cost: one hash probe per token-keyed registry alive, under the process-wide lock.
+// Cost: one look-up in a sharded index of which token-keyed registries hold a value for
+// `token` (no lock when none does), then one hash probe per registry that does.
 void end_scope(ScopeToken token);
 
 template <typename K>

@@ -69,10 +69,18 @@ class DyingList {
   // Tells the analysis that `held`, a locked domain, is this list's.
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
   void add(RegistryRecord* record, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
+  // add(), taking the domain's mutex itself.
+  void add_locking(RegistryRecord* record, NodeBase* node) ABSL_LOCKS_EXCLUDED(domain_.mu) {
+    MutexLock lock(domain_.mu);
+    add(record, node);
+  }
   bool empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return items_.empty(); }
+  // Marks the first value as being destroyed and returns it (null if there is none), for
+  // the caller's next destroy_all(first): it then need not lock to take it.
+  NodeBase* start_first() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
   // Destroys every value not taken back, one at a time with no lock held, then
-  // unregisters.
-  void destroy_all() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu);
+  // unregisters. `first`: what start_first() returned.
+  void destroy_all(NodeBase* first = nullptr) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu);
 
  private:
   friend class RegistryRecord;
@@ -148,7 +156,7 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
 
 // Moves `token`'s values out of every token-keyed registry that holds one into `out`,
 // taking `out`'s domain mutex for each. Visits only those registries.
-void collect_ended(TokenRef token, DyingList& out) ABSL_LOCKS_EXCLUDED(out.domain().mu);
+void collect_ended(TokenRef token, DyingList& out);
 
 // Ends `token`'s scope in every token-keyed registry: its values are destroyed now.
 void end_scope_everywhere(TokenRef token);

@@ -119,7 +119,21 @@ class ScopeState {
   // means no code can reach this scope any more (an explicit scope whose last guard and
   // capture are gone): one round, and creation is refused from the start. Called exactly
   // once.
-  void end(bool reachable = true) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_);
+  void end(bool reachable = true) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) {
+    end_impl(reachable, /*reuse=*/false);
+  }
+  // An unreachable scope's end that leaves the ScopeState linked and empty, to be given a
+  // new life with reuse() (ExplicitScope recycles its records per thread) or destroyed
+  // after leave_domain().
+  void end_for_reuse() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) {
+    end_impl(/*reachable=*/false, /*reuse=*/true);
+  }
+  // A new life under a new token, after end_for_reuse(), by the only owner of the state.
+  void reuse(ScopeToken token) noexcept ABSL_LOCKS_EXCLUDED(mu_);
+  // Unlinks a state ended with end_for_reuse() before it is destroyed.
+  void leave_domain() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu);
+  // Whether this state lives in `domain` (recycle it only on a thread of that domain).
+  bool in_domain(const Domain& domain) const { return &domain_ == &domain; }
 
   // Tells the analysis that `held`, a locked domain, is this scope's.
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
@@ -141,11 +155,28 @@ class ScopeState {
   template <typename F>
   void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void unlink() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
+  void end_impl(bool reachable, bool reuse) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_);
+  // dying_ was made with domain_, so its guard is domain_.mu; the analysis cannot see that
+  // two references name one object, hence these (checked at their callers).
+  void dying_add(RegistryRecord* reg, NodeBase* node)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    dying_.add(reg, node);
+  }
+  bool dying_empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return dying_.empty();
+  }
+  NodeBase* dying_start_first() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return dying_.start_first();
+  }
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
   std::atomic<std::uint32_t> first_index_{kNoIndex};
   std::atomic<NodeBase*> first_node_{nullptr};
-  const ScopeToken token_;
+  // Written only by reuse(), when no value exists and no one else reaches the state; read
+  // by the owner and, under mu_, by visitors of a scope that holds a value.
+  ScopeToken token_;
   Domain& domain_;
 
   Mutex mu_;
