@@ -6,6 +6,7 @@
 
 #include <charconv>
 #include <mutex>
+#include <thread>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -120,6 +121,7 @@ class Db::Backend {
   virtual bool ping() = 0;
   virtual void close() = 0;
   virtual long long last_insert_id() = 0;
+  virtual unsigned long long server_id() const { return 0; }
   // `s` as a string literal of the backend's SQL dialect.
   virtual std::string quote(std::string_view s) = 0;
   // Runs a query and calls `row` with each row's columns (NULL as "").
@@ -285,6 +287,7 @@ class MariaDbBackend final : public Db::Backend {
     run(sql == "BEGIN" ? "START TRANSACTION" : sql);
   }
   long long last_insert_id() override { return static_cast<long long>(mysql_insert_id(mysql_)); }
+  unsigned long long server_id() const override { return mysql_ ? mysql_thread_id(mysql_) : 0; }
   std::string quote(std::string_view s) override {
     if (mysql_ == nullptr) throw DbError("the connection is closed", true);
     std::string out(2 * s.size() + 3, '\0');
@@ -362,6 +365,19 @@ void Db::rollback() { backend_->exec("ROLLBACK"); }
 bool Db::in_transaction() const { return backend_->in_transaction(); }
 bool Db::ping() { return backend_->ping(); }
 void Db::close() { backend_->close(); }
+unsigned long long Db::server_id() const { return backend_->server_id(); }
+
+bool Db::wait_until_gone(unsigned long long id, std::chrono::milliseconds limit) {
+  if (id == 0) return true;
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  const std::string sql =
+      "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = " + std::to_string(id);
+  while (column(sql) != std::vector<std::string>{"0"}) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
 long long Db::insert_order(std::string_view customer, long amount, std::string_view ref) {
   backend_->exec("INSERT INTO orders(ref, customer, amount) VALUES(" + backend_->quote(ref) +
                  ", " + backend_->quote(customer) + ", " + std::to_string(amount) + ")");
@@ -393,6 +409,13 @@ bool Db::has_ref(std::string_view ref) {
 }
 
 void Db::reset_schema() { backend_->reset_schema(); }
+void Db::exec(const std::string& sql) { backend_->exec(sql); }
+
+std::vector<std::string> Db::column(const std::string& sql) {
+  std::vector<std::string> values;
+  backend_->query(sql, [&](const std::vector<std::string>& r) { values.push_back(r.at(0)); });
+  return values;
+}
 
 std::vector<std::pair<long long, std::string>> Db::all_order_refs() {
   std::vector<std::pair<long long, std::string>> refs;

@@ -16,6 +16,7 @@
 #define SCOPEREG_EXAMPLES_DB_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -80,6 +81,11 @@ class Db {
   void rollback();
   bool in_transaction() const;
   bool ping();   // a round trip to the server: false when the connection is dead
+  // The server's id of this connection (its processlist ID); 0 for SQLite.
+  unsigned long long server_id() const;
+  // MariaDB: waits (up to `limit`) until the server has finished with connection `id` --
+  // a KILLed connection's thread may still be completing its COMMIT. False on timeout.
+  bool wait_until_gone(unsigned long long id, std::chrono::milliseconds limit);
   void close();  // idempotent
 
   long long insert_order(std::string_view customer, long amount, std::string_view ref);
@@ -89,6 +95,10 @@ class Db {
   // Every order's (id, ref), and the order id of every audit row: the invariant checks.
   std::vector<std::pair<long long, std::string>> all_order_refs();
   std::vector<long long> all_audit_order_ids();
+
+  // Any statement, and a query's first column (administration and tests).
+  void exec(const std::string& sql);
+  std::vector<std::string> column(const std::string& sql);
 
   // Drops and creates the tables: every run starts empty.
   void reset_schema();

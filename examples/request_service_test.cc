@@ -14,8 +14,12 @@
 
 #include <stdlib.h>
 
+#include <cstdlib>
+
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <optional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -378,6 +382,124 @@ TEST_P(ServerTest, KeepAliveServesManyRequestsOnOneConnection) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Strategies, ServerTest, ::testing::Values("thread", "fiber", "explicit"),
+                         [](const auto& info) { return std::string(info.param); });
+
+// ---- on a real MariaDB server: the seed's failure ----
+
+// A throwaway server for the suite (.ci/mariadb); the tests skip, with the reason, where
+// none can run.
+class MariaDbTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  static void SetUpTestSuite() {
+    if (!mariadb_available()) {
+      skip_reason_ = "request_service was built without libmariadb";
+      return;
+    }
+    char pattern[] = "/tmp/scopereg-mariadb-test-XXXXXX";
+    if (mkdtemp(pattern) == nullptr) {
+      skip_reason_ = "mkdtemp failed";
+      return;
+    }
+    dir_ = pattern;
+    const std::string command = "WAIT_TIMEOUT=30 bash " SCOPEREG_SOURCE_DIR "/.ci/mariadb start " +
+                                dir_ + " >" + dir_ + ".log 2>&1";
+    const int status = std::system(command.c_str());
+    if (status != 0) {
+      skip_reason_ = "no MariaDB server could start here (.ci/mariadb: see " + dir_ + ".log)";
+      dir_.clear();
+      return;
+    }
+    std::ifstream env(dir_ + "/env");
+    for (std::string line; std::getline(env, line);) {
+      if (line.starts_with("SCOPEREG_MARIADB_URL=")) url_ = DbUrl::parse(line.substr(21));
+    }
+  }
+  static void TearDownTestSuite() {
+    if (dir_.empty()) return;
+    const std::string command = "bash " SCOPEREG_SOURCE_DIR "/.ci/mariadb stop " + dir_;
+    EXPECT_EQ(std::system(command.c_str()), 0);
+    std::filesystem::remove(dir_ + ".log");
+  }
+
+  void SetUp() override {
+    if (!skip_reason_.empty()) GTEST_SKIP() << "SKIPPED: " << skip_reason_;
+    Db::open(url_).reset_schema();
+    StrategyOptions s{.name = GetParam(), .workers = 2, .fibers = 2};
+    store_ = std::make_unique<Store>(StoreOptions{url_, 2, backoff_for(s), true});
+    dispatcher_ = make_dispatcher(s, *store_);
+    server_ = std::make_unique<HttpServer>(*dispatcher_, ServerOptions{});
+    admin_.emplace(Db::open(url_));  // the same user may KILL its own connections
+  }
+  void TearDown() override {
+    if (server_) server_->stop();
+    server_.reset();
+    dispatcher_.reset();
+    if (store_) store_->close_pool();
+    store_.reset();
+    admin_.reset();
+  }
+
+  Reply order(const std::string& ref) {
+    RawClient c(server_->port());
+    c.send(post(R"({"customer":"m","amount":9,"ref":")" + ref + "\"}"));
+    return c.read();
+  }
+  // The service's connections (all but the admin's), or those running a statement.
+  std::vector<std::string> service_connections(bool busy_only) {
+    return admin_->column(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'scopereg' AND "
+        "ID <> CONNECTION_ID()" + std::string(busy_only ? " AND COMMAND = 'Query'" : ""));
+  }
+
+  static inline std::string dir_, skip_reason_;
+  static inline DbUrl url_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<Dispatcher> dispatcher_;
+  std::unique_ptr<HttpServer> server_;
+  std::optional<Db> admin_;
+};
+
+TEST_P(MariaDbTest, AnIdleConnectionTheServerDroppedIsReplacedByThePrePing) {
+  ASSERT_EQ(order("warm").status, 201u);  // one connection, idle in the pool now
+  const auto idle = service_connections(false);
+  ASSERT_EQ(idle.size(), 1u);
+  admin_->exec("KILL CONNECTION " + idle[0]);
+  const Reply r = order("after-kill");
+  EXPECT_EQ(r.status, 201u) << r.body;  // the request never saw the dead connection
+  const scopereg::PoolStats stats = store_->pool()->stats();
+  EXPECT_EQ(stats.ping_failures, 1u);
+  EXPECT_EQ(stats.connects, 2u);
+  EXPECT_EQ(store_->counters().status_5xx, 0);
+}
+
+TEST_P(MariaDbTest, AConnectionKilledMidTransactionFailsOnlyThatRequestAndIsDiscarded) {
+  ASSERT_EQ(order("warm").status, 201u);
+  // Hold the table: the next request's INSERT waits inside its transaction.
+  admin_->exec("LOCK TABLES orders WRITE");
+  RawClient victim(server_->port());
+  victim.send(post(R"({"customer":"m","amount":9,"ref":"victim"})"));
+  std::vector<std::string> busy;
+  for (int i = 0; i < 500 && busy.empty(); ++i) {
+    std::this_thread::sleep_for(10ms);
+    busy = service_connections(true);
+  }
+  ASSERT_EQ(busy.size(), 1u) << "the request never reached the database";
+  admin_->exec("KILL CONNECTION " + busy[0]);
+  admin_->exec("UNLOCK TABLES");
+  const Reply r = victim.read();
+  EXPECT_EQ(r.status, 503u) << r.body;
+  EXPECT_NE(r.body.find("connection lost"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find(R"("ref":"victim")"), std::string::npos) << r.body;
+  EXPECT_FALSE(admin_->has_ref("victim"));  // rolled back with its connection
+  const scopereg::PoolStats stats = store_->pool()->stats();
+  EXPECT_EQ(stats.invalidated, 1u);  // discarded, not returned to the pool
+  EXPECT_EQ(stats.checked_out, 0u);
+  EXPECT_EQ(store_->counters().lost_connections, 1);
+  EXPECT_EQ(order("next").status, 201u);  // the service keeps answering
+  EXPECT_TRUE(admin_->has_ref("next"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, MariaDbTest, ::testing::Values("thread", "fiber", "explicit"),
                          [](const auto& info) { return std::string(info.param); });
 
 }  // namespace

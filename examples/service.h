@@ -177,8 +177,10 @@ class OrderService {
   template <typename Work>
   HttpResponse in_session(Work work, const std::string& ref = "", bool* committing = nullptr) {
     typename Sessions::TeardownGuard done(sessions_);
+    Db* db = nullptr;
     try {
-      return work(sessions_.get(db_));
+      db = &sessions_.get(db_);
+      return work(*db);
     } catch (const DbError& e) {
       done.fail();
       if (!e.lost()) {
@@ -189,10 +191,11 @@ class OrderService {
         return json_error(500, std::string("database error: ") + e.what(), ref);
       }
       ++store_.counters().lost_connections;
+      const unsigned long long server_id = db != nullptr ? db->server_id() : 0;
       (void)sessions_.invalidate(db_);  // discarded, never back in the pool
       // The connection died during COMMIT: the transaction may have committed or not.
       // Ask the database (on another connection) instead of guessing.
-      if (committing != nullptr && *committing && committed_anyway(ref)) {
+      if (committing != nullptr && *committing && committed_anyway(ref, server_id)) {
         ++store_.counters().commits;
         return HttpResponse{201, "{\"ref\":" + json_string(ref) + "}"};
       }
@@ -203,9 +206,13 @@ class OrderService {
     }
   }
 
-  bool committed_anyway(const std::string& ref) {
+  // Whether the order `ref` was committed by connection `server_id`, which died during
+  // its COMMIT. The server may still be finishing that connection's work after the client
+  // saw it drop: wait until it is gone from the processlist, then look.
+  bool committed_anyway(const std::string& ref, unsigned long long server_id) {
     try {
       auto lease = store_.pool()->checkout();
+      if (!lease->wait_until_gone(server_id, std::chrono::seconds(10))) return false;
       return lease->has_ref(ref);
     } catch (const std::exception&) {
       return false;  // unknown: answered 503; the invariant check will tell
