@@ -85,7 +85,7 @@ void DyingList::destroy_all(NodeBase* first) noexcept {
   constexpr std::size_t kNone = ~std::size_t{0};
   std::size_t finished = kNone;  // the item destroyed last round
   if (first != nullptr) {
-    delete first;  // items_[0], ours since start_first()
+    release(first);  // items_[0], ours since start_first()
     finished = 0;
   }
   for (;;) {
@@ -119,7 +119,7 @@ void DyingList::destroy_all(NodeBase* first) noexcept {
       items_[next].state = State::kDestroying;
       node = items_[next].node;
     }
-    delete node;
+    release(node);  // destroys it unless a copied scope still binds it
     finished = next;
   }
 }
@@ -166,6 +166,10 @@ void RegistryRecord::subscribe_to_scope_ends() {
 
 void RegistryRecord::unsubscribe() {
   MutexLock lock(g_process_mutex);
+  unsubscribe_locked();
+}
+
+void RegistryRecord::unsubscribe_locked() {
   if (subscribed_) {
     std::erase(subscribers().list, this);
     subscribed_ = false;
@@ -219,6 +223,34 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
     holders = std::move(kept);
   }
   shard.size.store(shard.map.size(), std::memory_order_relaxed);
+}
+
+void copy_bound(TokenRef from, TokenRef to) {
+  BindingShard& shard = binding_shard(from);
+  if (shard.size.load(std::memory_order_acquire) == 0) return;  // the common case
+  absl::InlinedVector<NodeBase*, 4> unused;
+  {
+    // Under the process mutex, a registry found in the index is not retiring (it leaves
+    // the index under that mutex), so it can be called after the shard's lock is released.
+    MutexLock process_lock(g_process_mutex);
+    absl::InlinedVector<RegistryRecord*, 4> holders;
+    {
+      MutexLock lock(shard.mu);
+      auto it = shard.map.find({from.type, from.hash});
+      if (it == shard.map.end()) return;
+      for (RegistryRecord* holder : it->second) {
+        if (std::find(holders.begin(), holders.end(), holder) == holders.end()) {
+          holders.push_back(holder);
+        }
+      }
+    }
+    for (RegistryRecord* holder : holders) {
+      NodeBase* node = nullptr;
+      if (holder->share_for_copy(from, to, node)) holder->bind(to);
+      if (node != nullptr) unused.push_back(node);
+    }
+  }
+  for (NodeBase* node : unused) release(node);  // no lock held: may run a destructor
 }
 
 void collect_ended(TokenRef token, DyingList& out) {

@@ -97,7 +97,7 @@ SlotRegistry::~SlotRegistry() {
     set_registry_at(index_, nullptr);
     slots().free_indices.push_back(index_);
   }
-  for (NodeBase* n : nodes) delete n;
+  for (NodeBase* n : nodes) release(n);
 }
 
 std::int64_t SlotRegistry::size() const {
@@ -179,6 +179,45 @@ void ScopeState::take_values(F&& take) {
       take(registry_at(base + o), node);
     }
   }
+}
+
+template <typename F>
+void ScopeState::for_each_value(F&& visit) const {
+  if (values_ == 0) return;
+  const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
+  if (first != kNoIndex && chunks_[slot_id_for(first).chunk].load() == nullptr) {
+    if (NodeBase* node = first_node_.load(std::memory_order_relaxed)) visit(first, node);
+  }
+  for (std::uint32_t c = 0; c < chunk_limit_; ++c) {
+    std::atomic<NodeBase*>* chunk = chunks_[c].load(std::memory_order_relaxed);
+    if (chunk == nullptr) continue;
+    const std::uint32_t n = kFirstChunkSlots << c;
+    const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
+    for (std::uint32_t o = 0; o < n; ++o) {
+      if (NodeBase* node = chunk[o].load(std::memory_order_relaxed)) visit(base + o, node);
+    }
+  }
+}
+
+void ScopeState::share_from(ScopeState& from) {
+  absl::InlinedVector<std::pair<std::uint32_t, NodeBase*>, 4> shared;
+  {
+    MutexLock lock(from.mu_);
+    from.for_each_value([&shared](std::uint32_t index, NodeBase* node) {
+      shared.emplace_back(index, share(node));
+    });
+  }
+  if (!shared.empty()) {
+    MutexLock lock(mu_);
+    for (auto& [index, node] : shared) {
+      const SlotId slot = slot_id_for(index);
+      if (closing_ || load(slot) != nullptr) continue;  // this scope's own value wins
+      store(slot, node);
+      node = nullptr;
+    }
+  }
+  for (auto& [index, node] : shared) release(node);  // the ones not bound here
+  copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
 }
 
 // ---- fork ---------------------------------------------------------------------------

@@ -106,15 +106,17 @@ struct RecordCacheDrain {
 };
 thread_local RecordCacheDrain t_records_drain;
 
-ScopeRecord* new_record(const TokenProbe& probe, Shard& shard) {
+// An ended record of this thread's, given a new life, or a new one.
+ScopeRecord* take_record() {
   RecordCache& cache = t_records;
-  ScopeRecord* record;
-  if (cache.size > 0) {
-    record = cache.records[--cache.size];
-    record->state_.reuse(new_scope_token(ScopeKind::kExplicit));
-  } else {
-    record = new ScopeRecord;
-  }
+  if (cache.size == 0) return new ScopeRecord;
+  ScopeRecord* record = cache.records[--cache.size];
+  record->state_.reuse(new_scope_token(ScopeKind::kExplicit));
+  return record;
+}
+
+ScopeRecord* new_record(const TokenProbe& probe, Shard& shard) {
+  ScopeRecord* record = take_record();
   record->set_key(probe);
   record->shard_ = &shard;
   return record;
@@ -161,6 +163,20 @@ void end_record(ScopeRecord* record) noexcept {
 
 void ScopeRecord::assert_shard([[maybe_unused]] const Shard& held) const {
   assert(&held == shard_);
+}
+
+ScopeRecord* new_private_record() {
+  static Shard* const shards = all_shards();
+  ScopeRecord* record = take_record();
+  Shard& shard = shards[reinterpret_cast<std::uintptr_t>(record) / 64 % kShards];
+  record->shard_ = &shard;
+  MutexLock lock(shard.mu);
+  record->assert_shard(shard);
+  record->keep_ = false;
+  record->in_table_ = false;  // no token names it
+  record->next_ = nullptr;
+  record->refs_.store(1, std::memory_order_relaxed);
+  return record;
 }
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
@@ -252,10 +268,26 @@ ScopeFunc ExplicitScope::func() {
   return [] { return ExplicitScope::current(); };
 }
 
-ScopeGuard::ScopeGuard(internal::ScopeRecord* record)
+ScopeGuard::ScopeGuard(internal::ScopeRecord* record, bool inherit)
     : frame_{internal::state_of(record), record, nullptr},
       owner_(internal::current_context_id()) {
+  if (inherit) {
+    internal::ExplicitFrame* top = internal::t_context.explicit_top;
+    if (top != nullptr && top->state != frame_.state) frame_.state->share_from(*top->state);
+  }
   internal::push_frame(&frame_);
+}
+
+CapturedScope copy_context() {
+  internal::ScopeRecord* record = internal::new_private_record();
+  internal::ScopeState* state = internal::state_of(record);
+  if (internal::ExplicitFrame* top = internal::t_context.explicit_top) {
+    state->share_from(*top->state);
+  }
+  CapturedScope captured;
+  captured.frames_.push_back(internal::ExplicitFrame{state, record, nullptr});
+  captured.link();
+  return captured;
 }
 
 ScopeGuard::~ScopeGuard() {

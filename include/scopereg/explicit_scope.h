@@ -138,6 +138,8 @@ struct ExplicitFrame {
 // per thread, and per fiber since runtimes save and restore it on every switch.
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime);
+// A record for a scope no token names (copy_context), with one reference.
+ScopeRecord* new_private_record();
 void add_ref(ScopeRecord* record) noexcept;
 void release_record(ScopeRecord* record) noexcept;
 ScopeState* state_of(ScopeRecord* record) noexcept;
@@ -208,6 +210,15 @@ struct TypedToken {
   }
 };
 
+// inherit
+//
+// Tag for ScopeGuard(token, scopereg::inherit): the guard's scope starts with the current
+// scope's values (see ScopeGuard).
+struct InheritTag {
+  explicit InheritTag() = default;
+};
+inline constexpr InheritTag inherit{};
+
 // ScopeGuard
 //
 // Enters the scope of `token` for the guard's lifetime. `K` is any copyable,
@@ -226,6 +237,23 @@ class ScopeGuard {
                       ScopeLifetime lifetime = ScopeLifetime::kEndWithLastGuard)
       : ScopeGuard(internal::acquire_record(internal::probe_for(token), lifetime)) {}
 
+  // An inheriting child scope (folly's ShallowCopyRequestContextScopeGuard): enters
+  // `token`'s scope after binding in it every value of the current scope (the innermost
+  // active guard or captured scope) for each registry where `token`'s scope has none yet.
+  // Values are shared, not copied: set()/clear()/first creation in the child bind only in
+  // the child; the outer scope's values stay exactly as they were, and the outer scope is
+  // current again, untouched, when the guard is left. Registries keyed by the explicit
+  // scope take part: ScopedRegistry<T, ExplicitScope> and token-keyed registries over
+  // ExplicitScope::func(). With no current scope it is a plain ScopeGuard. When `token`'s
+  // scope is already live (another guard holds it), its own values win.
+  // Cost: as a plain guard plus one binding per inherited value (no value is copied).
+  template <typename K>
+    requires HashableToken<K>
+  ScopeGuard(const K& token, InheritTag,
+             ScopeLifetime lifetime = ScopeLifetime::kEndWithLastGuard)
+      : ScopeGuard(internal::acquire_record(internal::probe_for(token), lifetime),
+                   /*inherit=*/true) {}
+
   ScopeGuard(const ScopeGuard&) = delete;
   ScopeGuard& operator=(const ScopeGuard&) = delete;
   ~ScopeGuard();
@@ -234,19 +262,38 @@ class ScopeGuard {
   ScopeToken token() const { return frame_.state->token(); }
 
  private:
-  explicit ScopeGuard(internal::ScopeRecord* record);
+  explicit ScopeGuard(internal::ScopeRecord* record, bool inherit = false);
   internal::ExplicitFrame frame_;
   const void* owner_;
 };
 
 // CapturedScope
 //
-// A snapshot of the calling context's whole active-scope stack that keeps those scopes
-// alive (tornado's stack_context, contextvars.copy_context()). `run(f)` runs f with the
-// captured stack as the current one, on whatever thread or fiber calls it, and restores
-// the caller's own stack afterwards, also when f throws. Copyable (copies share the
-// scopes). Capturing with no active scope is allowed: run(f) then runs f with no scope.
-// Thread safety: a CapturedScope may be run concurrently from several threads.
+// Scopes held to be made current later, on any thread or fiber. Two ways to get one:
+//
+// * CapturedScope::current() -- SHARE: the calling context's whole active-scope stack,
+//   the same scopes (tornado's stack_context.wrap, folly's RequestContextScopeGuard on a
+//   saved shared_ptr). Code run in it sees, and changes, the caller's own values: a set()
+//   or clear() there is seen by the caller and by every other callable of that scope.
+//   This is what a request's database session needs (every callback, one transaction).
+//   scopereg::wrap(f) captures this way.
+// * scopereg::copy_context() -- COPY: a new scope whose values start as the caller's
+//   current scope's values (Python's contextvars.copy_context(); an asyncio task's
+//   context; folly's ShallowCopyRequestContextScopeGuard). Values are shared, not copied
+//   (T need not be copyable): the same objects, until one side replaces its binding. A
+//   set(), clear() or first creation inside the copy binds only in the copy, and persists
+//   there for the copy's next run(); later set()/clear() in the caller are not seen by
+//   the copy (contextvars' test_context_copy_1, test_context_run_*). A value lives while
+//   any scope binds it and is destroyed exactly once, when the last binding goes.
+//
+// `run(f)` runs f with the held scopes as the current ones and restores the caller's own
+// stack afterwards, also when f throws (contextvars.Context.run). `wrap(f)` returns a
+// callable that does that on every call and keeps the scopes alive (copy_context().wrap(f)
+// is the asyncio-task form). Copyable: copies of a CapturedScope hold the same scopes
+// (copy a context twice with copy_context() to get two independent ones). Capturing with
+// no active scope is allowed: run(f) then runs f with no scope.
+// Thread safety: a CapturedScope may be run concurrently from several threads (they then
+// share its scopes, as with any scope entered on several threads).
 class CapturedScope {
  public:
   CapturedScope() = default;  // no scope
@@ -264,7 +311,17 @@ class CapturedScope {
     return std::invoke(std::forward<F>(f), std::forward<Args>(args)...);
   }
 
+  // A callable that runs `f` in these scopes (as run()) on every call, forwarding its
+  // arguments and result, and keeps them alive while it (or a copy) exists.
+  template <typename F>
+  auto wrap(F f) const {
+    return [scope = *this, f = std::move(f)](auto&&... args) mutable -> decltype(auto) {
+      return scope.run(f, std::forward<decltype(args)>(args)...);
+    };
+  }
+
  private:
+  friend CapturedScope copy_context();
   // Makes the captured frames the calling context's stack; restores the caller's on exit.
   class Installed {
    public:
@@ -295,9 +352,21 @@ class CapturedScope {
 // stay alive while the returned callable (or a copy) exists.
 template <typename F>
 auto wrap(F f) {
-  return [scope = CapturedScope::current(), f = std::move(f)](auto&&... args) mutable
-         -> decltype(auto) { return scope.run(f, std::forward<decltype(args)>(args)...); };
+  return CapturedScope::current().wrap(std::move(f));
 }
+
+// copy_context
+//
+// A CapturedScope holding a new scope whose values start as the current scope's (the
+// innermost active guard or captured scope of the calling context): see CapturedScope's
+// COPY. The new scope has no application token (ExplicitScope::current() inside it is a
+// fresh ScopeToken); it ends when the last CapturedScope or wrapped callable holding it
+// goes. With no active scope it holds a new, empty scope (as Python's base context is
+// empty): values created inside its run() live in it.
+// Cost: one scope record (recycled per thread) plus one binding per value of the current
+// scope; token-keyed registries over ExplicitScope::func() add a look-up in the binding
+// index, and one process-wide lock only when one of them holds a value for this scope.
+CapturedScope copy_context();
 
 // ScopedExecutor
 //

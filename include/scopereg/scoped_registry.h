@@ -154,8 +154,10 @@ class ScopedRegistry {
   T& set(Args&&... args) {
     auto node = std::make_unique<internal::Node<T>>(std::in_place, std::forward<Args>(args)...);
     auto cell = backend_.cell(scope_);
-    std::unique_ptr<internal::NodeBase> old(internal::exchange(cell, node.get(), name_.c_str()));
-    return node.release()->value;
+    internal::NodeBase* old = internal::exchange(cell, node.get(), name_.c_str());
+    T& value = node.release()->value;
+    internal::release(old);  // destroyed unless a copied scope still binds it
+    return value;
   }
 
   // Destroys the calling scope's value, if any. A no-op on an empty scope or with no
@@ -164,7 +166,7 @@ class ScopedRegistry {
   void clear() {
     if (!backend_.has_scope(scope_)) return;
     auto cell = backend_.cell(scope_);
-    delete internal::exchange(cell, nullptr, name_.c_str());
+    internal::release(internal::exchange(cell, nullptr, name_.c_str()));
   }
 
   // Replaces the factory. Values that exist keep living; only values created afterwards
@@ -207,7 +209,7 @@ class ScopedRegistry {
     requires(!internal::SlotStrategy<Scope>)
   {
     auto cell = backend_.cell_of(token);
-    delete internal::exchange(cell, nullptr, name_.c_str());
+    internal::release(internal::exchange(cell, nullptr, name_.c_str()));
   }
 
   // The strategy this registry was built with.

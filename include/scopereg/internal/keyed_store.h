@@ -60,23 +60,24 @@ class KeyedStore final : public RegistryRecord {
   KeyedStore() { subscribe_to_scope_ends(); }
 
   ~KeyedStore() {
-    unsubscribe();
     std::vector<NodeBase*> nodes;
-    std::vector<Token> bound;
-    for (Shard& shard : shards_) {
-      MutexLock lock(shard.mu);
-      for (auto& [token, entry] : shard.map) {
-        if (entry.node != nullptr) {
-          nodes.push_back(entry.node);
-          bound.push_back(token);
+    // After this no scope end or copy reaches us; then take back what dying scopes hold.
+    leave_index<Token>([this, &nodes] {
+      std::vector<Token> bound;
+      for (Shard& shard : shards_) {
+        MutexLock lock(shard.mu);
+        for (auto& [token, entry] : shard.map) {
+          if (entry.node != nullptr) {
+            nodes.push_back(entry.node);
+            bound.push_back(token);
+          }
         }
+        shard.map.clear();
       }
-      shard.map.clear();
-    }
-    // After this no scope end reaches us; then take back what dying scopes hold of ours.
-    for (const Token& token : bound) unbind(TokenRef::of(token));
+      return bound;
+    });
     retire(nodes);
-    for (NodeBase* n : nodes) delete n;
+    for (NodeBase* n : nodes) release(n);
   }
 
   // Lock-free for ScopeToken keys on a cache hit; otherwise one shard lock.
@@ -159,6 +160,34 @@ class KeyedStore final : public RegistryRecord {
     removed(node);
     live_.fetch_sub(1, std::memory_order_relaxed);
     return node;
+  }
+
+  // Called with the process mutex held (registry_record.h). Takes the two tokens' shard
+  // locks one after the other, never both.
+  bool share_for_copy(TokenRef from_ref, TokenRef to_ref, NodeBase*& unused) override {
+    const Token* from = from_ref.as<Token>();
+    const Token* to = to_ref.as<Token>();
+    if (from == nullptr || to == nullptr) return false;
+    NodeBase* node = nullptr;
+    {
+      Shard& shard = shard_for(*from);
+      MutexLock lock(shard.mu);
+      auto it = shard.map.find(*from);
+      if (it == shard.map.end() || it->second.node == nullptr) return false;
+      node = share(it->second.node);
+    }
+    {
+      Shard& shard = shard_for(*to);
+      MutexLock lock(shard.mu);
+      if (shard.map.find(*to) == shard.map.end()) {
+        shard.map.emplace(*to, Entry{node, nullptr});
+        live_.fetch_add(1, std::memory_order_relaxed);
+        node = nullptr;
+      }
+    }
+    if (node == nullptr) return true;
+    unused = node;  // `to` had its own value: the caller releases the extra binding
+    return false;
   }
 
   void lock_for_fork() override ABSL_NO_THREAD_SAFETY_ANALYSIS {

@@ -120,6 +120,16 @@ class RegistryRecord {
   void subscribe_to_scope_ends() ABSL_LOCKS_EXCLUDED(g_process_mutex);
   // Stops that (first thing in a token-keyed registry's destructor).
   void unsubscribe() ABSL_LOCKS_EXCLUDED(g_process_mutex);
+  // The first part of a token-keyed registry's destruction: under the process mutex (so
+  // that no copy_bound() is sharing its values meanwhile), unsubscribes, calls
+  // `take_all()` (which empties the registry and returns the tokens it held values for)
+  // and drops their bindings. Afterwards no scope end or copy reaches the registry.
+  template <typename Token, typename TakeAll>
+  void leave_index(TakeAll&& take_all) ABSL_LOCKS_EXCLUDED(g_process_mutex) {
+    MutexLock lock(g_process_mutex);
+    unsubscribe_locked();
+    for (const Token& token : take_all()) unbind(TokenRef::of(token));
+  }
 
   // Bindings (token-keyed registries): records that this registry holds a value for
   // `token` / no longer does. Call with none of the registry's own locks held. Bindings
@@ -143,9 +153,19 @@ class RegistryRecord {
   // Removes and returns this registry's value for `token` (null when it has none). Called
   // with a binding shard's mutex held: must not wait or call back into scopereg.
   virtual NodeBase* extract_for_end(TokenRef /*token*/) { return nullptr; }
+  // Binds for `to` the value this registry holds for `from`, unless it holds one for `to`
+  // already; returns whether it did (the caller then records the binding). A binding it
+  // took and did not use is left in `unused`, for the caller to release with no lock held.
+  // Called with the process mutex held (the registry cannot be retiring).
+  virtual bool share_for_copy(TokenRef /*from*/, TokenRef /*to*/, NodeBase*& /*unused*/) {
+    return false;
+  }
+  friend void copy_bound(TokenRef from, TokenRef to);
   // fork(): take and release this registry's own locks (see fork.h).
   virtual void lock_for_fork() {}
   virtual void unlock_after_fork() {}
+
+  void unsubscribe_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
 
   bool subscribed_ ABSL_GUARDED_BY(g_process_mutex) = false;
 };
@@ -157,6 +177,11 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
 // Moves `token`'s values out of every token-keyed registry that holds one into `out`,
 // taking `out`'s domain mutex for each. Visits only those registries.
 void collect_ended(TokenRef token, DyingList& out);
+
+// Binds for `to`, in every token-keyed registry holding a value for `from` and none for
+// `to`, the same value (copy_context). Takes the process mutex only when some registry
+// holds a value for `from`.
+void copy_bound(TokenRef from, TokenRef to);
 
 // Ends `token`'s scope in every token-keyed registry: its values are destroyed now.
 void end_scope_everywhere(TokenRef token);

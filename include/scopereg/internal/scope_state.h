@@ -135,6 +135,11 @@ class ScopeState {
   // Whether this state lives in `domain` (recycle it only on a thread of that domain).
   bool in_domain(const Domain& domain) const { return &domain_ == &domain; }
 
+  // Binds in this scope every value `from` binds, for each registry where this scope has
+  // none (values are shared, not copied: see node.h), slot-based and token-keyed alike.
+  // Neither scope's mutex is held while the other's is.
+  void share_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_);
+
   // Tells the analysis that `held`, a locked domain, is this scope's.
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
   ScopeState* next_in_domain() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return next_; }
@@ -151,6 +156,9 @@ class ScopeState {
   };
   static constexpr std::uint32_t kNoIndex = ~std::uint32_t{0};
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Calls visit(index, value) for every value. In scope_state.cc.
+  template <typename F>
+  void for_each_value(F&& visit) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Empties every slot, handing `take(registry, value)` each value. In scope_state.cc.
   template <typename F>
   void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
