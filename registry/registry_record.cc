@@ -205,18 +205,23 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
   auto it = shard.map.find({token.type, token.hash});
   if (it == shard.map.end()) return;
   absl::InlinedVector<RegistryRecord*, 2>& holders = it->second;
-  // A holder may appear once per binding; the first extraction takes its value. Holders
-  // whose token only shares the hash keep their bindings.
+  // A holder appears once per binding, and its bindings may be for several tokens that
+  // share this hash. Each holder is asked once: when it had a value for `token`, one of its
+  // bindings (that value's) goes; all its others stay, for the colliding tokens.
   absl::InlinedVector<RegistryRecord*, 2> kept;
+  absl::InlinedVector<RegistryRecord*, 2> asked;
   for (RegistryRecord* holder : holders) {
+    if (std::find(asked.begin(), asked.end(), holder) != asked.end()) {
+      kept.push_back(holder);
+      continue;
+    }
+    asked.push_back(holder);
     if (NodeBase* node = holder->extract_for_end(token)) {
       take(holder, node);
-    } else if (std::find(kept.begin(), kept.end(), holder) == kept.end()) {
+    } else {
       kept.push_back(holder);
     }
   }
-  // A holder whose value was taken may still hold a colliding token's value: keep it once
-  // (a later end of that token finds it; an extra visit costs one look-up).
   if (kept.empty()) {
     shard.map.erase(it);
   } else {
