@@ -97,8 +97,8 @@ void prepare() ABSL_NO_THREAD_SAFETY_ANALYSIS {
   list.mu.lock();
   lock_explicit_table_for_fork();
   g_process_mutex.lock();
-  lock_bindings_for_fork();
   lock_scopes_for_fork();
+  lock_bindings_for_fork();
   lock_subscribers_for_fork();
   ForkList::lock_all();
 }
@@ -107,8 +107,8 @@ void release() ABSL_NO_THREAD_SAFETY_ANALYSIS {
   ForkList& list = ForkList::get();
   ForkList::unlock_all();
   unlock_subscribers_after_fork();
-  unlock_scopes_after_fork();
   unlock_bindings_after_fork();
+  unlock_scopes_after_fork();
   g_process_mutex.unlock();
   unlock_explicit_table_after_fork();
   list.mu.unlock();

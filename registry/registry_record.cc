@@ -258,9 +258,15 @@ void copy_bound(TokenRef from, TokenRef to) {
   for (NodeBase* node : unused) release(node);  // no lock held: may run a destructor
 }
 
+void collect_ended_locked(TokenRef token, DyingList& out) {
+  extract_bound(token, [&out](RegistryRecord* holder, NodeBase* node)
+                           ABSL_NO_THREAD_SAFETY_ANALYSIS { out.add(holder, node); });
+}
+
 void collect_ended(TokenRef token, DyingList& out) {
-  extract_bound(token,
-                [&out](RegistryRecord* holder, NodeBase* node) { out.add_locking(holder, node); });
+  MutexLock lock(out.domain().mu);
+  out.assert_domain(out.domain());
+  collect_ended_locked(token, out);
 }
 
 void end_scope_everywhere(TokenRef token) {

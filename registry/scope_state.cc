@@ -20,6 +20,11 @@ constexpr int kHardRounds = 16;  // after this, end() stops (keyed leftovers sta
 // empties its slots under the scope's domain mutex, which the reader holds).
 struct Slots {
   std::atomic<std::atomic<SlotRegistry*>*> table[kMaxChunks] = {};
+  // Per index: the generation of the registry holding it, 0 from the moment its
+  // destructor starts (share_from binds a value only while its registry's generation is
+  // unchanged, so it never binds one of a registry that has emptied that scope already).
+  std::atomic<std::atomic<std::uint64_t>*> generations[kMaxChunks] = {};
+  std::uint64_t next_generation ABSL_GUARDED_BY(g_process_mutex) = 1;
   std::uint32_t next_index ABSL_GUARDED_BY(g_process_mutex) = 0;
   std::vector<std::uint32_t> free_indices ABSL_GUARDED_BY(g_process_mutex);
 };
@@ -35,15 +40,32 @@ SlotRegistry* registry_at(std::uint32_t index) {
   return chunk != nullptr ? chunk[id.offset].load(std::memory_order_acquire) : nullptr;
 }
 
+std::atomic<std::uint64_t>* generation_cell(std::uint32_t index) {
+  const SlotId id = slot_id_for(index);
+  std::atomic<std::uint64_t>* chunk =
+      slots().generations[id.chunk].load(std::memory_order_acquire);
+  return chunk != nullptr ? &chunk[id.offset] : nullptr;
+}
+
+std::uint64_t generation_at(std::uint32_t index) {
+  std::atomic<std::uint64_t>* cell = generation_cell(index);
+  return cell != nullptr ? cell->load(std::memory_order_acquire) : 0;
+}
+
 void set_registry_at(std::uint32_t index, SlotRegistry* reg)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex) {
   const SlotId id = slot_id_for(index);
-  std::atomic<SlotRegistry*>* chunk = slots().table[id.chunk].load(std::memory_order_relaxed);
+  Slots& s = slots();
+  std::atomic<SlotRegistry*>* chunk = s.table[id.chunk].load(std::memory_order_relaxed);
   if (chunk == nullptr) {
     chunk = new std::atomic<SlotRegistry*>[kFirstChunkSlots << id.chunk]();
-    slots().table[id.chunk].store(chunk, std::memory_order_release);
+    s.table[id.chunk].store(chunk, std::memory_order_release);
+    s.generations[id.chunk].store(new std::atomic<std::uint64_t>[kFirstChunkSlots << id.chunk](),
+                                  std::memory_order_release);
   }
   chunk[id.offset].store(reg, std::memory_order_release);
+  generation_cell(index)->store(reg != nullptr ? s.next_generation++ : 0,
+                                std::memory_order_release);
 }
 
 // Calls visit(scope) for every live scope of `domain`.
@@ -80,6 +102,7 @@ SlotRegistry::SlotRegistry() {
 }
 
 SlotRegistry::~SlotRegistry() {
+  generation_cell(index_)->store(0, std::memory_order_release);  // no new shared bindings
   std::vector<NodeBase*> nodes;
   // In every domain: empty our slot in each scope, take back our values that dying scopes
   // have not started destroying, and wait for those they have.
@@ -130,6 +153,11 @@ void ScopeState::assert_domain([[maybe_unused]] const Domain& held) const {
 void ScopeState::store(SlotId slot, NodeBase* node) {
   NodeBase* const old = load(slot);
   values_ += (node != nullptr) - (old != nullptr);
+  const int hooked = (node != nullptr && node->hooked) - (old != nullptr && old->hooked);
+  if (hooked != 0) {
+    hooked_values_.store(hooked_values_.load(std::memory_order_relaxed) + hooked,
+                         std::memory_order_relaxed);
+  }
   const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
   std::atomic<NodeBase*>* chunk = chunks_[slot.chunk].load(std::memory_order_relaxed);
   if (first == slot.index) first_node_.store(node, std::memory_order_release);
@@ -179,6 +207,7 @@ void ScopeState::take_values(F&& take) {
       take(registry_at(base + o), node);
     }
   }
+  hooked_values_.store(0, std::memory_order_relaxed);
 }
 
 template <typename F>
@@ -199,24 +228,43 @@ void ScopeState::for_each_value(F&& visit) const {
   }
 }
 
+void ScopeState::hooked_not_in(const ScopeState* other,
+                               absl::InlinedVector<NodeBase*, 4>& out) {
+  if (hooked_values_.load(std::memory_order_relaxed) == 0) return;
+  MutexLock lock(mu_);
+  for_each_value([&](std::uint32_t index, NodeBase* node) {
+    if (!node->hooked) return;
+    if (other != nullptr && other->load(slot_id_for(index)) == node) return;  // stays current
+    out.push_back(share(node));
+  });
+}
+
 void ScopeState::share_from(ScopeState& from) {
-  absl::InlinedVector<std::pair<std::uint32_t, NodeBase*>, 4> shared;
+  struct Shared {
+    std::uint32_t index;
+    std::uint64_t generation;
+    NodeBase* node;
+  };
+  absl::InlinedVector<Shared, 4> shared;
   {
     MutexLock lock(from.mu_);
     from.for_each_value([&shared](std::uint32_t index, NodeBase* node) {
-      shared.emplace_back(index, share(node));
+      shared.push_back(Shared{index, generation_at(index), share(node)});
     });
   }
   if (!shared.empty()) {
     MutexLock lock(mu_);
-    for (auto& [index, node] : shared) {
-      const SlotId slot = slot_id_for(index);
+    for (Shared& s : shared) {
+      const SlotId slot = slot_id_for(s.index);
       if (closing_ || load(slot) != nullptr) continue;  // this scope's own value wins
-      store(slot, node);
-      node = nullptr;
+      // A registry that started its destruction (generation 0, or another registry
+      // since) may have emptied this scope already: its value is not bound here.
+      if (s.generation == 0 || generation_at(s.index) != s.generation) continue;
+      store(slot, s.node);
+      s.node = nullptr;
     }
   }
-  for (auto& [index, node] : shared) release(node);  // the ones not bound here
+  for (Shared& s : shared) release(s.node);  // the ones not bound here
   copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
 }
 
@@ -325,14 +373,14 @@ void ScopeState::leave_domain() noexcept {
 
 void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
   for (int round = 0;; ++round) {
-    // Token-keyed values first: found through the binding index (nothing to do, and no
-    // lock taken, when no token-keyed registry holds a value for this scope).
-    if (round < kHardRounds) collect_ended(TokenRef::of(token_), dying_);
     bool done = false;
     bool dying = false;
     NodeBase* first = nullptr;
     {
       MutexLock lock(domain_.mu);
+      // Token-keyed values first: found through the binding index (nothing to do, and no
+      // further lock taken, when no token-keyed registry holds a value for this scope).
+      if (round < kHardRounds) collect_keyed();
       {
         MutexLock scope_lock(mu_);
         if (!reachable || round >= kMaxRounds) closing_ = true;

@@ -271,11 +271,14 @@ ScopeFunc ExplicitScope::func() {
 ScopeGuard::ScopeGuard(internal::ScopeRecord* record, bool inherit)
     : frame_{internal::state_of(record), record, nullptr},
       owner_(internal::current_context_id()) {
-  if (inherit) {
-    internal::ExplicitFrame* top = internal::t_context.explicit_top;
-    if (top != nullptr && top->state != frame_.state) frame_.state->share_from(*top->state);
+  internal::ExplicitFrame* const top = internal::t_context.explicit_top;
+  if (inherit && top != nullptr && top->state != frame_.state) {
+    frame_.state->share_from(*top->state);
   }
   internal::push_frame(&frame_);
+  if (internal::switch_hooks_active()) [[unlikely]] {
+    internal::notify_switch(top != nullptr ? top->state : nullptr, frame_.state);
+  }
 }
 
 CapturedScope copy_context() {
@@ -291,7 +294,12 @@ CapturedScope copy_context() {
 }
 
 ScopeGuard::~ScopeGuard() {
+  const bool was_current = internal::t_context.explicit_top == &frame_;
   internal::pop_frame(&frame_, owner_);
+  if (was_current && internal::switch_hooks_active()) [[unlikely]] {
+    internal::ExplicitFrame* const top = internal::t_context.explicit_top;
+    internal::notify_switch(frame_.state, top != nullptr ? top->state : nullptr);
+  }
   internal::release_record(frame_.record);
 }
 

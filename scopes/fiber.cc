@@ -9,6 +9,7 @@
 
 #include "boost/context/detail/exception.hpp"
 #include "scopereg/error.h"
+#include "scopereg/explicit_scope.h"
 #include "scopereg/internal/creation.h"
 #include "scopereg/thread_scope.h"
 
@@ -36,6 +37,15 @@ namespace {
 
 FiberContext* current_fiber() noexcept { return static_cast<FiberContext*>(t_current_fiber); }
 
+ScopeState* live_state(FiberCore* core) noexcept {
+  auto* c = static_cast<FiberContext*>(core);
+  return c != nullptr && !c->state_ended ? c->state : nullptr;
+}
+
+ScopeState* explicit_state(const ContextState& context) noexcept {
+  return context.explicit_top != nullptr ? context.explicit_top->state : nullptr;
+}
+
 void run_fiber(FiberContext* c) noexcept;
 
 // Fiber side: the first frame on a fiber's stack. Never returns: the last jump leaves the
@@ -61,6 +71,8 @@ SCOPEREG_NO_TSAN void fiber_main(fctx::transfer_t in) {
 // destructors that use FiberScope registries land in (and are cleaned with) this scope.
 void end_fiber_state(FiberContext* c) noexcept {
   if (c->state != nullptr) {
+    // Its values stop being current before they die (scope_switch.h).
+    if (switch_hooks_active()) [[unlikely]] notify_switch(c->state, nullptr);
     c->state->end();  // also reaches token-keyed registries
     delete c->state;
     c->state = nullptr;
@@ -87,6 +99,16 @@ void run_fiber(FiberContext* c) noexcept {
   end_fiber_state(c);
   c->done = true;
 }
+
+}  // namespace
+
+void notify_fiber_switch(FiberCore* from, const ContextState& from_context, FiberCore* to,
+                         const ContextState& to_context) noexcept {
+  notify_switch(explicit_state(from_context), explicit_state(to_context));
+  notify_switch(live_state(from), live_state(to));
+}
+
+namespace {
 
 // Resuming side, once `c` has finished: we are off its stack, which can go now.
 void release_finished(FiberContext* c) noexcept {

@@ -61,8 +61,10 @@
 #include "absl/hash/hash.h"
 #include "scopereg/internal/context_state.h"
 #include "scopereg/internal/scope_state.h"
+#include "scopereg/internal/switch_hooks.h"
 #include "scopereg/internal/token_ref.h"
 #include "scopereg/scope.h"
+#include "scopereg/scope_switch.h"
 
 namespace scopereg {
 
@@ -325,16 +327,28 @@ class CapturedScope {
   // Makes the captured frames the calling context's stack; restores the caller's on exit.
   class Installed {
    public:
-    explicit Installed(const CapturedScope& scope) noexcept : saved_(internal::t_context.explicit_top) {
-      internal::t_context.explicit_top = scope.frames_.empty()
-                                     ? nullptr
-                                     : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
+    explicit Installed(const CapturedScope& scope) noexcept
+        : saved_(internal::t_context.explicit_top) {
+      internal::t_context.explicit_top =
+          scope.frames_.empty() ? nullptr
+                                : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
+      if (internal::switch_hooks_active()) [[unlikely]] {
+        internal::notify_switch(state_of(saved_), state_of(internal::t_context.explicit_top));
+      }
     }
     Installed(const Installed&) = delete;
     Installed& operator=(const Installed&) = delete;
-    ~Installed() { internal::t_context.explicit_top = saved_; }
+    ~Installed() {
+      if (internal::switch_hooks_active()) [[unlikely]] {
+        internal::notify_switch(state_of(internal::t_context.explicit_top), state_of(saved_));
+      }
+      internal::t_context.explicit_top = saved_;
+    }
 
    private:
+    static internal::ScopeState* state_of(internal::ExplicitFrame* frame) {
+      return frame != nullptr ? frame->state : nullptr;
+    }
     internal::ExplicitFrame* saved_;
   };
   void link() noexcept;

@@ -52,6 +52,7 @@
 #include "scopereg/internal/mutex.h"
 #include "scopereg/internal/node.h"
 #include "scopereg/internal/scope_state.h"
+#include "scopereg/internal/switch_hooks.h"
 #include "scopereg/scope.h"
 #include "scopereg/thread_scope.h"
 
@@ -89,13 +90,16 @@ class ScopedRegistry {
                            : std::move(name)) {
     factories_.push_back(checked(std::move(factory)));
     factory_.store(factories_.back().get(), std::memory_order_release);
+    if constexpr (kHooked) internal::count_hooked_registry(+1);
   }
 
   ScopedRegistry(const ScopedRegistry&) = delete;
   ScopedRegistry& operator=(const ScopedRegistry&) = delete;
 
   // Destroys every value of this registry in every scope (see the file comment).
-  ~ScopedRegistry() = default;
+  ~ScopedRegistry() {
+    if constexpr (kHooked) internal::count_hooked_registry(-1);
+  }
 
   // ScopedRegistry::operator()
   //
@@ -241,6 +245,9 @@ class ScopedRegistry {
         },
         &created));
   }
+
+  // T has on_scope_enter()/on_scope_leave() (scope_switch.h) and the strategy switches.
+  static constexpr bool kHooked = internal::HookedValue<T> && internal::SlotStrategy<Scope>;
 
   [[no_unique_address]] Scope scope_;
   const std::string name_;  // in error messages

@@ -21,6 +21,7 @@
 #include "boost/context/detail/fcontext.hpp"
 #include "scopereg/internal/context_state.h"
 #include "scopereg/internal/sanitizers.h"
+#include "scopereg/internal/switch_hooks.h"
 
 #ifdef SCOPEREG_TSAN
 #include <sanitizer/tsan_interface.h>
@@ -99,15 +100,22 @@ SCOPEREG_SWITCH inline void jump_out(FiberCore* c) {
 // resumer's state when it comes back (on the resumer's own stack and thread: a resumer
 // cannot migrate while it waits here). Returns true if `c` suspended, false if it
 // finished. Requires: `c` suspended, not running.
+// Scope-switch hooks (scope_switch.h) for a switch from one context to another: the
+// explicit scopes each context has current, and the fibers' own scopes. In fiber.cc.
+void notify_fiber_switch(FiberCore* from, const ContextState& from_context, FiberCore* to,
+                         const ContextState& to_context) noexcept;
+
 [[gnu::always_inline]] inline bool switch_in(FiberCore* c) {
   FiberCore* const prev = t_current_fiber;
   const ContextState resumer = enter_context(c->saved);
   t_current_fiber = c;
+  if (switch_hooks_active()) [[unlikely]] notify_fiber_switch(prev, resumer, c, c->saved);
   c->running = true;
   const bool suspended = jump_into(c);
   c->running = false;
   t_current_fiber = prev;
   c->saved = leave_context(resumer);
+  if (switch_hooks_active()) [[unlikely]] notify_fiber_switch(c, c->saved, prev, resumer);
   return suspended;
 }
 

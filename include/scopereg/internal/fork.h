@@ -9,8 +9,8 @@
 //   1. the list of ForkSafeMutex objects          (registry/fork.cc)
 //   2. ExplicitScope's token table shards          (scopes/explicit_scope.cc)
 //   3. the process mutex                           (registry_record.h)
-//   4. the binding index's shards                  (registry_record.cc)
-//   5. every domain, then its live scopes' mutexes (scope_state.cc)
+//   4. every domain, then its live scopes' mutexes (scope_state.cc)
+//   5. the binding index's shards                  (registry_record.cc)
 //   6. every token-keyed registry's shards
 //   7. every ForkSafeMutex (leaf locks: pools, session caches, factories)
 //
@@ -61,7 +61,7 @@ class ABSL_LOCKABLE ForkSafeMutex : public Mutex {
 // The parts each component contributes (defined next to the state they lock).
 void lock_explicit_table_for_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;
 void unlock_explicit_table_after_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;
-// Require the process mutex (and, for the scopes, the binding shards).
+// Require the process mutex (and, for the binding shards, the domains).
 void lock_scopes_for_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;
 void unlock_scopes_after_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;
 void lock_subscribers_for_fork() ABSL_NO_THREAD_SAFETY_ANALYSIS;

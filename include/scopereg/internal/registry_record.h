@@ -61,6 +61,7 @@ Domain& this_thread_domain() noexcept;
 // meanwhile takes back the values not yet started and waits for the ones in progress.
 class DyingList {
  public:
+  friend void collect_ended_locked(TokenRef token, DyingList& out);
   explicit DyingList(Domain& domain) : domain_(domain) {}
   DyingList(const DyingList&) = delete;
   DyingList& operator=(const DyingList&) = delete;
@@ -69,11 +70,7 @@ class DyingList {
   // Tells the analysis that `held`, a locked domain, is this list's.
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
   void add(RegistryRecord* record, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
-  // add(), taking the domain's mutex itself.
-  void add_locking(RegistryRecord* record, NodeBase* node) ABSL_LOCKS_EXCLUDED(domain_.mu) {
-    MutexLock lock(domain_.mu);
-    add(record, node);
-  }
+
   bool empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return items_.empty(); }
   // Marks the first value as being destroyed and returns it (null if there is none), for
   // the caller's next destroy_all(first): it then need not lock to take it.
@@ -174,9 +171,12 @@ class RegistryRecord {
 // removing them and the token's bindings, with the binding shard's mutex held.
 void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take);
 
-// Moves `token`'s values out of every token-keyed registry that holds one into `out`,
-// taking `out`'s domain mutex for each. Visits only those registries.
+// Moves `token`'s values out of every token-keyed registry that holds one into `out`.
+// Visits only those registries. The whole move happens under `out`'s domain mutex, so a
+// registry retiring meanwhile finds each value either still in its map or in `out`.
 void collect_ended(TokenRef token, DyingList& out);
+void collect_ended_locked(TokenRef token, DyingList& out)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(out.domain_.mu);
 
 // Binds for `to`, in every token-keyed registry holding a value for `from` and none for
 // `to`, the same value (copy_context). Takes the process mutex only when some registry

@@ -140,6 +140,12 @@ class ScopeState {
   // Neither scope's mutex is held while the other's is.
   void share_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_);
 
+  // Appends to `out` (each with a binding taken: release them) this scope's values of
+  // hooked types (node.h) that `other` (may be null) does not bind in the same registry.
+  // Cheap when the scope holds no hooked value.
+  void hooked_not_in(const ScopeState* other, absl::InlinedVector<NodeBase*, 4>& out)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
   // Tells the analysis that `held`, a locked domain, is this scope's.
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
   ScopeState* next_in_domain() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return next_; }
@@ -178,9 +184,13 @@ class ScopeState {
       ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return dying_.start_first();
   }
+  void collect_keyed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    collect_ended_locked(TokenRef::of(token_), dying_);
+  }
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
   std::atomic<std::uint32_t> first_index_{kNoIndex};
+  std::atomic<std::uint32_t> hooked_values_{0};  // values of hooked types; written under mu_
   std::atomic<NodeBase*> first_node_{nullptr};
   // Written only by reuse(), when no value exists and no one else reaches the state; read
   // by the owner and, under mu_, by visitors of a scope that holds a value.
