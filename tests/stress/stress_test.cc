@@ -363,3 +363,281 @@ TEST(FaultInjection, AFiberStackTooSmallIsRefusedCleanly) {
 
 }  // namespace
 }  // namespace scopereg
+
+// ---- request scopes while registries come and go (domains, binding index) -----------
+
+#include <array>
+#include <cstdint>
+#include <deque>
+
+namespace scopereg {
+namespace {
+
+std::atomic<long> g_request_bad_destroy{0};  // a value destroyed twice (or never built)
+
+// A value that knows whether it is alive and whose registry (Counts) it belongs to.
+class Probe {
+ public:
+  static constexpr std::uint64_t kAlive = 0xA11CE5A11CE5A11Cull;
+  static constexpr std::uint64_t kDead = 0xDEADDEADDEADDEADull;
+  explicit Probe(Counts& counts) : counts_(&counts) { ++counts.made; }
+  Probe(const Probe&) = delete;
+  Probe& operator=(const Probe&) = delete;
+  ~Probe() {
+    if (magic_ != kAlive) ++g_request_bad_destroy;
+    magic_ = kDead;
+    ++counts_->destroyed;
+  }
+  bool alive() const { return magic_ == kAlive; }
+  const Counts* counts() const { return counts_; }
+
+ private:
+  Counts* counts_;
+  volatile std::uint64_t magic_ = kAlive;
+};
+
+// The counts of the scope a worker is running: long-lived registries' values report there,
+// so that each scope can check that all of its values died with it.
+thread_local Counts* t_scope_counts = nullptr;
+
+// Short-lived registries of every backend a request scope can reach; each registry's
+// values report to a Counts of its own that outlives it.
+constexpr int kChurnKinds = 6;
+constexpr const char* kChurnKindNames[kChurnKinds] = {"ThreadScope",
+                                                      "ExplicitScope",
+                                                      "FiberScope",
+                                                      "FuncScope(ThreadScope::func)",
+                                                      "FuncScope(ExplicitScope::func)",
+                                                      "FuncScope(FiberScope::func)"};
+using ChurnCounts = std::array<Counts, kChurnKinds>;
+struct ChurnRegistries {
+  explicit ChurnRegistries(ChurnCounts& c)
+      : by_thread([&c] { return Probe(c[0]); }),
+        by_explicit([&c] { return Probe(c[1]); }),
+        by_fiber([&c] { return Probe(c[2]); }),
+        keyed_thread([&c] { return Probe(c[3]); }, ThreadScope::func()),
+        keyed_explicit([&c] { return Probe(c[4]); }, ExplicitScope::func()),
+        keyed_fiber([&c] { return Probe(c[5]); }, FiberScope::func()) {}
+  ScopedRegistry<Probe> by_thread;
+  ScopedRegistry<Probe, ExplicitScope> by_explicit;
+  ScopedRegistry<Probe, FiberScope> by_fiber;
+  ScopedRegistry<Probe, FuncScope> keyed_thread;
+  ScopedRegistry<Probe, FuncScope> keyed_explicit;
+  ScopedRegistry<Probe, FuncScope> keyed_fiber;
+};
+
+// Values alive right after their registry's destruction returned, by registry kind.
+std::atomic<long> g_request_survivors[kChurnKinds];
+
+// Owns one set of short-lived registries; whoever drops the last reference destroys them
+// (never while anyone uses them), then checks that none of their values is left.
+struct ChurnHolder {
+  explicit ChurnHolder(ChurnCounts& c) : counts(&c), regs(std::make_unique<ChurnRegistries>(c)) {}
+  ~ChurnHolder() {
+    regs.reset();
+    for (int k = 0; k < kChurnKinds; ++k) {
+      if ((*counts)[k].alive() != 0) ++g_request_survivors[k];
+    }
+  }
+  ChurnCounts* counts;
+  std::unique_ptr<ChurnRegistries> regs;
+};
+
+TEST(Stress, RequestScopesEndWhileRegistriesComeAndGo) {
+  g_request_bad_destroy = 0;
+  for (auto& s : g_request_survivors) s = 0;
+  // Long-lived registries: values report to the running scope's counts.
+  auto make = [] { return Probe(*t_scope_counts); };
+  ScopedRegistry<Probe> long_thread(make);
+  ScopedRegistry<Probe, ExplicitScope> long_explicit(make);
+  ScopedRegistry<Probe, FiberScope> long_fiber(make);
+  ScopedRegistry<Probe, FuncScope> long_keyed_thread(make, ThreadScope::func());
+  ScopedRegistry<Probe, FuncScope> long_keyed_explicit(make, ExplicitScope::func());
+  ScopedRegistry<Probe, FuncScope> long_keyed_fiber(make, FiberScope::func());
+
+  // Every registry set's counts, kept to the end (a deque never moves its elements).
+  std::mutex arena_mu;
+  std::deque<ChurnCounts> arena;
+  constexpr int kSlots = 4;
+  std::mutex slots_mu;
+  std::shared_ptr<ChurnHolder> slots[kSlots];
+  auto pick = [&](unsigned i) {
+    std::lock_guard<std::mutex> lock(slots_mu);
+    return slots[i % kSlots];
+  };
+  auto publish = [&](unsigned i) {
+    ChurnCounts* counts;
+    {
+      std::lock_guard<std::mutex> lock(arena_mu);
+      counts = &arena.emplace_back();
+    }
+    auto fresh = std::make_shared<ChurnHolder>(*counts);
+    std::shared_ptr<ChurnHolder> old;
+    {
+      std::lock_guard<std::mutex> lock(slots_mu);
+      old = std::exchange(slots[i % kSlots], std::move(fresh));
+    }
+    old.reset();  // destroyed here unless a scope still uses it (then by that scope)
+  };
+  for (unsigned i = 0; i < kSlots; ++i) publish(i);
+
+  std::atomic<bool> stop{false};
+  std::atomic<long> scope_leaks{0}, seen_bad{0}, scopes{0}, visits{0};
+
+  // Churners: registries made and destroyed while scopes hold values in them.
+  std::vector<std::thread> churners;
+  for (unsigned c = 0; c < 2; ++c) {
+    churners.emplace_back([&, c] {
+      for (unsigned i = c; !stop; i += 2) {
+        publish(i);
+        std::this_thread::sleep_for(std::chrono::microseconds(100 * kSanitizerDivisor));
+      }
+    });
+  }
+
+  // Checker: size() and for_each on live registries must never meet a destroyed value
+  // or one of another registry.
+  std::thread checker([&] {
+    for (unsigned i = 0; !stop; ++i) {
+      std::shared_ptr<ChurnHolder> h = pick(i);
+      ChurnRegistries& r = *h->regs;
+      const Counts* mine = nullptr;
+      auto visit = [&](const auto&, Probe& p) {
+        ++visits;
+        if (!p.alive() || p.counts() != mine) ++seen_bad;
+      };
+      mine = &(*h->counts)[0];
+      r.by_thread.for_each(visit);
+      mine = &(*h->counts)[1];
+      r.by_explicit.for_each(visit);
+      mine = &(*h->counts)[2];
+      r.by_fiber.for_each(visit);
+      mine = &(*h->counts)[3];
+      r.keyed_thread.for_each(visit);
+      mine = &(*h->counts)[4];
+      r.keyed_explicit.for_each(visit);
+      mine = &(*h->counts)[5];
+      r.keyed_fiber.for_each(visit);
+      for (std::int64_t n :
+           {r.by_thread.size(), r.by_explicit.size(), r.by_fiber.size(), r.keyed_thread.size(),
+            r.keyed_explicit.size(), r.keyed_fiber.size(), long_thread.size(), long_explicit.size(),
+            long_fiber.size(), long_keyed_thread.size()}) {
+        if (n < 0) ++seen_bad;
+      }
+      auto visit_long = [&](const auto&, Probe& p) {
+        ++visits;
+        if (!p.alive()) ++seen_bad;
+      };
+      long_explicit.for_each(visit_long);
+      long_keyed_explicit.for_each(visit_long);
+      h.reset();
+      std::this_thread::sleep_for(std::chrono::microseconds(50 * kSanitizerDivisor));
+    }
+  });
+
+  // Workers: explicit, thread and fiber scopes, each with values in long-lived and
+  // short-lived registries of every backend; a scope drops its registries before it ends.
+  // (Sanitizers make thread and fiber creation slow: a quarter of the usual share there.)
+  const long per_worker = std::max(1L, scaled(20'000) / (kSanitizerDivisor > 1 ? 4 : 1));
+  std::vector<std::thread> workers;
+  for (unsigned w = 0; w < 3; ++w) {
+    workers.emplace_back([&, w] {
+      for (long it = 0; it < per_worker; ++it) {
+        Counts local;
+        t_scope_counts = &local;
+        const unsigned pick_at = static_cast<unsigned>(it * 3 + w);
+        switch ((it + w) % 3) {
+          case 0: {  // explicit scope, sometimes shared with a pool thread via wrap()
+            {
+              ScopeGuard guard(TypedToken<struct StressRequest>{w * 1'000'000'000ull + it});
+              std::shared_ptr<ChurnHolder> h = pick(pick_at);
+              long_explicit();
+              long_keyed_explicit();
+              h->regs->by_explicit();
+              h->regs->keyed_explicit();
+              h->regs->by_thread();  // the worker thread's: lives until the registry goes
+              if (it % 4 == 0) {
+                auto task = wrap([&, h] {
+                  t_scope_counts = &local;
+                  long_explicit();
+                  h->regs->keyed_explicit();
+                });
+                std::thread(std::move(task)).join();
+              }
+              h.reset();  // the registries may be destroyed now, while the scope lives
+            }
+            break;
+          }
+          case 1: {  // thread scope: its end may run while its registries are destroyed
+            std::shared_ptr<ChurnHolder> h = pick(pick_at);
+            std::thread t([&local, h = std::move(h), &long_thread, &long_keyed_thread]() mutable {
+              t_scope_counts = &local;
+              long_thread();
+              long_keyed_thread();
+              h->regs->by_thread();
+              h->regs->keyed_thread();
+              h.reset();
+            });
+            t.join();
+            break;
+          }
+          default: {  // fiber scope, finished or unwound
+            std::shared_ptr<ChurnHolder> h = pick(pick_at);
+            Fiber f([&] {
+              long_fiber();
+              long_keyed_fiber();
+              h->regs->by_fiber();
+              h->regs->keyed_fiber();
+              Fiber::yield();
+              long_fiber();
+              h->regs->keyed_fiber();
+            });
+            f.resume();
+            if (it % 2 == 0) f.resume();
+            h.reset();
+            f = Fiber([] {});  // destroys the old fiber (unwound if unfinished)
+            break;
+          }
+        }
+        ++scopes;
+        if (local.alive() != 0 || local.made.load() == 0) ++scope_leaks;
+        t_scope_counts = nullptr;
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+  stop = true;
+  for (auto& c : churners) c.join();
+  checker.join();
+  for (auto& s : slots) s.reset();
+
+  EXPECT_EQ(scope_leaks, 0) << "a scope's end left one of its values alive";
+  for (int k = 0; k < kChurnKinds; ++k) {
+    EXPECT_EQ(g_request_survivors[k], 0)
+        << "a value of a " << kChurnKindNames[k]
+        << " registry was still alive when the registry's destructor returned";
+  }
+  EXPECT_EQ(g_request_bad_destroy, 0) << "a value was destroyed twice";
+  EXPECT_EQ(seen_bad, 0) << "size()/for_each met a destroyed or foreign value";
+  const long used = static_cast<long>(arena.size());
+  Counts total;
+  for (long i = 0; i < used; ++i) {
+    for (int k = 0; k < kChurnKinds; ++k) {
+      const Counts& c = arena[static_cast<std::size_t>(i)][k];
+      EXPECT_EQ(c.made.load(), c.destroyed.load())
+          << "registry set " << i << ", " << kChurnKindNames[k];
+      total.made += c.made.load();
+      total.destroyed += c.destroyed.load();
+    }
+  }
+  EXPECT_EQ(long_thread.size() + long_explicit.size() + long_fiber.size() +
+                long_keyed_thread.size() + long_keyed_explicit.size() + long_keyed_fiber.size(),
+            0);
+  std::printf(
+      "[stress] request scopes: %ld scopes, %ld registry sets, %ld visits, %d values "
+      "in short-lived registries\n",
+      scopes.load(), used, visits.load(), total.made.load());
+}
+
+}  // namespace
+}  // namespace scopereg
