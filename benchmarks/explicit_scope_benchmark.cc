@@ -4,6 +4,9 @@
 //   BM_Get_ExplicitScope         registry hit in the current explicit scope
 //   BM_EnterLeave_ScopeGuard     entering and leaving a guard of a scope that stays live
 //   BM_WrapAndCall               wrap() a callable and call it
+//   BM_EnterLeave_ScopeGuard_HookedValue   as BM_EnterLeave_ScopeGuard, with a value of a
+//                                type with on_scope_enter/on_scope_leave in the scope
+//   BM_EnterLeave_ScopeGuard_Watcher       ... with a scope-switch watcher registered
 //
 // With several threads every thread uses its own token. A whole scope's life is in
 // request_scope_benchmark.cc, beside its anchor.
@@ -41,6 +44,41 @@ void BM_EnterLeave_ScopeGuard(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_EnterLeave_ScopeGuard)->ThreadRange(1, 16);
+
+struct Hooked {
+  int enters = 0;
+  int leaves = 0;
+  void on_scope_enter() { ++enters; }
+  void on_scope_leave() { ++leaves; }
+};
+
+void BM_EnterLeave_ScopeGuard_HookedValue(benchmark::State& state) {
+  static auto* reg = new ScopedRegistry<Hooked, ExplicitScope>([] { return Hooked(); });
+  const std::uint64_t token = g_next_token.fetch_add(1);
+  ScopeGuard keep_alive(token);
+  (*reg)();
+  for (auto _ : state) {
+    ScopeGuard guard(token);  // the same scope again: no switch of current values
+    benchmark::DoNotOptimize(&guard);
+  }
+}
+BENCHMARK(BM_EnterLeave_ScopeGuard_HookedValue);
+
+void BM_EnterLeave_ScopeGuard_Watcher(benchmark::State& state) {
+  ScopeSwitchWatcherHandle watcher =
+      add_scope_switch_watcher([](ScopeToken from, ScopeToken to) {
+        benchmark::DoNotOptimize(from);
+        benchmark::DoNotOptimize(to);
+      });
+  const std::uint64_t token = g_next_token.fetch_add(1);
+  ScopeGuard keep_alive(token);
+  ScopeGuard outer(g_next_token.fetch_add(1));
+  for (auto _ : state) {
+    ScopeGuard guard(token);  // a switch: outer -> token -> outer, two watcher calls
+    benchmark::DoNotOptimize(&guard);
+  }
+}
+BENCHMARK(BM_EnterLeave_ScopeGuard_Watcher);
 
 void BM_WrapAndCall(benchmark::State& state) {
   ScopeGuard guard(g_next_token.fetch_add(1));

@@ -10,6 +10,12 @@
 //                                      created, guard left (scope and value end)
 //   BM_ScopeLife_FuncScopeAlive/N      the same with N empty FuncScope registries alive
 //   BM_Get_FuncScope_Registries/N      FuncScope hits on N registries used alternately
+//   BM_CopyRun_FollyStyleShallowCopy/N anchor: a child context made by copying the parent's
+//                                      flat_hash_map of N shared_ptr entries, made current,
+//                                      one entry read, then released (folly's
+//                                      ShallowCopyRequestContextScopeGuard's shape)
+//   BM_CopyRun_CopyContext/N           copy_context() of a scope with N values, run() of a
+//                                      callable reading one of them, then released
 //
 // Every thread uses its own token sequence: nothing in the benchmark itself is shared.
 #include <cstdint>
@@ -101,6 +107,49 @@ void BM_Get_FuncScope_Registries(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_Get_FuncScope_Registries)->Arg(1)->Arg(16)->Arg(64);
+
+// ---- context copies -------------------------------------------------------------------
+
+struct FollyStyleSharedContext {
+  absl::flat_hash_map<const void*, std::shared_ptr<Payload>> data;
+};
+thread_local FollyStyleSharedContext* t_current_shared = nullptr;
+char g_keys[16];
+
+void BM_CopyRun_FollyStyleShallowCopy(benchmark::State& state) {
+  FollyStyleSharedContext parent;
+  for (int i = 0; i < state.range(0); ++i) {
+    parent.data.emplace(&g_keys[i], std::make_shared<Payload>(i));
+  }
+  t_current_shared = &parent;
+  for (auto _ : state) {
+    auto child = std::make_shared<FollyStyleSharedContext>(*t_current_shared);
+    FollyStyleSharedContext* const saved = t_current_shared;
+    t_current_shared = child.get();
+    auto it = t_current_shared->data.find(&g_keys[0]);
+    benchmark::DoNotOptimize(it == t_current_shared->data.end() ? nullptr : it->second.get());
+    t_current_shared = saved;
+    child.reset();
+  }
+  t_current_shared = nullptr;
+}
+BENCHMARK(BM_CopyRun_FollyStyleShallowCopy)->Arg(0)->Arg(4)->Arg(16);
+
+void BM_CopyRun_CopyContext(benchmark::State& state) {
+  std::vector<std::unique_ptr<ScopedRegistry<Payload, ExplicitScope>>> regs;
+  for (int i = 0; i < 16; ++i) {
+    regs.push_back(std::make_unique<ScopedRegistry<Payload, ExplicitScope>>(
+        [] { return Payload{1}; }));
+  }
+  ScopeGuard guard(first_token(state));
+  for (int i = 0; i < state.range(0); ++i) (*regs[i])();
+  ScopedRegistry<Payload, ExplicitScope>& first = *regs[0];
+  for (auto _ : state) {
+    CapturedScope copy = copy_context();
+    copy.run([&first] { benchmark::DoNotOptimize(first.find()); });
+  }
+}
+BENCHMARK(BM_CopyRun_CopyContext)->Arg(0)->Arg(4)->Arg(16);
 
 }  // namespace
 }  // namespace scopereg::bench

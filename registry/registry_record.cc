@@ -230,6 +230,10 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
   shard.size.store(shard.map.size(), std::memory_order_relaxed);
 }
 
+bool has_bound(TokenRef token) noexcept {
+  return binding_shard(token).size.load(std::memory_order_acquire) != 0;
+}
+
 void copy_bound(TokenRef from, TokenRef to) {
   BindingShard& shard = binding_shard(from);
   if (shard.size.load(std::memory_order_acquire) == 0) return;  // the common case

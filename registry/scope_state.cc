@@ -359,8 +359,9 @@ void ScopeState::unlink() {
   prev_ = next_ = nullptr;
 }
 
-void ScopeState::reuse(ScopeToken token) noexcept {
-  MutexLock lock(mu_);
+void ScopeState::reuse(ScopeToken token) noexcept ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // No lock: the state is this thread's alone (end_for_reuse took mu_ last, after every
+  // other user of it, and no one can reach it until it is handed out again).
   token_ = token;
   closing_ = false;
   first_index_.store(kNoIndex, std::memory_order_relaxed);  // the next first value is inline
@@ -372,6 +373,19 @@ void ScopeState::leave_domain() noexcept {
 }
 
 void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
+  if (!reachable) {
+    // The common request scope with no value left: nothing to take, no domain lock.
+    bool empty;
+    {
+      MutexLock lock(mu_);
+      closing_ = true;
+      empty = values_ == 0;
+    }
+    if (empty && !has_bound(TokenRef::of(token_))) {
+      if (!reuse) leave_domain();
+      return;
+    }
+  }
   for (int round = 0;; ++round) {
     bool done = false;
     bool dying = false;
@@ -387,7 +401,8 @@ void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
         if (round < kHardRounds) {
           take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
             assert(reg != nullptr);  // a registry empties its slots before it goes
-            dying_add(reg, node);    // under our domain's mutex, held here
+            // A value another scope still binds (a copy's) only loses this binding.
+            if (!release_if_shared(node)) dying_add(reg, node);  // domain mutex held here
           });
         }
         // Unreachable: nothing can add values now; reachable: stop once a round found

@@ -50,6 +50,8 @@ class ScopeRecord {
   TokenKey* key_ = nullptr;
   alignas(16) unsigned char key_buffer_[64];
   Shard* shard_ = nullptr;
+  // No token names this life's scope (copy_context): set before the record is shared.
+  bool private_ = false;
   ScopeState state_{ScopeKind::kExplicit};
   // Increments from an existing reference may happen anywhere; every other change of refs_
   // happens under the shard's mutex, so "last reference gone" is decided exactly once.
@@ -119,6 +121,7 @@ ScopeRecord* new_record(const TokenProbe& probe, Shard& shard) {
   ScopeRecord* record = take_record();
   record->set_key(probe);
   record->shard_ = &shard;
+  record->private_ = false;
   return record;
 }
 
@@ -166,15 +169,8 @@ void ScopeRecord::assert_shard([[maybe_unused]] const Shard& held) const {
 }
 
 ScopeRecord* new_private_record() {
-  static Shard* const shards = all_shards();
   ScopeRecord* record = take_record();
-  Shard& shard = shards[reinterpret_cast<std::uintptr_t>(record) / 64 % kShards];
-  record->shard_ = &shard;
-  MutexLock lock(shard.mu);
-  record->assert_shard(shard);
-  record->keep_ = false;
-  record->in_table_ = false;  // no token names it
-  record->next_ = nullptr;
+  record->private_ = true;  // never in the table: release_record needs no shard lock
   record->refs_.store(1, std::memory_order_relaxed);
   return record;
 }
@@ -211,6 +207,10 @@ void add_ref(ScopeRecord* record) noexcept {
 }
 
 void release_record(ScopeRecord* record) noexcept {
+  if (record->private_) {  // never in the table: the last reference decides alone
+    if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) end_record(record);
+    return;
+  }
   Shard& shard = *record->shard_;
   {
     MutexLock lock(shard.mu);
@@ -314,6 +314,12 @@ CapturedScope CapturedScope::current() {
   return captured;
 }
 
+CapturedScope::CapturedScope(CapturedScope&& other) noexcept
+    : frames_(std::move(other.frames_)) {
+  other.frames_.clear();
+  link();
+}
+
 CapturedScope::CapturedScope(const CapturedScope& other) : frames_(other.frames_) {
   for (internal::ExplicitFrame& f : frames_) internal::add_ref(f.record);
   link();
@@ -332,6 +338,7 @@ CapturedScope& CapturedScope::operator=(CapturedScope&& other) noexcept {
     release();
     frames_ = std::move(other.frames_);
     other.frames_.clear();
+    link();  // inline frames moved: their links point into `other`
   }
   return *this;
 }

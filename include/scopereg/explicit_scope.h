@@ -58,6 +58,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/hash/hash.h"
 #include "scopereg/internal/context_state.h"
 #include "scopereg/internal/scope_state.h"
@@ -301,7 +302,7 @@ class CapturedScope {
   CapturedScope() = default;  // no scope
   CapturedScope(const CapturedScope& other);
   CapturedScope& operator=(const CapturedScope& other);
-  CapturedScope(CapturedScope&& other) noexcept = default;
+  CapturedScope(CapturedScope&& other) noexcept;
   CapturedScope& operator=(CapturedScope&& other) noexcept;
   ~CapturedScope();
 
@@ -356,7 +357,8 @@ class CapturedScope {
   // Bottom to top, each holding one reference to its scope. Never modified after capture
   // (a guard left inside run() only ever unlinks its own frame), so concurrent runs share
   // them read-only.
-  std::vector<internal::ExplicitFrame> frames_;
+  // Inline for up to two scopes (no allocation for a typical capture); a move relinks.
+  absl::InlinedVector<internal::ExplicitFrame, 2> frames_;
 };
 
 // wrap

@@ -40,6 +40,19 @@ inline NodeBase* share(NodeBase* node) noexcept {
   return node;
 }
 
+// Drops one binding unless it is the last; returns whether it did. A scope that ends can
+// drop a shared value's binding this way without queueing it for destruction.
+inline bool release_if_shared(NodeBase* node) noexcept {
+  std::uint32_t n = node->bindings.load(std::memory_order_relaxed);
+  while (n > 1) {
+    if (node->bindings.compare_exchange_weak(n, n - 1, std::memory_order_acq_rel,
+                                             std::memory_order_relaxed)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // A scope stops binding `node` (null is ignored): the last binding destroys it, here.
 inline void release(NodeBase* node) noexcept {
   if (node != nullptr && node->bindings.fetch_sub(1, std::memory_order_acq_rel) == 1) {

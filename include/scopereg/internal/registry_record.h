@@ -178,6 +178,10 @@ void collect_ended(TokenRef token, DyingList& out);
 void collect_ended_locked(TokenRef token, DyingList& out)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(out.domain_.mu);
 
+// Whether some token-keyed registry may hold a value for `token` (false: none does). No
+// lock: a look at the size of the binding index's shard for `token`.
+bool has_bound(TokenRef token) noexcept;
+
 // Binds for `to`, in every token-keyed registry holding a value for `from` and none for
 // `to`, the same value (copy_context). Takes the process mutex only when some registry
 // holds a value for `from`.
