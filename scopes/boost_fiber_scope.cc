@@ -1,5 +1,8 @@
 #include "scopereg/boost_fiber_scope.h"
 
+#include <algorithm>
+
+#include "boost/context/stack_traits.hpp"
 #include "boost/fiber/context.hpp"
 #include "boost/fiber/fss.hpp"
 #include "scopereg/thread_scope.h"
@@ -30,6 +33,19 @@ boost::fibers::fiber_specific_ptr<FiberSlots>& slots_of_fiber() {
 
 }  // namespace
 
+std::uintptr_t internal::boost_fiber_own_stack_window() noexcept {
+#if BOOST_VERSION == 107400
+  // A fiber's usable stack is its size less the context at its top; Boost documents
+  // minimum_size() as the smallest stack: half of it is below the context on any fiber
+  // whose stack respects that minimum.
+  static const std::uintptr_t window = std::min<std::uintptr_t>(
+      8 * 1024, boost::context::stack_traits::minimum_size() / 2);
+  return window;
+#else
+  return 0;  // Boost.Fiber's layout not verified for this release: no frames kept
+#endif
+}
+
 internal::ScopeState* internal::boost_fiber_state_slow(std::uintptr_t frame) {
   boost::fibers::context* const active = boost::fibers::context::active();
   if (active == nullptr || active->is_context(boost::fibers::type::main_context)) {
@@ -50,7 +66,7 @@ internal::ScopeState* internal::boost_fiber_state_slow(std::uintptr_t frame) {
     cache.ends = ends;
   }
   const auto top = reinterpret_cast<std::uintptr_t>(active);
-  if (frame < top && top - frame < kOwnStackWindow) {  // on the fiber's own stack
+  if (frame < top && top - frame < boost_fiber_own_stack_window()) {  // its own stack
     cache.frames[cache.next] = frame;
     cache.next = (cache.next + 1) % BoostFiberCache::kFrames;
   }

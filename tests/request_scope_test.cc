@@ -1394,23 +1394,21 @@ struct RegionStack {
   return pad[0] == 1 ? v : nullptr;
 }
 
-// A Boost.Fiber fiber with a small stack (Boost takes any size; its
-// stack_traits:: minimum_size() is MINSIGSTKSZ: 2-4 KiB on most x86-64
-// machines, 13.5 KiB on this AMX-capable one) runs a scopereg Fiber whose stack
-// lies just below its own, so that frames of the nested stack are within 8 KiB
-// of the boost fiber's context. The nested stack is then freed (no Boost.Fiber
-// fiber ends) and a new boost fiber gets that memory as its stack: whatever
-// call depth it uses, it must get its own value, never the suspended fiber's.
+// A Boost.Fiber fiber with the smallest stack the contract allows (Boost's
+// stack_traits::minimum_size(): MINSIGSTKSZ, 2-4 KiB on most x86-64 machines,
+// 13.5 KiB on this AMX-capable one; see boost_fiber_scope.h) runs a scopereg
+// Fiber whose stack lies just below its own, so that frames of the nested stack
+// are as close as they can be to the boost fiber's context. The nested stack is
+// then freed (no Boost.Fiber fiber ends) and a new boost fiber gets that memory
+// as its stack: whatever call depth it uses, it must get its own value, never
+// the suspended fiber's.
 TEST(BoostFiberCache, ANestedStackBelowASmallBoostFiberStackIsNotTrusted) {
   constexpr std::size_t kNested = 64 * 1024;
-#if defined(__SANITIZE_ADDRESS__)
-  // ASan's frames need about 7.5 KiB here: with 8 KiB the window stays on the
-  // fiber's own stack and this test cannot show the fault (it still checks the
-  // values).
-  constexpr std::size_t kSmall = 8 * 1024;
-#else
-  constexpr std::size_t kSmall = 6 * 1024;
-#endif
+  // The minimum, rounded up to whole pages (and at least 8 KiB: ASan's frames
+  // need about 7.5 KiB here).
+  const std::size_t kSmall =
+      (std::max<std::size_t>(boost::context::stack_traits::minimum_size(), 8 * 1024) + 4095) &
+      ~std::size_t{4095};
   auto memory = std::make_unique<char[]>(kNested + kSmall + 4096);
   char* const base = reinterpret_cast<char*>(
       (reinterpret_cast<std::uintptr_t>(memory.get()) + 4095) & ~std::uintptr_t{4095});
@@ -1424,9 +1422,10 @@ TEST(BoostFiberCache, ANestedStackBelowASmallBoostFiberStackIsNotTrusted) {
   bool done = false;
   bool go = false;  // outer's turn to run a nested Fiber on the shared region
   int nested_wrong = 0;
-  std::uintptr_t window_low = 0;  // 8 KiB below outer's context object
+  std::uintptr_t window_low = 0;  // the cache's window below outer's context object
   boost::fibers::fiber outer(std::allocator_arg, RegionStack{small_region, kSmall}, [&] {
-    window_low = reinterpret_cast<std::uintptr_t>(boost::fibers::context::active()) - 8 * 1024;
+    window_low = reinterpret_cast<std::uintptr_t>(boost::fibers::context::active()) -
+                 internal::boost_fiber_own_stack_window();
     outer_value = &reg();
     while (!done) {
       if (go) {
@@ -1435,7 +1434,7 @@ TEST(BoostFiberCache, ANestedStackBelowASmallBoostFiberStackIsNotTrusted) {
               [&] {
                 nested_wrong += boost_mismatches(reg, outer_value);
                 // The last four accesses (the frames the cache keeps)
-                // placed as deep as the 8 KiB window below outer's context
+                // placed as deep as the cache's window below outer's context
                 // allows, where a new fiber's frames on this memory can
                 // reach: calibrated with one access first.
                 nested_wrong += boost_access_below(reg, 0) != outer_value;

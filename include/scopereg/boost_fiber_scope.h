@@ -27,9 +27,15 @@
 // Thread safety: any thread. Cost: a hit is a per-thread cache check (was this frame
 // address seen in the fiber seen last, and has no fiber ended since) plus two loads, about
 // 1 ns here; on a miss (the first access after a switch to another fiber, after any fiber
-// ended, from a call site not among the last four seen or deeper than 8 KiB into the
-// fiber's stack, or with a Boost other than 1.74) Boost.Fiber's context::active() and,
-// when the fiber changed, a fiber_specific_ptr read. On a thread's main context every access takes the
+// ended, from a call site not among the last four seen or deeper into the fiber's stack
+// than half of Boost's stack_traits::minimum_size() (at most 8 KiB), or with a Boost other
+// than 1.74) Boost.Fiber's context::active() and, when the fiber changed, a
+// fiber_specific_ptr read.
+// Misuse (undetectable): a Boost.Fiber fiber whose stack is smaller than Boost's own
+// documented minimum, boost::context::stack_traits::minimum_size(), plus the size of the
+// fiber's function object, while it runs another stack (a scopereg Fiber, a generator)
+// placed right below its own, can make a later fiber on that memory get its value. Give
+// fibers at least the minimum stack (Boost's allocators' defaults do). On a thread's main context every access takes the
 // miss path. The first access in a fiber allocates its slots.
 
 #ifndef SCOPEREG_BOOST_FIBER_SCOPE_H_
@@ -56,7 +62,7 @@ namespace internal {
 // __tls_get_addr calls in libboost_fiber) nor a fiber_specific_ptr look-up. A frame is
 // known to be on the fiber's own stack from Boost.Fiber's layout (make_worker_context puts
 // the context object at the top of the fiber's stack): only frames less than
-// kOwnStackWindow below the context are kept. Frames on a stack the fiber runs itself (a
+// boost_fiber_own_stack_window() below the context are kept. Frames on a stack the fiber runs itself (a
 // generator, a scopereg Fiber) are never kept: that stack could be freed and reused by
 // another fiber without any fiber ending. Used only with the Boost.Fiber release whose
 // layout was read (1.74); with others every access asks context::active().
@@ -68,11 +74,9 @@ struct BoostFiberCache {
   std::uint64_t ends = 0;
   unsigned next = 0;  // the frame entry to replace next
 };
-#if BOOST_VERSION == 107400
-inline constexpr std::uintptr_t kOwnStackWindow = 8 * 1024;  // fiber stacks are larger
-#else
-inline constexpr std::uintptr_t kOwnStackWindow = 0;  // layout not verified: no frames
-#endif
+// How far below its context a frame is known to be on a fiber's own stack: half of
+// Boost's stack_traits::minimum_size(), at most 8 KiB (0 with an unverified Boost).
+std::uintptr_t boost_fiber_own_stack_window() noexcept;
 extern thread_local constinit BoostFiberCache t_boost_fiber_cache;
 extern constinit std::atomic<std::uint64_t> g_boost_fiber_ends;
 ScopeState* boost_fiber_state_slow(std::uintptr_t frame);
