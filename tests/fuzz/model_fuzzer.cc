@@ -2,9 +2,15 @@
 // registries of every strategy, enter/leave explicit scopes in any order, get/find/set/
 // clear, wrap and run and drop callbacks, run fibers step by step or destroy them, run a
 // short thread, check objects out of a Pool and back in (or invalidate them), dispose the
-// pool — applies them to scopereg and to a tiny, obviously correct model, and
-// aborts on any difference (which value, how many alive). Built with libFuzzer
-// (.ci/fuzz) and, for regression, replayed over tests/fuzz/corpus/ by every test build.
+// pool, copy the current scope into a held CapturedScope (copy_context(), also from inside
+// another copy), run get/find/set/clear inside a held copy, drop a copy, enter an
+// inheriting guard (ScopeGuard(token, inherit)) — applies them to scopereg and to a tiny,
+// obviously correct model, and aborts on any difference (which value, which values alive,
+// a value destroyed twice). Values bound by several scopes (copies, inheriting guards)
+// are shared: the model keeps one binding per (registry, scope) naming the value's serial,
+// so a value's reference count is the number of bindings naming it, and it must be alive
+// exactly while that count is non-zero. Built with libFuzzer (.ci/fuzz) and, for
+// regression, replayed over tests/fuzz/corpus/ by every test build.
 
 #include <chrono>
 #include <cstdint>
@@ -28,20 +34,30 @@ namespace {
 
 using namespace scopereg;
 
-int g_live = 0;  // values alive in scopereg (single-threaded but for joined threads)
-
-struct Value {
-  explicit Value(int serial) : serial(serial) { ++g_live; }
-  Value(const Value&) = delete;
-  Value& operator=(const Value&) = delete;
-  ~Value() { --g_live; }
-  int serial;
-};
-
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "model_fuzzer: scopereg differs from the model: %s\n", what.c_str());
   std::abort();
 }
+
+// Serials of the values alive in scopereg (single-threaded but for joined threads).
+std::set<int>& alive() {
+  static std::set<int> serials;
+  return serials;
+}
+
+struct Value {
+  explicit Value(int serial) : serial(serial) {
+    if (!alive().insert(serial).second) fail("serial " + std::to_string(serial) + " made twice");
+  }
+  Value(const Value&) = delete;
+  Value& operator=(const Value&) = delete;
+  ~Value() {
+    if (alive().erase(serial) != 1) {
+      fail("value " + std::to_string(serial) + " destroyed twice (or never made)");
+    }
+  }
+  int serial;
+};
 
 enum Kind { kThread, kExplicit, kFiber, kFuncExplicit, kKinds };
 
@@ -90,6 +106,9 @@ class Fuzz {
     wraps_.clear();
     for (auto& w : wrap_models_) release_lives(w);
     wrap_models_.clear();
+    copies_.clear();
+    for (int life : copy_models_) release_lives({life});
+    copy_models_.clear();
     leases_.clear();
     lease_models_.clear();
     pool_.reset();
@@ -97,25 +116,41 @@ class Fuzz {
     while (!guards_.empty()) leave(0);
     for (int slot = 0; slot < kSlots; ++slot) destroy_registry(slot);
     check_all("teardown");
-    if (g_live != 0) fail("values alive after teardown: " + std::to_string(g_live));
+    if (!alive().empty()) fail("values alive after teardown: " + std::to_string(alive().size()));
   }
 
  private:
   static constexpr int kSlots = 3;
   static constexpr int kTokens = 4;
+  static constexpr std::size_t kCopies = 4;
 
   std::uint8_t byte() { return pos_ < size_ ? data_[pos_++] : 0; }
 
   void step() {
-    const std::uint8_t op = byte() % 14;
+    // Op bytes below 224 (= 16 * 14) keep their meaning from before the copy operations,
+    // so the checked-in corpus still drives the same operations.
+    const std::uint8_t raw = byte();
     const int a = byte();
+    if (raw >= 224) {
+      const int op = (raw - 224) % 5;
+      switch (op) {
+        case 0: copy_current(a); break;
+        case 1: copy_inside_copy(a); break;
+        case 2: run_in_copy(a, byte(), byte() % kSlots); break;
+        case 3: drop_copy(a); break;
+        case 4: enter_inheriting(a % kTokens); break;
+      }
+      check_all("copy op " + std::to_string(op));
+      return;
+    }
+    const std::uint8_t op = raw % 14;
     switch (op) {
       case 0: create_registry(a % kSlots, static_cast<Kind>((a / kSlots) % kKinds)); break;
       case 1: destroy_registry(a % kSlots); break;
       case 2: get(a % kSlots, Context{}); break;
       case 3: find(a % kSlots, Context{}); break;
-      case 4: set(a % kSlots); break;
-      case 5: clear(a % kSlots); break;
+      case 4: set(a % kSlots, Context{}); break;
+      case 5: clear(a % kSlots, Context{}); break;
       case 6: enter(a % kTokens); break;
       case 7: if (!guards_.empty()) leave(a % guards_.size()); break;
       case 8: wrap(); break;
@@ -170,11 +205,34 @@ class Fuzz {
   }
   void end_fiber_model(int id) { erase_key("F" + std::to_string(id)); }
 
+  // Binds in scope `to` every explicit-keyed value of scope `from` that `to` has no value
+  // of yet (copy_context, ScopeGuard(token, inherit)): the same serial, one more binding.
+  void share_bindings(int from, int to) {
+    for (int slot = 0; slot < kSlots; ++slot) {
+      if (kind_[slot] != kExplicit && kind_[slot] != kFuncExplicit) continue;
+      auto it = values_.find(std::make_pair(slot, "E" + std::to_string(from)));
+      if (it == values_.end()) continue;
+      values_.emplace(std::make_pair(slot, "E" + std::to_string(to)), it->second);
+    }
+  }
+
   void check_all(const std::string& where) {
-    std::size_t expected = values_.size() + pool_idle_.size() + leases_.size();
-    if (static_cast<std::size_t>(g_live) != expected) {
-      fail(where + ": " + std::to_string(g_live) + " values alive, model has " +
-           std::to_string(expected));
+    // Alive: exactly the values some binding names (a shared value counts once), plus the
+    // pool's.
+    std::set<int> expected(pool_idle_.begin(), pool_idle_.end());
+    expected.insert(lease_models_.begin(), lease_models_.end());
+    for (const auto& v : values_) expected.insert(v.second);
+    if (alive() != expected) {
+      std::string diff;
+      for (int s : alive()) {
+        if (!expected.count(s)) diff += " +" + std::to_string(s);
+      }
+      for (int s : expected) {
+        if (!alive().count(s)) diff += " -" + std::to_string(s);
+      }
+      fail(where + ": " + std::to_string(alive().size()) + " values alive, model has " +
+           std::to_string(expected.size()) + " (alive but not in the model: +, dead but in "
+           "the model: -):" + diff);
     }
     for (int slot = 0; slot < kSlots; ++slot) {
       std::int64_t n = 0;
@@ -234,9 +292,9 @@ class Fuzz {
       fail("find differs");
     }
   }
-  void set(int slot) {
+  void set(int slot, const Context& ctx) {
     if (!regs_[slot]) return;
-    const auto key = key_for(slot, Context{});
+    const auto key = key_for(slot, ctx);
     if (!key) {
       try {
         regs_[slot]->set(-1);
@@ -248,19 +306,79 @@ class Fuzz {
     regs_[slot]->set(++serial_);
     values_[std::make_pair(slot, *key)] = serial_;
   }
-  void clear(int slot) {
+  void clear(int slot, const Context& ctx) {
     if (!regs_[slot]) return;
     regs_[slot]->clear();
-    if (const auto key = key_for(slot, Context{})) values_.erase(std::make_pair(slot, *key));
+    if (const auto key = key_for(slot, ctx)) values_.erase(std::make_pair(slot, *key));
   }
-  void enter(int token) {
+  void enter(int token, bool inherit = false) {
     if (guards_.size() >= 8) return;
-    guards_.push_back(std::make_unique<ScopeGuard>(token));
+    const std::vector<int> outer = live_stack();
+    guards_.push_back(inherit ? std::make_unique<ScopeGuard>(token, scopereg::inherit)
+                              : std::make_unique<ScopeGuard>(token));
     auto it = token_life_.find(token);
     const int life = it != token_life_.end() ? it->second : ++next_life_;
     token_life_[token] = life;
     ++life_refs_[life];
     guard_models_.emplace_back(token, life);
+    // The token's scope keeps its own values; it gains the current scope's others.
+    if (inherit && !outer.empty() && outer.back() != life) share_bindings(outer.back(), life);
+  }
+  void enter_inheriting(int token) { enter(token, /*inherit=*/true); }
+
+  // ---- copies: each held CapturedScope from copy_context() is one scope (a life) ----
+  void hold_copy(CapturedScope copy, int life, int a) {
+    if (copies_.size() < kCopies) {
+      copies_.push_back(std::move(copy));
+      copy_models_.push_back(life);
+      return;
+    }
+    const std::size_t i = static_cast<std::size_t>(a / 8) % copies_.size();  // replace one
+    copies_[i] = std::move(copy);
+    const int old = copy_models_[i];
+    copy_models_[i] = life;
+    release_lives({old});
+  }
+  // A new scope holding the current scope's values (a new, empty one with no scope).
+  int new_copy_life(const std::vector<int>& stack) {
+    const int life = ++next_life_;
+    life_refs_[life] = 1;
+    if (!stack.empty()) share_bindings(stack.back(), life);
+    return life;
+  }
+  void copy_current(int a) {
+    CapturedScope copy = copy_context();
+    hold_copy(std::move(copy), new_copy_life(live_stack()), a);
+  }
+  void copy_inside_copy(int a) {
+    if (copies_.empty()) return;
+    const std::size_t i = static_cast<std::size_t>(a) % copies_.size();
+    CapturedScope copy = copies_[i].run([] { return copy_context(); });
+    hold_copy(std::move(copy), new_copy_life({copy_models_[i]}), a);
+  }
+  void run_in_copy(int a, int what, int slot) {
+    if (copies_.empty()) return;
+    const std::size_t i = static_cast<std::size_t>(a) % copies_.size();
+    const ScopeToken before = ExplicitScope::current();
+    Context ctx;
+    ctx.captured = std::vector<int>{copy_models_[i]};
+    copies_[i].run([&] {
+      switch (what % 4) {
+        case 0: get(slot, ctx); break;
+        case 1: find(slot, ctx); break;
+        case 2: set(slot, ctx); break;
+        case 3: clear(slot, ctx); break;
+      }
+    });
+    if (ExplicitScope::current() != before) fail("run() of a copy did not restore the scope");
+  }
+  void drop_copy(int a) {
+    if (copies_.empty()) return;
+    const std::size_t i = static_cast<std::size_t>(a) % copies_.size();
+    copies_.erase(copies_.begin() + static_cast<std::ptrdiff_t>(i));
+    const int life = copy_models_[i];
+    copy_models_.erase(copy_models_.begin() + static_cast<std::ptrdiff_t>(i));
+    release_lives({life});
   }
   void leave(std::size_t i) {
     guards_.erase(guards_.begin() + static_cast<std::ptrdiff_t>(i));
@@ -392,6 +510,8 @@ class Fuzz {
   int next_life_ = 0;
   std::vector<CapturedScope> wraps_;
   std::vector<std::vector<int>> wrap_models_;
+  std::vector<CapturedScope> copies_;  // from copy_context()
+  std::vector<int> copy_models_;        // the life (scope) each copy holds
   std::map<int, Fiber> fibers_;
   std::map<int, int> fiber_models_;  // fiber slot -> model id
   int next_fiber_ = 0;
