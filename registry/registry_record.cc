@@ -96,7 +96,7 @@ void DyingList::destroy_all(NodeBase* first) noexcept {
       // One lock per value: report the previous destruction and take the next value.
       if (finished != kNone) {
         items_[finished].state = State::kGone;
-        domain_.destroyed.notify_all();
+        if (domain_.waiting > 0) domain_.destroyed.notify_all();
       }
       while (next < items_.size() && items_[next].state != State::kPending) ++next;
       if (next == items_.size()) {
@@ -152,7 +152,9 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out,
         }
       }
       if (!in_progress) break;
+      ++domain.waiting;
       domain.destroyed.wait(domain.mu);
+      --domain.waiting;
     }
   }
 }

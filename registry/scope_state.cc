@@ -152,7 +152,10 @@ void ScopeState::assert_domain([[maybe_unused]] const Domain& held) const {
 
 void ScopeState::store(SlotId slot, NodeBase* node) {
   NodeBase* const old = load(slot);
-  values_ += (node != nullptr) - (old != nullptr);
+  const int counted = (node != nullptr) - (old != nullptr);
+  if (counted != 0) {
+    values_.store(values_.load(std::memory_order_relaxed) + counted, std::memory_order_relaxed);
+  }
   const int hooked = (node != nullptr && node->hooked) - (old != nullptr && old->hooked);
   if (hooked != 0) {
     hooked_values_.store(hooked_values_.load(std::memory_order_relaxed) + hooked,
@@ -185,7 +188,7 @@ void ScopeState::store(SlotId slot, NodeBase* node) {
 
 template <typename F>
 void ScopeState::take_values(F&& take) {
-  if (values_ == 0) return;
+  if (values_.load(std::memory_order_relaxed) == 0) return;
   const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
   if (first != kNoIndex) {
     const SlotId first_slot = slot_id_for(first);
@@ -194,7 +197,8 @@ void ScopeState::take_values(F&& take) {
       take(registry_at(first), node);
     }
   }
-  for (std::uint32_t c = 0; c < chunk_limit_ && values_ != 0; ++c) {
+  for (std::uint32_t c = 0; c < chunk_limit_ && values_.load(std::memory_order_relaxed) != 0;
+       ++c) {
     std::atomic<NodeBase*>* chunk = chunks_[c].load(std::memory_order_relaxed);
     if (chunk == nullptr) continue;
     const std::uint32_t n = kFirstChunkSlots << c;
@@ -203,7 +207,7 @@ void ScopeState::take_values(F&& take) {
       NodeBase* node = chunk[o].load(std::memory_order_relaxed);
       if (node == nullptr) continue;
       chunk[o].store(nullptr, std::memory_order_relaxed);
-      --values_;
+      values_.store(values_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
       take(registry_at(base + o), node);
     }
   }
@@ -212,7 +216,7 @@ void ScopeState::take_values(F&& take) {
 
 template <typename F>
 void ScopeState::for_each_value(F&& visit) const {
-  if (values_ == 0) return;
+  if (values_.load(std::memory_order_relaxed) == 0) return;
   const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
   if (first != kNoIndex && chunks_[slot_id_for(first).chunk].load() == nullptr) {
     if (NodeBase* node = first_node_.load(std::memory_order_relaxed)) visit(first, node);
@@ -240,31 +244,30 @@ void ScopeState::hooked_not_in(const ScopeState* other,
 }
 
 void ScopeState::share_from(ScopeState& from) {
-  struct Shared {
-    std::uint32_t index;
-    std::uint64_t generation;
-    NodeBase* node;
-  };
-  absl::InlinedVector<Shared, 4> shared;
+  if (&from == this) return;
   {
-    MutexLock lock(from.mu_);
-    from.for_each_value([&shared](std::uint32_t index, NodeBase* node) {
-      shared.push_back(Shared{index, generation_at(index), share(node)});
-    });
-  }
-  if (!shared.empty()) {
-    MutexLock lock(mu_);
-    for (Shared& s : shared) {
-      const SlotId slot = slot_id_for(s.index);
-      if (closing_ || load(slot) != nullptr) continue;  // this scope's own value wins
-      // A registry that started its destruction (generation 0, or another registry
-      // since) may have emptied this scope already: its value is not bound here.
-      if (s.generation == 0 || generation_at(s.index) != s.generation) continue;
-      store(slot, s.node);
-      s.node = nullptr;
+    // Both scopes locked (in address order: the only place two scope mutexes are held),
+    // so a value is bound here only while `from` still binds it: a registry destroyed
+    // meanwhile either has not reached `from` yet (and will find its value here too) or
+    // has emptied it (and the value is not copied). No binding is taken that could
+    // outlive the registry.
+    ScopeState* const first = this < &from ? this : &from;
+    ScopeState* const second = this < &from ? &from : this;
+    MutexLock first_lock(first->mu_);
+    MutexLock second_lock(second->mu_);
+    from.assert_held();
+    assert_held();
+    if (!closing_) {
+      from.for_each_value([this](std::uint32_t index, NodeBase* node)
+                              ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        const SlotId slot = slot_id_for(index);
+        if (load(slot) != nullptr) return;  // this scope's own value wins
+        // A registry that started its destruction may have emptied this scope already.
+        if (generation_at(index) == 0) return;
+        store(slot, share(node));
+      });
     }
   }
-  for (Shared& s : shared) release(s.node);  // the ones not bound here
   copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
 }
 
@@ -374,14 +377,10 @@ void ScopeState::leave_domain() noexcept {
 
 void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
   if (!reachable) {
-    // The common request scope with no value left: nothing to take, no domain lock.
-    bool empty;
-    {
-      MutexLock lock(mu_);
-      closing_ = true;
-      empty = values_ == 0;
-    }
-    if (empty && !has_bound(TokenRef::of(token_))) {
+    // The common request scope with no value left: nothing to take, no lock. Unreachable,
+    // so only a registry's destructor can change values_ now, and only downwards.
+    // (closing_ stays as it is: no creator can reach this scope any more.)
+    if (values_.load(std::memory_order_relaxed) == 0 && !has_bound(TokenRef::of(token_))) {
       if (!reuse) leave_domain();
       return;
     }

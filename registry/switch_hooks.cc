@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "scopereg/error.h"
 #include "scopereg/internal/creation.h"
+#include "scopereg/internal/fork.h"
 #include "scopereg/internal/scope_state.h"
 #include "scopereg/scope_switch.h"
 
@@ -20,7 +21,7 @@ constinit std::atomic<int> g_switch_hooks{0};
 namespace {
 
 struct Watchers {
-  Mutex mu;
+  ForkSafeMutex mu;  // a leaf lock: fork() takes it (fork.h)
   std::uint64_t next_id ABSL_GUARDED_BY(mu) = 1;
   // Copied out under mu for each switch; never called under it.
   std::vector<std::pair<std::uint64_t, std::shared_ptr<const ScopeSwitchWatcher>>> list
@@ -43,6 +44,22 @@ void report_hook_failure(const char* what) noexcept {
 
 }  // namespace
 
+void enter_current(NodeBase* node) noexcept {
+  try {
+    node->enter();
+  } catch (...) {
+    report_hook_failure("on_scope_enter()");
+  }
+}
+
+void leave_current(NodeBase* node) noexcept {
+  try {
+    node->leave();
+  } catch (...) {
+    report_hook_failure("on_scope_leave()");
+  }
+}
+
 void count_hooked_registry(int delta) noexcept {
   g_switch_hooks.fetch_add(delta, std::memory_order_relaxed);
 }
@@ -57,20 +74,8 @@ void notify_switch(ScopeState* from, ScopeState* to) noexcept {
   } catch (...) {  // allocation failure: the hooks of this switch are lost, reported
     report_hook_failure("bookkeeping");
   }
-  for (NodeBase* node : leaving) {
-    try {
-      node->leave();
-    } catch (...) {
-      report_hook_failure("on_scope_leave()");
-    }
-  }
-  for (NodeBase* node : entering) {
-    try {
-      node->enter();
-    } catch (...) {
-      report_hook_failure("on_scope_enter()");
-    }
-  }
+  for (NodeBase* node : leaving) leave_current(node);
+  for (NodeBase* node : entering) enter_current(node);
   for (NodeBase* node : leaving) release(node);
   for (NodeBase* node : entering) release(node);
   if (g_watcher_count.load(std::memory_order_acquire) == 0) return;

@@ -14,9 +14,17 @@
 // has them called at every switch of the current scope on a thread: a ScopeGuard entered
 // or left, CapturedScope::run (and wrapped callables) entered or left, a scopereg Fiber
 // switched in or out (for FiberScope values, and for the explicit scopes the fiber
-// carries), a fiber finishing (on_scope_leave before its values are destroyed). Calls pair
-// exactly per value and thread, also when the code in between throws (the switch back
-// happens in a destructor). Order at one switch: the scope being left first (each of its
+// carries), a fiber finishing (on_scope_leave before its values are destroyed); and when
+// a value is created or set() in the current scope (on_scope_enter: folly's onSet on
+// setContextData) or removed from it by set() or clear() (on_scope_leave, then it is
+// destroyed, then the new value's on_scope_enter). A scope that ends as it stops being
+// current (its last guard left) has its values' on_scope_leave called before they are
+// destroyed. Calls pair exactly per value and thread when a scope is current on one
+// thread at a time, also when the code in between throws (the switch back happens in a
+// destructor); a scope current on several threads at once (a token entered on two
+// threads) gets on_scope_enter for a new value only on the thread that created it.
+// FiberScope values of a thread's main context (outside any Fiber) live in the thread's
+// scope, which is always current: they get no calls at fiber switches. Order at one switch: the scope being left first (each of its
 // values not bound in the scope being entered gets on_scope_leave), then the scope being
 // entered (each value not bound in the scope left gets on_scope_enter), then the
 // watchers. A value bound in both (an inheriting guard's or a copy's shared value) gets
@@ -32,6 +40,8 @@
 //
 // Thread safety: hooks and watchers run on the switching thread, with no scopereg lock
 // held; they may use registries (a value created there is in the scope being entered).
+// While a hook runs, its value is kept alive: a registry destroyed meanwhile on another
+// thread leaves that value to be destroyed when the hook returns, on the hook's thread.
 // Watchers may be added and removed from any thread; a call already running on another
 // thread when its handle is released may still finish (keep what it uses alive until
 // then). Hooks and watchers must not switch scopes themselves (enter a guard, run a

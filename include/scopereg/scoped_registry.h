@@ -137,6 +137,7 @@ class ScopedRegistry {
           "arguments may be specified. Call clear() first to replace it, or operator() to "
           "use the existing value");
     }
+    if constexpr (kHooked) internal::enter_current(n);
     return internal::value_of<T>(n);
   }
 
@@ -159,9 +160,13 @@ class ScopedRegistry {
     auto node = std::make_unique<internal::Node<T>>(std::in_place, std::forward<Args>(args)...);
     auto cell = backend_.cell(scope_);
     internal::NodeBase* old = internal::exchange(cell, node.get(), name_.c_str());
-    T& value = node.release()->value;
+    internal::Node<T>* installed = node.release();
+    if constexpr (kHooked) {
+      if (old != nullptr) internal::leave_current(old);
+    }
     internal::release(old);  // destroyed unless a copied scope still binds it
-    return value;
+    if constexpr (kHooked) internal::enter_current(installed);
+    return installed->value;
   }
 
   // Destroys the calling scope's value, if any. A no-op on an empty scope or with no
@@ -170,7 +175,11 @@ class ScopedRegistry {
   void clear() {
     if (!backend_.has_scope(scope_)) return;
     auto cell = backend_.cell(scope_);
-    internal::release(internal::exchange(cell, nullptr, name_.c_str()));
+    internal::NodeBase* old = internal::exchange(cell, nullptr, name_.c_str());
+    if constexpr (kHooked) {
+      if (old != nullptr) internal::leave_current(old);
+    }
+    internal::release(old);
   }
 
   // Replaces the factory. Values that exist keep living; only values created afterwards
@@ -239,11 +248,15 @@ class ScopedRegistry {
   [[gnu::noinline]] T& create_from_factory() {
     const Factory* factory = factory_.load(std::memory_order_acquire);
     bool created = false;
-    return internal::value_of<T>(get_or_create(
+    internal::NodeBase* n = get_or_create(
         [&]() -> internal::NodeBase* {
           return new internal::Node<T>(internal::kFromFactory, *factory);
         },
-        &created));
+        &created);
+    if constexpr (kHooked) {
+      if (created) internal::enter_current(n);
+    }
+    return internal::value_of<T>(n);
   }
 
   // T has on_scope_enter()/on_scope_leave() (scope_switch.h) and the strategy switches.

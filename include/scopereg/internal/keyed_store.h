@@ -168,6 +168,11 @@ class KeyedStore final : public RegistryRecord {
     const Token* from = from_ref.as<Token>();
     const Token* to = to_ref.as<Token>();
     if (from == nullptr || to == nullptr) return false;
+    {
+      Shard& shard = shard_for(*to);
+      MutexLock lock(shard.mu);
+      if (shard.map.find(*to) != shard.map.end()) return false;  // `to`'s own value wins
+    }
     NodeBase* node = nullptr;
     {
       Shard& shard = shard_for(*from);

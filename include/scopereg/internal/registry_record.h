@@ -48,6 +48,7 @@ class ScopeState;
 struct alignas(64) Domain {
   Mutex mu;
   CondVar destroyed;  // a value of some registry finished its destructor
+  int waiting ABSL_GUARDED_BY(mu) = 0;  // retiring registries waiting on `destroyed`
   ScopeState* scopes ABSL_GUARDED_BY(mu) = nullptr;
   DyingList* dying ABSL_GUARDED_BY(mu) = nullptr;
 };

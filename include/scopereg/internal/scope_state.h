@@ -137,8 +137,11 @@ class ScopeState {
 
   // Binds in this scope every value `from` binds, for each registry where this scope has
   // none (values are shared, not copied: see node.h), slot-based and token-keyed alike.
-  // Neither scope's mutex is held while the other's is.
+  // Holds both scopes' mutexes at once, taken in address order.
   void share_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_);
+  // Tells the analysis that this scope's mutex is held (by a caller that locked it through
+  // another name).
+  void assert_held() const ABSL_ASSERT_EXCLUSIVE_LOCK(mu_) {}
 
   // Appends to `out` (each with a binding taken: release them) this scope's values of
   // hooked types (node.h) that `other` (may be null) does not bind in the same registry.
@@ -201,7 +204,9 @@ class ScopeState {
   CondVar cv_;
   absl::InlinedVector<Creating, 1> creating_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
-  std::uint32_t values_ ABSL_GUARDED_BY(mu_) = 0;      // non-null slots
+  int waiting_ ABSL_GUARDED_BY(mu_) = 0;  // callers waiting on cv_ for a creation
+  // Non-null slots: written under mu_, read without it by an unreachable scope's end.
+  std::atomic<std::uint32_t> values_{0};
   std::uint32_t chunk_limit_ ABSL_GUARDED_BY(mu_) = 0;  // chunks_[k] null for k >= this
 
   ScopeState* prev_ ABSL_GUARDED_BY(domain_.mu) = nullptr;
@@ -248,8 +253,14 @@ class SlotCell {
     state_.store(reg_.slot_, node);
     return old;
   }
-  void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) { state_.cv_.wait(state_.mu_); }
-  void notify_all() { state_.cv_.notify_all(); }
+  void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    ++state_.waiting_;
+    state_.cv_.wait(state_.mu_);
+    --state_.waiting_;
+  }
+  void notify_all() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    if (state_.waiting_ > 0) state_.cv_.notify_all();
+  }
 
  private:
   ScopeState& state_;

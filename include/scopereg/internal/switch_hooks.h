@@ -13,6 +13,7 @@
 namespace scopereg::internal {
 
 class ScopeState;
+struct NodeBase;
 
 extern constinit std::atomic<int> g_switch_hooks;
 
@@ -23,6 +24,12 @@ extern constinit std::atomic<int> g_switch_hooks;
 // Calls the value hooks and watchers for a switch of the current scope from `from` to
 // `to` on this thread (either may be null; nothing happens when they are equal).
 void notify_switch(ScopeState* from, ScopeState* to) noexcept;
+
+// A hooked value created, or installed by set(), in the calling (current) scope becomes
+// current: enter. One removed from it by set() or clear(): leave. Exceptions are reported
+// and dropped, as at switches.
+void enter_current(NodeBase* node) noexcept;
+void leave_current(NodeBase* node) noexcept;
 
 // A registry of a hooked value type is created (+1) or destroyed (-1).
 void count_hooked_registry(int delta) noexcept;
