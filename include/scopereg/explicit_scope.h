@@ -235,7 +235,7 @@ inline constexpr InheritTag inherit{};
 class ScopeGuard {
  public:
   template <typename K>
-    requires HashableToken<K>
+    requires(!std::is_same_v<std::remove_cvref_t<K>, ScopeGuard>) && HashableToken<K>
   explicit ScopeGuard(const K& token,
                       ScopeLifetime lifetime = ScopeLifetime::kEndWithLastGuard)
       : ScopeGuard(internal::acquire_record(internal::probe_for(token), lifetime)) {}

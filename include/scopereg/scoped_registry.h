@@ -195,7 +195,8 @@ class ScopedRegistry {
     factory_.store(factories_.back().get(), std::memory_order_release);
   }
 
-  // Number of live values across all scopes. Exact when nothing runs concurrently;
+  // Number of values bound across all scopes (a value shared by a scope and its copies,
+  // copy_context() / inherit, counts once per scope). Exact when nothing runs concurrently;
   // otherwise a value that was true at some moment during the call. Cost: one load for
   // token-keyed strategies; for slot-based ones (thread, fiber, explicit) a walk over every
   // live scope under its domain's lock (no shared counter is written on creation, so that

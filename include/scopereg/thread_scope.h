@@ -18,9 +18,10 @@
 //   never destroyed.
 //
 // Thread safety: all static members may be called from any thread.
-// Cost: a hit is one constant-initialised thread_local load plus two loads (no lock, no
-// hashing); a thread's first access allocates its slot array (~0.5 KB) and registers its
-// exit hook.
+// Cost: a hit is one constant-initialised thread_local load plus two or three loads (no
+// lock, no hashing); a thread's first access allocates its scope state (its first value
+// sits inline; a slot array follows when a second registry's value arrives) and registers
+// its exit hook.
 // Fibers: a fiber resumed on another thread sees that thread's value here; use FiberScope
 // for one value per fiber. The hit reads a thread_local inline: a compiler that keeps a
 // thread_local's address across a call that switches fibers (llvm/llvm-project#98479) could

@@ -10,8 +10,10 @@
 // erase); a cache entry records the epoch it saw under the same lock, so an entry whose
 // epoch still matches points at a live value. Store ids are never reused.
 //
-// Every store subscribes to scope ends: `end_scope(token)` and the end of a built-in
-// scope reach it through extract_for_end() when the token is of its type.
+// Every value stored records a binding in the binding index (registry_record.h), dropped
+// when it goes: `end_scope(token)` and the end of a built-in scope find the stores holding
+// a value for their token there and call extract_for_end(). Stores also register with the
+// subscriber list, which only fork() uses (to take their shard locks).
 
 #ifndef SCOPEREG_INTERNAL_KEYED_STORE_H_
 #define SCOPEREG_INTERNAL_KEYED_STORE_H_

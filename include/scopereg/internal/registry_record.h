@@ -17,8 +17,10 @@
 //   A scope's end (and `end_scope(token)`) looks up its own token there and visits only
 //   the registries that hold a value for it: its cost follows its values, not the number
 //   of registries alive.
-// * `g_process_mutex` guards only the table of registries (creation and destruction of a
-//   registry), never a scope's life.
+// * `g_process_mutex` guards the table of registries (creation and destruction of a
+//   registry) and copies of token-keyed values (copy_bound: a copy_context() or inheriting
+//   guard whose scope has values in token-keyed registries), never a scope's creation or
+//   end.
 //
 // Process-wide state lives in never-destroyed storage: no static destructor runs before a
 // thread that exits late, and shared libraries see one copy.
