@@ -22,11 +22,16 @@ SCALING_ANCHOR = ("BM_ScopeLife_FollyStyleContext/threads:2",
                   "BM_ScopeLife_FollyStyleContext/threads:1")
 SCALING_SLACK = 0.05  # how far above the anchor's own 2-vs-1-thread ratio ours may be
 TARGETS = [
-    ("Request scope life vs folly-style context (1 thread)",
+    ("Request scope life (token) vs folly-style context (1 thread)",
      "BM_ScopeLife_ExplicitScope/threads:1", "BM_ScopeLife_FollyStyleContext/threads:1",
      "max", 1.0),
-    ("Scope life, 2 threads vs 1 (per-thread)", "BM_ScopeLife_ExplicitScope/threads:2",
+    ("Scope life, fresh_scope (no token) vs folly-style context (1 thread)",
+     "BM_ScopeLife_FreshScope/threads:1", "BM_ScopeLife_FollyStyleContext/threads:1",
+     "max", 1.0),
+    ("Scope life (token), 2 threads vs 1 (per-thread)", "BM_ScopeLife_ExplicitScope/threads:2",
      "BM_ScopeLife_ExplicitScope/threads:1", "scaling", 1.2),
+    ("Scope life (fresh_scope), 2 threads vs 1 (per-thread)",
+     "BM_ScopeLife_FreshScope/threads:2", "BM_ScopeLife_FreshScope/threads:1", "scaling", 1.2),
     ("Explicit churn, 2 threads vs 1 (per-thread)", "BM_Churn_ExplicitScope/threads:2",
      "BM_Churn_ExplicitScope/threads:1", "scaling", 1.2),
     ("wrap + call, 2 threads vs 1 (per-thread)", "BM_WrapAndCall/threads:2",
@@ -45,6 +50,16 @@ TARGETS = [
      "BM_Get_FuncScope_Registries/1", "max", 1.5),
     ("Bytes per fresh scope's first value, beyond sizeof(T)",
      "BM_Memory_BytesPerValue_ExplicitScope/iterations:1", "bytes_per_value", "bytes", 64),
+    ("copy_context() + run, 0 values vs folly-style shallow copy", "BM_CopyRun_CopyContext/0",
+     "BM_CopyRun_FollyStyleShallowCopy/0", "max", 1.0),
+    ("copy_context() + run, 4 values vs folly-style shallow copy", "BM_CopyRun_CopyContext/4",
+     "BM_CopyRun_FollyStyleShallowCopy/4", "max", 1.0),
+    ("copy_context() + run, 16 values vs folly-style shallow copy",
+     "BM_CopyRun_CopyContext/16", "BM_CopyRun_FollyStyleShallowCopy/16", "max", 1.0),
+    ("Guard enter/leave, a hooked value in scope vs no hooks",
+     "BM_EnterLeave_ScopeGuard_HookedValue", "BM_EnterLeave_ScopeGuard/threads:1", "info", None),
+    ("Guard enter/leave with a switch, a watcher registered vs no hooks",
+     "BM_EnterLeave_ScopeGuard_Watcher", "BM_EnterLeave_ScopeGuard/threads:1", "info", None),
     ("BoostFiberScope hit vs fiber_specific_ptr", "BM_Get_BoostFiberScope",
      "BM_Get_BoostFiberSpecificPtr", "faster", 3.0),
     ("ThreadScope hit vs raw thread_local", "BM_Get_ThreadScope/threads:1",
@@ -84,7 +99,8 @@ TARGETS = [
 # Hit benchmarks whose per-thread cost must not grow with threads (per-thread tokens).
 SCALING = [
     ("folly-style request context life (anchor)", "BM_ScopeLife_FollyStyleContext"),
-    ("ExplicitScope request scope life", "BM_ScopeLife_ExplicitScope"),
+    ("ExplicitScope request scope life (token)", "BM_ScopeLife_ExplicitScope"),
+    ("ExplicitScope request scope life (fresh_scope)", "BM_ScopeLife_FreshScope"),
     ("ExplicitScope churn (a registry per thread)", "BM_Churn_ExplicitScope"),
     ("wrap() + call", "BM_WrapAndCall"),
     ("ScopeGuard enter/leave", "BM_EnterLeave_ScopeGuard"),
@@ -235,7 +251,8 @@ def summarize(by_binary, counters):
         if not (name.startswith("BM_Churn") or name.startswith("BM_Memory")
                 or name.startswith("BM_MissCreateClear") or name.startswith("BM_FiberLife")
                 or name.startswith("BM_ScopeLife") or name.startswith("BM_EnterLeave")
-                or name.startswith("BM_WrapAndCall") or name.startswith("BM_ClearForCurrentScope")):
+                or name.startswith("BM_WrapAndCall") or name.startswith("BM_ClearForCurrentScope")
+                or name.startswith("BM_CopyRun")):
             continue
         c = counters.get(name, {})
         shown = ", ".join(f"{k} = {v:,.0f}" for k, v in sorted(c.items()))

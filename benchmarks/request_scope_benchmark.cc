@@ -8,6 +8,8 @@
 //                                      inserted, then released (folly RequestContext's shape)
 //   BM_ScopeLife_ExplicitScope         ScopeGuard on a fresh token, one registry value
 //                                      created, guard left (scope and value end)
+//   BM_ScopeLife_FreshScope            the same with ScopeGuard(scopereg::fresh_scope): a
+//                                      scope no token names (carried by wrap, as folly's)
 //   BM_ScopeLife_FuncScopeAlive/N      the same with N empty FuncScope registries alive
 //   BM_Get_FuncScope_Registries/N      FuncScope hits on N registries used alternately
 //   BM_CopyRun_FollyStyleShallowCopy/N anchor: a child context made by copying the parent's
@@ -76,6 +78,15 @@ void BM_ScopeLife_ExplicitScope(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_ScopeLife_ExplicitScope)->ThreadRange(1, 16);
+
+void BM_ScopeLife_FreshScope(benchmark::State& state) {
+  ScopedRegistry<Payload, ExplicitScope>& reg = registry();
+  for (auto _ : state) {
+    ScopeGuard guard(fresh_scope);
+    benchmark::DoNotOptimize(reg());
+  }
+}
+BENCHMARK(BM_ScopeLife_FreshScope)->ThreadRange(1, 16);
 
 void BM_ScopeLife_FuncScopeAlive(benchmark::State& state) {
   std::vector<std::unique_ptr<ScopedRegistry<Payload, FuncScope>>> alive;

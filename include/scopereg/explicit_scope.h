@@ -222,6 +222,19 @@ struct InheritTag {
 };
 inline constexpr InheritTag inherit{};
 
+// fresh_scope
+//
+// Tag for ScopeGuard(scopereg::fresh_scope): a new scope that no token names (folly's
+// RequestContextScopeGuard with a new context). Other threads reach it only through
+// wrap() / CapturedScope, never by a token. Use it for request scopes that are carried to
+// callbacks rather than looked up by id: it needs no entry in the process-wide token
+// table, so starting and ending one writes only memory of the calling thread's own
+// (benchmarks/request_scope_benchmark.cc, BM_ScopeLife_FreshScope).
+struct FreshScopeTag {
+  explicit FreshScopeTag() = default;
+};
+inline constexpr FreshScopeTag fresh_scope{};
+
 // ScopeGuard
 //
 // Enters the scope of `token` for the guard's lifetime. `K` is any copyable,
@@ -256,6 +269,11 @@ class ScopeGuard {
              ScopeLifetime lifetime = ScopeLifetime::kEndWithLastGuard)
       : ScopeGuard(internal::acquire_record(internal::probe_for(token), lifetime),
                    /*inherit=*/true) {}
+
+  // A new scope no token names (see fresh_scope). Its values end with the guard and the
+  // last wrapped callable or CapturedScope holding it.
+  // Cost: no hash, no shared lock: a record from the calling thread's cache.
+  explicit ScopeGuard(FreshScopeTag) : ScopeGuard(internal::new_private_record()) {}
 
   ScopeGuard(const ScopeGuard&) = delete;
   ScopeGuard& operator=(const ScopeGuard&) = delete;
