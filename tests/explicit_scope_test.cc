@@ -4,6 +4,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <latch>
 #include <memory>
 #include <string>
@@ -358,6 +359,40 @@ TEST(ExplicitScope, IntAndLongTokensAreDifferentScopesAndTypedTokensAreNot) {
   reg.set(5);
   ScopeGuard second(RequestId{static_cast<std::uint64_t>(id_as_long)});
   EXPECT_EQ(reg(), 5);  // the same request, whatever integer type the call site had
+}
+
+// ScopeGuard(fresh_scope): a scope no token names, isolated from every other, carried to
+// other threads by wrap(), ended with its guard and the last callable holding it.
+TEST(ExplicitScope, FreshScopesAreIsolatedCarriedByWrapAndEndWithTheirLastHolder) {
+  Counts counts;
+  std::atomic<int> next{0};
+  ScopedRegistry<Counted, ExplicitScope> reg([&] { return Counted(counts, ++next); });
+  std::function<int()> later;
+  int first_id = 0;
+  {
+    ScopeGuard a(fresh_scope);
+    first_id = reg().id();
+    {
+      ScopeGuard b(fresh_scope);  // nested: a different scope, empty
+      EXPECT_NE(reg().id(), first_id);
+      EXPECT_NE(ExplicitScope::current(), ScopeToken());
+    }
+    EXPECT_EQ(counts.destroyed.load(), 1);  // b's value ended with b
+    EXPECT_EQ(reg().id(), first_id);        // a's value untouched
+    later = wrap([&reg] { return reg().id(); });
+  }
+  EXPECT_EQ(counts.destroyed.load(), 1);  // a is held by the wrapped callable
+  int seen = 0;
+  std::thread([&] { seen = later(); }).join();
+  EXPECT_EQ(seen, first_id);  // the same scope, on another thread
+  later = nullptr;
+  EXPECT_EQ(counts.destroyed.load(), 2);
+  EXPECT_EQ(counts.made.load(), 2);
+  {
+    ScopeGuard c(fresh_scope);
+    EXPECT_NE(reg().id(), first_id);  // a fresh scope never reuses an ended one's values
+  }
+  EXPECT_EQ(counts.made.load(), counts.destroyed.load());
 }
 
 }  // namespace
