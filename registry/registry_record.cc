@@ -166,11 +166,6 @@ void RegistryRecord::subscribe_to_scope_ends() {
   subscribed_ = true;
 }
 
-void RegistryRecord::unsubscribe() {
-  MutexLock lock(g_process_mutex);
-  unsubscribe_locked();
-}
-
 void RegistryRecord::unsubscribe_locked() {
   if (subscribed_) {
     std::erase(subscribers().list, this);

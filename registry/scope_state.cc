@@ -375,15 +375,16 @@ void ScopeState::leave_domain() noexcept {
   unlink();
 }
 
-void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
-  if (!reachable) {
+void ScopeState::end_impl(bool for_reuse) noexcept {
+  // A scope ended for reuse is one no code can reach any more; any other may still get
+  // values from its own values' destructors, hence the rounds.
+  const bool reachable = !for_reuse;
+  if (for_reuse && values_.load(std::memory_order_relaxed) == 0 &&
+      !has_bound(TokenRef::of(token_))) {
     // The common request scope with no value left: nothing to take, no lock. Unreachable,
     // so only a registry's destructor can change values_ now, and only downwards.
     // (closing_ stays as it is: no creator can reach this scope any more.)
-    if (values_.load(std::memory_order_relaxed) == 0 && !has_bound(TokenRef::of(token_))) {
-      if (!reuse) leave_domain();
-      return;
-    }
+    return;
   }
   for (int round = 0;; ++round) {
     bool done = false;
@@ -410,7 +411,7 @@ void ScopeState::end_impl(bool reachable, bool reuse) noexcept {
         done = !reachable || !dying;
         if (done) closing_ = true;
       }
-      if (done && !reuse) unlink();
+      if (done && !for_reuse) unlink();
       if (dying) first = dying_start_first();  // saves destroy_all a lock
     }
     if (dying) dying_.destroy_all(first);

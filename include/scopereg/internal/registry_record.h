@@ -118,8 +118,6 @@ class RegistryRecord {
   // Registers a token-keyed registry: fork() locks it (lock_for_fork), and a forked
   // child drops it if it lived on a thread that is gone.
   void subscribe_to_scope_ends() ABSL_LOCKS_EXCLUDED(g_process_mutex);
-  // Stops that (first thing in a token-keyed registry's destructor).
-  void unsubscribe() ABSL_LOCKS_EXCLUDED(g_process_mutex);
   // The first part of a token-keyed registry's destruction: under the process mutex (so
   // that no copy_bound() is sharing its values meanwhile), unsubscribes, calls
   // `take_all()` (which empties the registry and returns the tokens it held values for)

@@ -115,18 +115,14 @@ class ScopeState {
 
   // Destroys every value of this scope, in rounds (a destructor may create values in the
   // scope it is tearing down), also in token-keyed registries, then unlinks the scope.
-  // After 8 rounds further creation in this scope throws ScopeError. `reachable` false
-  // means no code can reach this scope any more (an explicit scope whose last guard and
-  // capture are gone): one round, and creation is refused from the start. Called exactly
-  // once.
-  void end(bool reachable = true) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) {
-    end_impl(reachable, /*reuse=*/false);
-  }
-  // An unreachable scope's end that leaves the ScopeState linked and empty, to be given a
-  // new life with reuse() (ExplicitScope recycles its records per thread) or destroyed
-  // after leave_domain().
+  // After 8 rounds further creation in this scope throws ScopeError. Called exactly once.
+  void end() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) { end_impl(/*for_reuse=*/false); }
+  // The end of a scope no code can reach any more (an explicit scope whose last guard and
+  // capture are gone): one round, creation refused from the start. Leaves the ScopeState
+  // linked and empty, to be given a new life with reuse() (ExplicitScope recycles its
+  // records per thread) or destroyed after leave_domain().
   void end_for_reuse() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) {
-    end_impl(/*reachable=*/false, /*reuse=*/true);
+    end_impl(/*for_reuse=*/true);
   }
   // A new life under a new token, after end_for_reuse(), by the only owner of the state.
   void reuse(ScopeToken token) noexcept ABSL_LOCKS_EXCLUDED(mu_);
@@ -172,7 +168,7 @@ class ScopeState {
   template <typename F>
   void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void unlink() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
-  void end_impl(bool reachable, bool reuse) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_);
+  void end_impl(bool for_reuse) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_);
   // dying_ was made with domain_, so its guard is domain_.mu; the analysis cannot see that
   // two references name one object, hence these (checked at their callers).
   void dying_add(RegistryRecord* reg, NodeBase* node)
