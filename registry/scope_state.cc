@@ -20,11 +20,10 @@ constexpr int kHardRounds = 16;  // after this, end() stops (keyed leftovers sta
 // empties its slots under the scope's domain mutex, which the reader holds).
 struct Slots {
   std::atomic<std::atomic<SlotRegistry*>*> table[kMaxChunks] = {};
-  // Per index: the generation of the registry holding it, 0 from the moment its
-  // destructor starts (share_from binds a value only while its registry's generation is
-  // unchanged, so it never binds one of a registry that has emptied that scope already).
-  std::atomic<std::atomic<std::uint64_t>*> generations[kMaxChunks] = {};
-  std::uint64_t next_generation ABSL_GUARDED_BY(g_process_mutex) = 1;
+  // Per index: whether its registry accepts new bindings of its values, false from the
+  // moment its destructor starts (share_from never binds a value of a registry that may
+  // have emptied that scope already).
+  std::atomic<std::atomic<bool>*> sharing[kMaxChunks] = {};
   std::uint32_t next_index ABSL_GUARDED_BY(g_process_mutex) = 0;
   std::vector<std::uint32_t> free_indices ABSL_GUARDED_BY(g_process_mutex);
 };
@@ -40,16 +39,15 @@ SlotRegistry* registry_at(std::uint32_t index) {
   return chunk != nullptr ? chunk[id.offset].load(std::memory_order_acquire) : nullptr;
 }
 
-std::atomic<std::uint64_t>* generation_cell(std::uint32_t index) {
+std::atomic<bool>* sharing_cell(std::uint32_t index) {
   const SlotId id = slot_id_for(index);
-  std::atomic<std::uint64_t>* chunk =
-      slots().generations[id.chunk].load(std::memory_order_acquire);
+  std::atomic<bool>* chunk = slots().sharing[id.chunk].load(std::memory_order_acquire);
   return chunk != nullptr ? &chunk[id.offset] : nullptr;
 }
 
-std::uint64_t generation_at(std::uint32_t index) {
-  std::atomic<std::uint64_t>* cell = generation_cell(index);
-  return cell != nullptr ? cell->load(std::memory_order_acquire) : 0;
+bool accepts_sharing(std::uint32_t index) {
+  std::atomic<bool>* cell = sharing_cell(index);
+  return cell != nullptr && cell->load(std::memory_order_acquire);
 }
 
 void set_registry_at(std::uint32_t index, SlotRegistry* reg)
@@ -60,12 +58,11 @@ void set_registry_at(std::uint32_t index, SlotRegistry* reg)
   if (chunk == nullptr) {
     chunk = new std::atomic<SlotRegistry*>[kFirstChunkSlots << id.chunk]();
     s.table[id.chunk].store(chunk, std::memory_order_release);
-    s.generations[id.chunk].store(new std::atomic<std::uint64_t>[kFirstChunkSlots << id.chunk](),
-                                  std::memory_order_release);
+    s.sharing[id.chunk].store(new std::atomic<bool>[kFirstChunkSlots << id.chunk](),
+                              std::memory_order_release);
   }
   chunk[id.offset].store(reg, std::memory_order_release);
-  generation_cell(index)->store(reg != nullptr ? s.next_generation++ : 0,
-                                std::memory_order_release);
+  sharing_cell(index)->store(reg != nullptr, std::memory_order_release);
 }
 
 // Calls visit(scope) for every live scope of `domain`.
@@ -102,7 +99,7 @@ SlotRegistry::SlotRegistry() {
 }
 
 SlotRegistry::~SlotRegistry() {
-  generation_cell(index_)->store(0, std::memory_order_release);  // no new shared bindings
+  sharing_cell(index_)->store(false, std::memory_order_release);  // no new shared bindings
   std::vector<NodeBase*> nodes;
   // In every domain: empty our slot in each scope, take back our values that dying scopes
   // have not started destroying, and wait for those they have.
@@ -263,7 +260,7 @@ void ScopeState::share_from(ScopeState& from) {
         const SlotId slot = slot_id_for(index);
         if (load(slot) != nullptr) return;  // this scope's own value wins
         // A registry that started its destruction may have emptied this scope already.
-        if (generation_at(index) == 0) return;
+        if (!accepts_sharing(index)) return;
         store(slot, share(node));
       });
     }
