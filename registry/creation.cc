@@ -30,8 +30,10 @@ void throw_scope_ending(bool set) {
 
 void throw_no_scope(const char* strategy) {
   throw ScopeError(std::string("scopereg: no active scope for ") + strategy +
-                   ": enter one first (for ExplicitScope, hold a ScopeGuard; for a "
-                   "ScopeFunc, return a non-null token), or use find(), which "
+                   ": enter one first (for ExplicitScope, hold a ScopeGuard; for "
+                   "CoroutineScope, call from a coroutine with a TaskScope, e.g. one "
+                   "started by scopereg::asio::co_spawn; for a ScopeFunc, return a "
+                   "non-null token), or use find(), which "
                    "returns null instead of creating");
 }
 

@@ -242,18 +242,41 @@ void end_token(const TokenProbe& probe) {
 void push_frame(ExplicitFrame* frame) noexcept {
   frame->prev = t_context.explicit_top;
   t_context.explicit_top = frame;
+  if (TaskHead* task = t_context.task) [[unlikely]] {
+    task->top.store(frame, std::memory_order_relaxed);
+  }
 }
 
-void pop_frame(ExplicitFrame* frame, const void* owner) noexcept {
-  if (owner != current_context_id()) {
+void pop_frame(ExplicitFrame* frame, const void* owner, TaskHead* task) noexcept {
+  if (task != nullptr && t_context.task != task) {
+    // A guard of a coroutine task destroyed while the task is not running anywhere (its
+    // frame destroyed while suspended): unlink it from the task's own stack.
+    ExplicitFrame* top = task->top.load(std::memory_order_relaxed);
+    for (ExplicitFrame** p = &top; *p != nullptr; p = &(*p)->prev) {
+      if (*p == frame) {
+        *p = frame->prev;
+        task->top.store(top, std::memory_order_relaxed);
+        return;
+      }
+    }
     die_of_misuse(
-        "a ScopeGuard was destroyed on another thread or fiber than the one that created "
-        "it; leave a guard where it was entered, and use scopereg::wrap() to carry a scope "
-        "to other threads");
+        "a ScopeGuard of a coroutine task was destroyed while it was not on the task's "
+        "active-scope stack");
+  }
+  // (A task's guard is the task's: it was checked above to be the running task.)
+  if (task == nullptr && owner != current_context_id()) {
+    die_of_misuse(
+        "a ScopeGuard was destroyed on another thread, fiber or coroutine task than the one "
+        "that created it; leave a guard where it was entered, use scopereg::wrap() to carry "
+        "a scope to other threads, and give coroutines a TaskScope (coroutine_scope.h) so "
+        "their guards follow them across co_await");
   }
   for (ExplicitFrame** p = &t_context.explicit_top; *p != nullptr; p = &(*p)->prev) {
     if (*p == frame) {
       *p = frame->prev;
+      if (TaskHead* running = t_context.task) [[unlikely]] {
+        running->top.store(t_context.explicit_top, std::memory_order_relaxed);
+      }
       return;
     }
   }
@@ -270,7 +293,8 @@ ScopeFunc ExplicitScope::func() {
 
 ScopeGuard::ScopeGuard(internal::ScopeRecord* record, bool inherit)
     : frame_{internal::state_of(record), record, nullptr},
-      owner_(internal::current_context_id()) {
+      owner_(internal::current_context_id()),
+      task_(internal::t_context.task) {
   internal::ExplicitFrame* const top = internal::t_context.explicit_top;
   if (inherit && top != nullptr && top->state != frame_.state) {
     frame_.state->share_from(*top->state);
@@ -287,15 +311,19 @@ CapturedScope copy_context() {
   if (internal::ExplicitFrame* top = internal::t_context.explicit_top) {
     state->share_from(*top->state);
   }
+  return CapturedScope::adopt(record);
+}
+
+CapturedScope CapturedScope::adopt(internal::ScopeRecord* record) noexcept {
   CapturedScope captured;
-  captured.frames_.push_back(internal::ExplicitFrame{state, record, nullptr});
+  captured.frames_.push_back(internal::ExplicitFrame{internal::state_of(record), record, nullptr});
   captured.link();
   return captured;
 }
 
 ScopeGuard::~ScopeGuard() {
   const bool was_current = internal::t_context.explicit_top == &frame_;
-  internal::pop_frame(&frame_, owner_);
+  internal::pop_frame(&frame_, owner_, task_);
   if (was_current && internal::switch_hooks_active()) [[unlikely]] {
     internal::ExplicitFrame* const top = internal::t_context.explicit_top;
     internal::notify_switch(frame_.state, top != nullptr ? top->state : nullptr);

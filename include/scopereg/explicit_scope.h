@@ -148,7 +148,9 @@ void release_record(ScopeRecord* record) noexcept;
 ScopeState* state_of(ScopeRecord* record) noexcept;
 void end_token(const TokenProbe& probe);
 void push_frame(ExplicitFrame* frame) noexcept;
-void pop_frame(ExplicitFrame* frame, const void* owner) noexcept;
+// `owner`: the context that entered the guard; `task`: the coroutine task it was entered
+// in (coroutine_scope.h), which owns it instead, whichever thread runs the task.
+void pop_frame(ExplicitFrame* frame, const void* owner, TaskHead* task) noexcept;
 
 }  // namespace internal
 
@@ -241,7 +243,9 @@ inline constexpr FreshScopeTag fresh_scope{};
 // equality-comparable type hashable with absl::Hash (an integer, a std::string, a user
 // type with AbslHashValue). Tokens of different types never match (int 7 != long 7): use
 // one type per kind of token, ideally a TypedToken.
-// Thread safety: a guard must be destroyed on the thread (or fiber) that created it.
+// Thread safety: a guard must be destroyed on the thread (or fiber) that created it; one
+// entered in a coroutine task (coroutine_scope.h) belongs to the task instead, and may be
+// destroyed wherever the task runs, or with the task's frame while it is suspended.
 // Cost: one hash, one sharded-lock look-up; no allocation when the token's scope is
 // already live, or when this thread has an ended record to reuse (the common case for a
 // thread that starts and ends request scopes).
@@ -286,7 +290,11 @@ class ScopeGuard {
   explicit ScopeGuard(internal::ScopeRecord* record, bool inherit = false);
   internal::ExplicitFrame frame_;
   const void* owner_;
+  internal::TaskHead* task_;
 };
+
+template <typename F>
+class Wrapped;
 
 // CapturedScope
 //
@@ -326,6 +334,18 @@ class CapturedScope {
 
   static CapturedScope current();
 
+  // The scope of `token` alone (entered as by ScopeGuard(token, lifetime), held by this
+  // CapturedScope rather than a guard): run(f) runs f in it, wherever.
+  template <typename K>
+    requires HashableToken<K>
+  static CapturedScope of(const K& token,
+                          ScopeLifetime lifetime = ScopeLifetime::kEndWithLastGuard) {
+    return adopt(internal::acquire_record(internal::probe_for(token), lifetime));
+  }
+
+  // A new scope no token names (as ScopeGuard(fresh_scope)), held by this CapturedScope.
+  static CapturedScope fresh() { return adopt(internal::new_private_record()); }
+
   template <typename F, typename... Args>
   decltype(auto) run(F&& f, Args&&... args) const {
     Installed installed(*this);
@@ -333,24 +353,26 @@ class CapturedScope {
   }
 
   // A callable that runs `f` in these scopes (as run()) on every call, forwarding its
-  // arguments and result, and keeps them alive while it (or a copy) exists.
+  // arguments and result, and keeps them alive while it (or a copy) exists. It is a
+  // Wrapped<F> (below): Boost.Asio sees f's associated executor and allocator through it
+  // when scopereg/asio.h is included.
   template <typename F>
-  auto wrap(F f) const {
-    return [scope = *this, f = std::move(f)](auto&&... args) mutable -> decltype(auto) {
-      return scope.run(f, std::forward<decltype(args)>(args)...);
-    };
-  }
+  Wrapped<F> wrap(F f) const;
 
  private:
   friend CapturedScope copy_context();
+  friend class TaskScope;
+  // Holds `record`, taking over the one reference the caller has on it.
+  static CapturedScope adopt(internal::ScopeRecord* record) noexcept;
   // Makes the captured frames the calling context's stack; restores the caller's on exit.
   class Installed {
    public:
     explicit Installed(const CapturedScope& scope) noexcept
-        : saved_(internal::t_context.explicit_top) {
+        : saved_(internal::t_context.explicit_top), saved_task_(internal::t_context.task) {
       internal::t_context.explicit_top =
           scope.frames_.empty() ? nullptr
                                 : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
+      internal::t_context.task = nullptr;  // exactly the captured scopes, no coroutine task
       if (internal::switch_hooks_active()) [[unlikely]] {
         internal::notify_switch(state_of(saved_), state_of(internal::t_context.explicit_top));
       }
@@ -362,6 +384,7 @@ class CapturedScope {
         internal::notify_switch(state_of(internal::t_context.explicit_top), state_of(saved_));
       }
       internal::t_context.explicit_top = saved_;
+      internal::t_context.task = saved_task_;
     }
 
    private:
@@ -369,6 +392,7 @@ class CapturedScope {
       return frame != nullptr ? frame->state : nullptr;
     }
     internal::ExplicitFrame* saved_;
+    internal::TaskHead* saved_task_;
   };
   void link() noexcept;
   void release() noexcept;
@@ -378,6 +402,41 @@ class CapturedScope {
   // Inline for up to two scopes (no allocation for a typical capture); a move relinks.
   absl::InlinedVector<internal::ExplicitFrame, 2> frames_;
 };
+
+// Wrapped
+//
+// What wrap() returns: `f` plus the scopes it runs in. Calling it runs f in them (as
+// CapturedScope::run), forwarding arguments and result. Copyable when F is; a copy holds
+// the same scopes. `wrapped()` gives f itself, so that adaptors can see through: with
+// scopereg/asio.h included, Boost.Asio's associated executor, allocator (and cancellation
+// slot, where Boost has one) of a Wrapped<F> are those of F, so a wrapped strand-bound
+// handler still runs on its strand.
+template <typename F>
+class Wrapped {
+ public:
+  Wrapped(CapturedScope scope, F f) : scope_(std::move(scope)), f_(std::move(f)) {}
+
+  template <typename... Args>
+  decltype(auto) operator()(Args&&... args) {
+    return scope_.run(f_, std::forward<Args>(args)...);
+  }
+  template <typename... Args>
+  decltype(auto) operator()(Args&&... args) const {
+    return scope_.run(f_, std::forward<Args>(args)...);
+  }
+
+  const F& wrapped() const noexcept { return f_; }
+  const CapturedScope& scope() const noexcept { return scope_; }
+
+ private:
+  CapturedScope scope_;
+  F f_;
+};
+
+template <typename F>
+Wrapped<F> CapturedScope::wrap(F f) const {
+  return Wrapped<F>(*this, std::move(f));
+}
 
 // wrap
 //

@@ -22,19 +22,38 @@
 //   its own registry is told so instead of waiting for itself). Null means "the thread
 //   itself"; current_context_id() turns that into a per-thread address.
 //
+// * task: the coroutine task (coroutine_scope.h) whose scope is installed in this context,
+//   or null. A task keeps its own active-scope stack in `task->top` while it is suspended;
+//   guards entered while it runs update it too, so a task resumed on another thread finds
+//   its guards there without anything being copied back at suspension (which would race
+//   with a resumption already under way elsewhere).
+//
 // Cost: a constant-initialised, trivially destructible thread_local: no init guard, and a
-// switch copies two words in and two words out.
+// switch copies three words in and three words out.
 
 #ifndef SCOPEREG_INTERNAL_CONTEXT_STATE_H_
 #define SCOPEREG_INTERNAL_CONTEXT_STATE_H_
 
+#include <atomic>
+
 namespace scopereg::internal {
 
 struct ExplicitFrame;
+class ScopeState;
+
+// A coroutine task's own state (scopereg::TaskScope). `top` is written only by code running
+// in the task (one resumption at a time) and read when the task is installed; relaxed
+// atomics, because an adaptor may still run the task's last resumption's tail (after the
+// coroutine suspended) on one thread while the next resumption starts on another.
+struct TaskHead {
+  std::atomic<ExplicitFrame*> top{nullptr};
+  ScopeState* scope = nullptr;  // the task's own scope (CoroutineScope), or null
+};
 
 struct ContextState {
   ExplicitFrame* explicit_top = nullptr;
   const void* id = nullptr;
+  TaskHead* task = nullptr;
 };
 
 // The running context's state. Defined in registry/context_state.cc.

@@ -1,0 +1,345 @@
+// scopereg/asio.h  (target scopereg::asio; header-only over Boost.Asio's headers)
+//
+// Boost.Asio adaptor: plain `boost::asio::awaitable<T>` code, unchanged, runs each spawned
+// task in a scope of its own, on any executor (an io_context run by several threads, a
+// thread_pool), across thread migrations.
+//
+//   scopereg::ScopedRegistry<Session, scopereg::CoroutineScope> session(open_session);
+//
+//   boost::asio::awaitable<void> handle(Request r) {
+//     session().begin();                                  // this task's session
+//     co_await timer.async_wait(boost::asio::use_awaitable);
+//     session().commit();                                 // still this task's session,
+//   }                                                     // on whichever thread resumed it
+//
+//   scopereg::asio::co_spawn(pool.get_executor(), handle(r), boost::asio::detached);
+//
+// Contract:
+// * scopereg::asio::co_spawn(ex, awaitable, [start,] [teardown,] token) is
+//   boost::asio::co_spawn on TaskExecutor(ex, task): `task` is a new TaskScope
+//   (coroutine_scope.h) started from `start` -- scopereg::fresh_scope (the default: a new,
+//   empty scope), scopereg::copy_current (a copy of the caller's current scope, as an
+//   asyncio task), scopereg::share_current, or a CapturedScope such as
+//   scopereg::CapturedScope::of(request_id) (that token's scope).
+// * TaskExecutor installs the task on the thread around every function it executes:
+//   every resumption of the coroutine (Asio resumes awaitables through their executor)
+//   and every handler that runs on it. Inside, CoroutineScope's current scope is the task's
+//   scope, ExplicitScope's the task's innermost ScopeGuard else the task's scope; guards
+//   may be held across co_await (they belong to the task, wherever it resumes).
+// * require() and prefer() return a TaskExecutor of the inner executor's result, so the
+//   task is never lost by Asio's own rewrapping (as boost::asio::strand does); query()
+//   forwards. It converts to boost::asio::any_io_executor.
+// * `teardown(std::exception_ptr)` (optional) runs in the task's scope after the coroutine
+//   finished, before the completion handler: with null on success, with the exception
+//   otherwise (e.g. teardown_of(session_cache): commit on success, roll back on an
+//   exception, then clear the used sessions -- SessionCache::TeardownGuard). If it throws
+//   on success, that exception is the task's; if it throws after the coroutine threw, the
+//   task fails with TaskTeardownError carrying both.
+// * The completion handler is called as by boost::asio::co_spawn; unless it has an
+//   associated executor of its own, it runs on the TaskExecutor, in the task's scope.
+// * The task's scope ends, and its values are destroyed, when the last copy of its
+//   TaskExecutor goes: normally when the completion handler has run; when the io_context
+//   is stopped and destroyed with the task suspended, when its pending handlers are
+//   destroyed. A TaskExecutor copy stored elsewhere keeps the scope alive.
+// * Child tasks: co_await boost::asio::this_coro::executor inside a task is the task's
+//   TaskExecutor. scopereg::asio::co_spawn(that executor, child(), scopereg::copy_current,
+//   ...) starts the child with a copy of the parent's current scope (recommended), or
+//   fresh_scope for a new one. A child started with plain boost::asio::co_spawn on that
+//   executor runs IN THE PARENT'S TASK: it sees and changes the parent's values (wrap()
+//   semantics).
+// * this_scope(): `co_await scopereg::asio::this_scope()` is the task's token (the same
+//   as scopereg::CoroutineScope::current(), callable from any function).
+// * wrap(): including this header makes a scopereg::Wrapped<F> (what scopereg::wrap and
+//   CapturedScope::wrap return) have F's associated executor and allocator (and
+//   cancellation slot, on Boost versions that have them): a wrapped strand-bound handler
+//   still runs on its strand. Include it wherever wrapped handlers are given to Asio.
+//
+// Limits (each has a test in tests/asio_test.cc):
+// * Coroutines typed to a concrete executor (awaitable<T, io_context::executor_type>)
+//   cannot be spawned on a TaskExecutor (it does not convert): co_spawn rejects them at
+//   compile time. Use boost::asio::awaitable<T> (any_io_executor), or
+//   awaitable<T, scopereg::asio::TaskExecutor<E>>.
+// * A handler invoked without its associated executor (an asynchronous operation that
+//   calls the completion handler directly from its own thread instead of dispatching it)
+//   resumes the coroutine without its task installed: CoroutineScope has no scope there
+//   (get-or-create throws ScopeError) and ExplicitScope sees the calling thread's scopes.
+//   Complete operations through boost::asio::dispatch/post on the handler's associated
+//   executor (as Asio's own operations and async_compose do).
+//
+// Misuse, undetected:
+// * A child started with plain boost::asio::co_spawn on the task's executor shares the
+//   parent's task: neither may hold a ScopeGuard across co_await while the other runs
+//   (each would see the other's guard). Start children with scopereg::asio::co_spawn.
+// * A TaskExecutor must not be used after its io_context is destroyed (as any executor).
+//
+// Thread safety: TaskExecutor is a value type like the executor it wraps; copies may be
+// used concurrently. Cost: per executed function, one shared_ptr copy of the task and an
+// install/uninstall of three words each (benchmarks/coroutine_scope_benchmark.cc).
+
+#ifndef SCOPEREG_ASIO_H_
+#define SCOPEREG_ASIO_H_
+
+#include <utility>  // before Asio: Asio 1.18 (Boost 1.74) needs it with g++ 12
+
+#include <exception>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "boost/asio/any_io_executor.hpp"
+#include "boost/asio/associated_allocator.hpp"
+#include "boost/asio/associated_executor.hpp"
+#include "boost/asio/awaitable.hpp"
+#include "boost/asio/co_spawn.hpp"
+#include "boost/asio/execution.hpp"
+#include "boost/asio/execution_context.hpp"
+#include "boost/asio/prefer.hpp"
+#include "boost/asio/query.hpp"
+#include "boost/asio/require.hpp"
+#if __has_include("boost/asio/associated_cancellation_slot.hpp")
+#include "boost/asio/associated_cancellation_slot.hpp"
+#define SCOPEREG_ASIO_HAS_CANCELLATION_SLOT 1
+#endif
+#include "scopereg/coroutine_scope.h"
+#include "scopereg/explicit_scope.h"
+
+namespace scopereg::asio {
+
+// TaskExecutor
+//
+// An executor that runs every function in a task's scope (see the contract above).
+template <typename Executor>
+class TaskExecutor {
+ public:
+  using inner_executor_type = Executor;
+
+  TaskExecutor(Executor inner, std::shared_ptr<TaskScope> task) noexcept
+      : inner_(std::move(inner)), task_(std::move(task)) {}
+
+  // Another TaskExecutor of the same task (what Asio's require/prefer conversions need).
+  template <typename Other>
+    requires std::is_constructible_v<Executor, const Other&>
+  TaskExecutor(const TaskExecutor<Other>& other) noexcept
+      : inner_(other.get_inner_executor()), task_(other.task()) {}
+
+  const Executor& get_inner_executor() const noexcept { return inner_; }
+  const std::shared_ptr<TaskScope>& task() const noexcept { return task_; }
+
+  template <typename F>
+  void execute(F&& f) const {
+    boost::asio::execution::execute(inner_, Resume<std::decay_t<F>>{task_, std::forward<F>(f)});
+  }
+
+  template <typename Property>
+    requires boost::asio::can_query<const Executor&, Property>::value
+  decltype(auto) query(const Property& p) const
+      noexcept(boost::asio::is_nothrow_query<const Executor&, Property>::value) {
+    return boost::asio::query(inner_, p);
+  }
+
+  template <typename Property>
+    requires boost::asio::can_require<const Executor&, Property>::value
+  auto require(const Property& p) const
+      -> TaskExecutor<std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
+    return {boost::asio::require(inner_, p), task_};
+  }
+
+  template <typename Property>
+    requires boost::asio::can_prefer<const Executor&, Property>::value
+  auto prefer(const Property& p) const
+      -> TaskExecutor<std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
+    return {boost::asio::prefer(inner_, p), task_};
+  }
+
+  friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
+    return a.task_ == b.task_ && a.inner_ == b.inner_;
+  }
+  friend bool operator!=(const TaskExecutor& a, const TaskExecutor& b) noexcept {
+    return !(a == b);
+  }
+
+ private:
+  template <typename F>
+  struct Resume {
+    std::shared_ptr<TaskScope> task;
+    F f;
+    void operator()() {
+      TaskScope::Installed installed(*task);
+      std::move(f)();
+    }
+  };
+
+  Executor inner_;
+  std::shared_ptr<TaskScope> task_;
+};
+
+// TaskTeardownError
+//
+// A task whose coroutine threw and whose teardown then threw too fails with this: both
+// exceptions, neither lost.
+class TaskTeardownError : public std::runtime_error {
+ public:
+  TaskTeardownError(std::exception_ptr task_error, std::exception_ptr teardown_error)
+      : std::runtime_error("scopereg::asio: the task failed (" + describe(task_error) +
+                           ") and its teardown failed too (" + describe(teardown_error) + ")"),
+        task_error_(std::move(task_error)),
+        teardown_error_(std::move(teardown_error)) {}
+  const std::exception_ptr& task_error() const noexcept { return task_error_; }
+  const std::exception_ptr& teardown_error() const noexcept { return teardown_error_; }
+
+ private:
+  static std::string describe(const std::exception_ptr& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      return x.what();
+    } catch (...) {
+      return "a non-std exception";
+    }
+  }
+  std::exception_ptr task_error_;
+  std::exception_ptr teardown_error_;
+};
+
+// teardown_of
+//
+// A teardown for co_spawn that ends a unit of work of a SessionCache (session_cache.h):
+// every session the task used is told success (commit) or failure (roll back), then the
+// task's sessions are cleared -- SessionCache::TeardownGuard's semantics. The cache must
+// outlive the task.
+template <typename Cache>
+auto teardown_of(Cache& cache) {
+  return [&cache](std::exception_ptr error) {
+    typename Cache::TeardownGuard done(cache);
+    if (error) done.fail();
+  };
+}
+
+namespace internal {
+
+inline void no_teardown(std::exception_ptr) noexcept {}
+
+template <typename Teardown>
+void run_teardown(Teardown& teardown, std::exception_ptr& error) {
+  try {
+    teardown(error);
+  } catch (...) {
+    error = error ? std::make_exception_ptr(TaskTeardownError(error, std::current_exception()))
+                  : std::current_exception();
+  }
+}
+
+template <typename T, typename AwEx, typename Teardown>
+boost::asio::awaitable<T, AwEx> run_task(boost::asio::awaitable<T, AwEx> body,
+                                         Teardown teardown) {
+  std::exception_ptr error;
+  if constexpr (std::is_void_v<T>) {
+    try {
+      co_await std::move(body);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    run_teardown(teardown, error);
+    if (error) std::rethrow_exception(error);
+  } else {
+    std::optional<T> result;
+    try {
+      result.emplace(co_await std::move(body));
+    } catch (...) {
+      error = std::current_exception();
+    }
+    run_teardown(teardown, error);
+    if (error) std::rethrow_exception(error);
+    co_return std::move(*result);
+  }
+}
+
+template <typename T>
+inline constexpr bool is_task_start_v =
+    std::is_same_v<T, FreshScopeTag> || std::is_same_v<T, CopyCurrentTag> ||
+    std::is_same_v<T, ShareCurrentTag> || std::is_same_v<T, CapturedScope>;
+
+}  // namespace internal
+
+// co_spawn
+//
+// boost::asio::co_spawn of `body` on a TaskExecutor over `ex`, in a new task scope
+// started from `start` (default fresh_scope), with an optional teardown (see the
+// contract). Returns what boost::asio::co_spawn returns for `token`.
+template <typename Executor, typename T, typename AwEx, typename Start, typename Teardown,
+          typename CompletionToken>
+  requires internal::is_task_start_v<std::decay_t<Start>> &&
+           std::is_invocable_v<Teardown&, std::exception_ptr>
+auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& start,
+              Teardown teardown, CompletionToken&& token) {
+  static_assert(std::is_constructible_v<AwEx, TaskExecutor<Executor>>,
+                "scopereg::asio::co_spawn: the coroutine is typed to an executor a "
+                "TaskExecutor does not convert to; write it as boost::asio::awaitable<T> "
+                "(any_io_executor) or awaitable<T, scopereg::asio::TaskExecutor<E>>");
+  auto task = std::make_shared<TaskScope>(std::forward<Start>(start));
+  return boost::asio::co_spawn(
+      TaskExecutor<Executor>(ex, std::move(task)),
+      internal::run_task(std::move(body), std::move(teardown)),
+      std::forward<CompletionToken>(token));
+}
+
+template <typename Executor, typename T, typename AwEx, typename Start,
+          typename CompletionToken>
+  requires internal::is_task_start_v<std::decay_t<Start>>
+auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& start,
+              CompletionToken&& token) {
+  return scopereg::asio::co_spawn(ex, std::move(body), std::forward<Start>(start),
+                                  &internal::no_teardown,
+                                  std::forward<CompletionToken>(token));
+}
+
+template <typename Executor, typename T, typename AwEx, typename CompletionToken>
+  requires(!internal::is_task_start_v<std::decay_t<CompletionToken>>)
+auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body,
+              CompletionToken&& token) {
+  return scopereg::asio::co_spawn(ex, std::move(body), fresh_scope, &internal::no_teardown,
+                                  std::forward<CompletionToken>(token));
+}
+
+// this_scope
+//
+// `co_await scopereg::asio::this_scope()`: the running task's scope token (null outside a
+// task started by co_spawn above).
+inline boost::asio::awaitable<ScopeToken> this_scope() { co_return CoroutineScope::current(); }
+
+}  // namespace scopereg::asio
+
+namespace boost::asio {
+
+// What a scopereg::Wrapped<F> is associated with is what F is associated with.
+template <typename F, typename Executor>
+struct associated_executor<scopereg::Wrapped<F>, Executor> {
+  using type = typename associated_executor<F, Executor>::type;
+  static type get(const scopereg::Wrapped<F>& w, const Executor& ex = Executor()) noexcept {
+    return associated_executor<F, Executor>::get(w.wrapped(), ex);
+  }
+};
+
+template <typename F, typename Allocator>
+struct associated_allocator<scopereg::Wrapped<F>, Allocator> {
+  using type = typename associated_allocator<F, Allocator>::type;
+  static type get(const scopereg::Wrapped<F>& w, const Allocator& a = Allocator()) noexcept {
+    return associated_allocator<F, Allocator>::get(w.wrapped(), a);
+  }
+};
+
+#ifdef SCOPEREG_ASIO_HAS_CANCELLATION_SLOT
+template <typename F, typename Slot>
+struct associated_cancellation_slot<scopereg::Wrapped<F>, Slot> {
+  using type = typename associated_cancellation_slot<F, Slot>::type;
+  static type get(const scopereg::Wrapped<F>& w, const Slot& s = Slot()) noexcept {
+    return associated_cancellation_slot<F, Slot>::get(w.wrapped(), s);
+  }
+};
+#endif
+
+}  // namespace boost::asio
+
+#endif  // SCOPEREG_ASIO_H_
