@@ -153,8 +153,8 @@ class TaskScope {
   // Installs the task on the calling thread until leave(). The saved state lives in the
   // TaskScope, so enter() and leave() may be called from different functions (an
   // awaiter's await_resume and the next await_suspend).
-  void enter() noexcept { resumer_ = install(this); }
-  void leave() noexcept { uninstall(resumer_); }
+  [[gnu::always_inline]] void enter() noexcept { resumer_ = install(this); }
+  [[gnu::always_inline]] void leave() noexcept { uninstall(resumer_); }
 
   // Installs the task for the object's lifetime (stack-saved state).
   class Installed {
@@ -172,7 +172,7 @@ class TaskScope {
  private:
   // `id` identifies this resumption to the creation protocol (distinct for overlapping
   // installations on different threads).
-  internal::ContextState install(const void* id) noexcept {
+  [[gnu::always_inline]] internal::ContextState install(const void* id) noexcept {
     const internal::ContextState next{head_.top.load(std::memory_order_relaxed), id, &head_};
     const internal::ContextState prev = internal::enter_context(next);
     if (internal::switch_hooks_active()) [[unlikely]] {
@@ -180,7 +180,7 @@ class TaskScope {
     }
     return prev;
   }
-  void uninstall(const internal::ContextState& prev) noexcept {
+  [[gnu::always_inline]] void uninstall(const internal::ContextState& prev) noexcept {
     if (internal::t_context.task != &head_) [[unlikely]] misplaced_leave();
     if (internal::switch_hooks_active()) [[unlikely]] {
       internal::notify_switch(state_of(internal::t_context.explicit_top),
@@ -244,7 +244,7 @@ decltype(auto) get_awaiter(A&& a) {
 // Holds an awaiter by value (a prvalue from operator co_await) or by reference (an operand
 // that is its own awaiter; it lives until the end of the co_await expression).
 template <typename A>
-using held_awaiter_t = std::conditional_t<std::is_reference_v<A>, A&, A>;
+using held_awaiter_t = std::conditional_t<std::is_reference_v<A>, std::remove_reference_t<A>&, A>;
 
 // The awaiter of every co_await in a task: the task leaves the thread before the inner
 // awaiter's await_suspend (which may resume the coroutine elsewhere at once) and is
@@ -253,7 +253,7 @@ template <typename A>
 class ResumeAwaiter {
  public:
   template <typename Make>
-  ResumeAwaiter(TaskScope& task, Make&& make) : task_(task), inner_(make()) {}
+  ResumeAwaiter(TaskScope& task, Make&& make) : task_(task), inner_(hold(make)) {}
 
   bool await_ready() { return inner_.await_ready(); }
 
@@ -283,6 +283,20 @@ class ResumeAwaiter {
   }
 
  private:
+  // A prvalue awaiter is constructed in place (no move); a reference is kept as one.
+  template <typename Make>
+  static held_awaiter_t<A> hold(Make& make) {
+    if constexpr (std::is_reference_v<A>) {
+      return as_lvalue(make());
+    } else {
+      return make();
+    }
+  }
+  template <typename T>
+  static T& as_lvalue(T&& x) noexcept {
+    return x;
+  }
+
   TaskScope& task_;
   held_awaiter_t<A> inner_;
   bool left_ = false;
