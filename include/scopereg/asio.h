@@ -21,7 +21,8 @@
 //   empty scope), scopereg::copy_current (a copy of the caller's current scope, as an
 //   asyncio task), scopereg::share_current, or a CapturedScope such as
 //   scopereg::CapturedScope::of(request_id) (that token's scope).
-// * TaskExecutor installs the task on the thread around every function it executes:
+// * TaskExecutor<E>(inner, start) is a new task on `inner` (co_spawn makes one); task()
+//   is its TaskScope. TaskExecutor installs the task on the thread around every function it executes:
 //   every resumption of the coroutine (Asio resumes awaitables through their executor)
 //   and every handler that runs on it. Inside, CoroutineScope's current scope is the task's
 //   scope, ExplicitScope's the task's innermost ScopeGuard else the task's scope; guards
@@ -73,14 +74,19 @@
 // * A TaskExecutor must not be used after its io_context is destroyed (as any executor).
 //
 // Thread safety: TaskExecutor is a value type like the executor it wraps; copies may be
-// used concurrently. Cost: per executed function, one shared_ptr copy of the task and an
-// install/uninstall of three words each (benchmarks/coroutine_scope_benchmark.cc).
+// used concurrently (a moved-from TaskExecutor may only be destroyed or assigned to).
+// Cost: a TaskExecutor is one pointer (no allocation inside any_io_executor); a copy counts
+// a reference to the task (one atomic increment, one decrement at its end); each executed
+// function installs and removes the task (three words each way). A task allocates its
+// state once, plus one small binding per distinct executor variant Asio asks for (a few)
+// (benchmarks/coroutine_scope_benchmark.cc).
 
 #ifndef SCOPEREG_ASIO_H_
 #define SCOPEREG_ASIO_H_
 
 #include <utility>  // before Asio: Asio 1.18 (Boost 1.74) needs it with g++ 12
 
+#include <atomic>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -107,72 +113,206 @@
 
 namespace scopereg::asio {
 
+namespace internal {
+
+class AsioTask;
+
+// One inner executor value of a task's executors (TaskExecutor<E> points at one). A task
+// keeps the few it ever needs (Asio's require/prefer variants of the executor it was
+// spawned on) in an append-only list, so that a TaskExecutor is one pointer: it then fits
+// any_io_executor's small-object buffer, and rewrapping it allocates nothing.
+struct BindingBase {
+  const void* type;
+  BindingBase* next;
+  void (*destroy)(BindingBase*) noexcept;
+  AsioTask* task;
+};
+
+template <typename E>
+inline constexpr char kBindingTag = 0;
+
+template <typename E>
+struct Binding final : BindingBase {
+  explicit Binding(AsioTask* t, const E& e)
+      : BindingBase{&kBindingTag<E>, nullptr, &destroy_binding, t}, inner(e) {}
+  static void destroy_binding(BindingBase* b) noexcept { delete static_cast<Binding*>(b); }
+  E inner;
+};
+
+// A spawned task: its scope, a count of the TaskExecutors and handlers holding it, and its
+// executor bindings. Deleted (its scope released: values destroyed unless something else
+// holds the scope) when the last reference goes, on that thread.
+class AsioTask {
+ public:
+  template <typename Start>
+  explicit AsioTask(Start&& start) : scope(std::forward<Start>(start)) {}
+  AsioTask(const AsioTask&) = delete;
+  AsioTask& operator=(const AsioTask&) = delete;
+  ~AsioTask() {
+    BindingBase* b = bindings_.load(std::memory_order_acquire);
+    while (b != nullptr) {
+      BindingBase* next = b->next;
+      b->destroy(b);
+      b = next;
+    }
+  }
+
+  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void release() noexcept {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
+  // The binding of `inner` (found, or made and kept until the task ends). Thread safety:
+  // any thread; lock-free.
+  template <typename E>
+  Binding<E>* bind(const E& inner) {
+    BindingBase* head = bindings_.load(std::memory_order_acquire);
+    for (BindingBase* b = head; b != nullptr; b = b->next) {
+      if (b->type == &kBindingTag<E> && static_cast<Binding<E>*>(b)->inner == inner) {
+        return static_cast<Binding<E>*>(b);
+      }
+    }
+    auto* made = new Binding<E>(this, inner);
+    made->next = head;
+    while (!bindings_.compare_exchange_weak(made->next, made, std::memory_order_acq_rel,
+                                            std::memory_order_acquire)) {
+    }
+    return made;
+  }
+
+  TaskScope scope;
+
+ private:
+  std::atomic<int> refs_{0};
+  std::atomic<BindingBase*> bindings_{nullptr};
+};
+
+// An owning reference to a task.
+class TaskRef {
+ public:
+  explicit TaskRef(AsioTask* task) noexcept : task_(task) { task_->add_ref(); }
+  TaskRef(const TaskRef& other) noexcept : TaskRef(other.task_) {}
+  TaskRef(TaskRef&& other) noexcept : task_(std::exchange(other.task_, nullptr)) {}
+  TaskRef& operator=(const TaskRef&) = delete;
+  TaskRef& operator=(TaskRef&&) = delete;
+  ~TaskRef() {
+    if (task_ != nullptr) task_->release();
+  }
+  AsioTask* get() const noexcept { return task_; }
+
+ private:
+  AsioTask* task_;
+};
+
+template <typename T>
+inline constexpr bool is_task_start_v =
+    std::is_same_v<T, FreshScopeTag> || std::is_same_v<T, CopyCurrentTag> ||
+    std::is_same_v<T, ShareCurrentTag> || std::is_same_v<T, CapturedScope>;
+
+}  // namespace internal
+
 // TaskExecutor
 //
-// An executor that runs every function in a task's scope (see the contract above).
+// An executor that runs every function in a task's scope (see the contract above). One
+// pointer in size (it fits any_io_executor without an allocation); copying it counts a
+// reference to its task.
 template <typename Executor>
 class TaskExecutor {
  public:
   using inner_executor_type = Executor;
 
-  TaskExecutor(Executor inner, std::shared_ptr<TaskScope> task) noexcept
-      : inner_(std::move(inner)), task_(std::move(task)) {}
+  // A new task, its scope started from `start` (fresh_scope, copy_current, share_current
+  // or a CapturedScope), on `inner`. scopereg::asio::co_spawn does this for you.
+  template <typename Start>
+    requires internal::is_task_start_v<std::decay_t<Start>>
+  TaskExecutor(const Executor& inner, Start&& start)
+      : TaskExecutor(new internal::AsioTask(std::forward<Start>(start)), inner) {}
 
-  // Another TaskExecutor of the same task (what Asio's require/prefer conversions need).
+  // The same task on a converted inner executor (what Asio's conversions need).
   template <typename Other>
-    requires std::is_constructible_v<Executor, const Other&>
-  TaskExecutor(const TaskExecutor<Other>& other) noexcept
-      : inner_(other.get_inner_executor()), task_(other.task()) {}
+    requires(!std::is_same_v<Other, Executor>) &&
+            std::is_constructible_v<Executor, const Other&>
+  TaskExecutor(const TaskExecutor<Other>& other)
+      : TaskExecutor(other.binding_->task, Executor(other.get_inner_executor())) {}
 
-  const Executor& get_inner_executor() const noexcept { return inner_; }
-  const std::shared_ptr<TaskScope>& task() const noexcept { return task_; }
+  TaskExecutor(const TaskExecutor& other) noexcept : binding_(other.binding_) {
+    binding_->task->add_ref();
+  }
+  TaskExecutor(TaskExecutor&& other) noexcept
+      : binding_(std::exchange(other.binding_, nullptr)) {}
+  TaskExecutor& operator=(const TaskExecutor& other) noexcept {
+    TaskExecutor copy(other);
+    std::swap(binding_, copy.binding_);
+    return *this;
+  }
+  TaskExecutor& operator=(TaskExecutor&& other) noexcept {
+    std::swap(binding_, other.binding_);
+    return *this;
+  }
+  ~TaskExecutor() {
+    if (binding_ != nullptr) binding_->task->release();
+  }
+
+  const Executor& get_inner_executor() const noexcept { return binding_->inner; }
+  // The task's scope.
+  TaskScope& task() const noexcept { return binding_->task->scope; }
 
   template <typename F>
   void execute(F&& f) const {
-    boost::asio::execution::execute(inner_, Resume<std::decay_t<F>>{task_, std::forward<F>(f)});
+    boost::asio::execution::execute(
+        binding_->inner, Resume<std::decay_t<F>>{internal::TaskRef(binding_->task),
+                                                 std::forward<F>(f)});
   }
 
   template <typename Property>
     requires boost::asio::can_query<const Executor&, Property>::value
   decltype(auto) query(const Property& p) const
       noexcept(boost::asio::is_nothrow_query<const Executor&, Property>::value) {
-    return boost::asio::query(inner_, p);
+    return boost::asio::query(binding_->inner, p);
   }
 
   template <typename Property>
     requires boost::asio::can_require<const Executor&, Property>::value
-  auto require(const Property& p) const
-      -> TaskExecutor<std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
-    return {boost::asio::require(inner_, p), task_};
+  auto require(const Property& p) const -> TaskExecutor<
+      std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
+    return {binding_->task, boost::asio::require(binding_->inner, p)};
   }
 
   template <typename Property>
     requires boost::asio::can_prefer<const Executor&, Property>::value
-  auto prefer(const Property& p) const
-      -> TaskExecutor<std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
-    return {boost::asio::prefer(inner_, p), task_};
+  auto prefer(const Property& p) const -> TaskExecutor<
+      std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
+    return {binding_->task, boost::asio::prefer(binding_->inner, p)};
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
-    return a.task_ == b.task_ && a.inner_ == b.inner_;
+    return a.binding_ == b.binding_ ||
+           (a.binding_->task == b.binding_->task && a.binding_->inner == b.binding_->inner);
   }
   friend bool operator!=(const TaskExecutor& a, const TaskExecutor& b) noexcept {
     return !(a == b);
   }
 
  private:
+  template <typename>
+  friend class TaskExecutor;
+
+  TaskExecutor(internal::AsioTask* task, const Executor& inner)
+      : binding_(task->bind(inner)) {
+    task->add_ref();
+  }
+
   template <typename F>
   struct Resume {
-    std::shared_ptr<TaskScope> task;
+    internal::TaskRef task;
     F f;
     void operator()() {
-      TaskScope::Installed installed(*task);
+      TaskScope::Installed installed(task.get()->scope);
       std::move(f)();
     }
   };
 
-  Executor inner_;
-  std::shared_ptr<TaskScope> task_;
+  internal::Binding<Executor>* binding_;
 };
 
 // TaskTeardownError
@@ -256,11 +396,6 @@ boost::asio::awaitable<T, AwEx> run_task(boost::asio::awaitable<T, AwEx> body,
   }
 }
 
-template <typename T>
-inline constexpr bool is_task_start_v =
-    std::is_same_v<T, FreshScopeTag> || std::is_same_v<T, CopyCurrentTag> ||
-    std::is_same_v<T, ShareCurrentTag> || std::is_same_v<T, CapturedScope>;
-
 }  // namespace internal
 
 // co_spawn
@@ -278,9 +413,8 @@ auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& 
                 "scopereg::asio::co_spawn: the coroutine is typed to an executor a "
                 "TaskExecutor does not convert to; write it as boost::asio::awaitable<T> "
                 "(any_io_executor) or awaitable<T, scopereg::asio::TaskExecutor<E>>");
-  auto task = std::make_shared<TaskScope>(std::forward<Start>(start));
   return boost::asio::co_spawn(
-      TaskExecutor<Executor>(ex, std::move(task)),
+      TaskExecutor<Executor>(ex, std::forward<Start>(start)),
       internal::run_task(std::move(body), std::move(teardown)),
       std::forward<CompletionToken>(token));
 }
