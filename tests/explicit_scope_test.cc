@@ -341,7 +341,7 @@ TEST(ExplicitScopeDeathTest, AGuardDestroyedOnAnotherThreadAborts) {
         auto* guard = new ScopeGuard(1);
         std::thread([guard] { delete guard; }).join();
       },
-      "another thread or fiber");
+      "another thread, fiber or coroutine task");
 }
 
 TEST(ExplicitScope, IntAndLongTokensAreDifferentScopesAndTypedTokensAreNot) {

@@ -24,6 +24,8 @@
 // ScopeError as if the factory had re-entered itself. Do not suspend inside a factory of a
 // value other fibers share.
 //
+// Inside C++20 coroutines: coroutines running on one Boost.Fiber fiber share its value
+// across co_await, as with FiberScope. Use CoroutineScope (coroutine_scope.h) per task.
 // Thread safety: any thread. Cost: a hit is a per-thread cache check (was this frame
 // address seen in the fiber seen last, and has no fiber ended since) plus two loads, about
 // 1 ns here; on a miss (the first access after a switch to another fiber, after any fiber

@@ -39,6 +39,13 @@
 // it aborts with a message (it would corrupt that thread's scope stack); use wrap() to
 // carry a scope elsewhere.
 //
+// Coroutines: the active-scope stack belongs to the thread (or fiber), not to a C++20
+// coroutine. Coroutines interleaved on one thread share it, so a ScopeGuard held across
+// co_await is seen by whichever coroutine the thread runs next (wrong values, silently),
+// and leaving it after the coroutine resumed on another thread aborts (see above). Run
+// coroutines in task scopes instead (coroutine_scope.h; scopereg/asio.h for Boost.Asio):
+// each task then has a stack of its own, installed wherever it resumes.
+//
 // Cost: entering/leaving a guard is a hash and a sharded-lock map operation (see
 // benchmarks/explicit_scope_benchmark.cc); a registry hit is three loads after one
 // constant-initialised thread_local load, no lock. A whole request scope's life (a fresh

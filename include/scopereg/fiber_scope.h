@@ -23,6 +23,9 @@
 //   read through a call into scopes/fiber.cc (never a thread_local address the compiler
 //   could keep across a switch, llvm/llvm-project#98479).
 //
+// Inside C++20 coroutines: a coroutine is not a fiber. Coroutines run on a fiber (or a
+// thread's main fiber) share its value, so coroutines interleaved there see each other's
+// values across co_await. Use CoroutineScope (coroutine_scope.h) for per-task values.
 // Thread safety: all members may be called from any thread.
 // Cost: a hit is one non-inlined call plus two loads (see
 // benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its

@@ -17,6 +17,11 @@
 // * Values whose destructors run during process exit may use scopereg: its own state is
 //   never destroyed.
 //
+// Inside C++20 coroutines: the value belongs to the thread, not to the coroutine. Every
+// coroutine the thread runs shares it (on an event loop, all of them: one request's session
+// handed to another), and a coroutine resumed on another thread after co_await finds that
+// thread's value, not the one it used before. Use CoroutineScope (coroutine_scope.h,
+// scopereg/asio.h) for per-task values.
 // Thread safety: all static members may be called from any thread.
 // Cost: a hit is one constant-initialised thread_local load plus two or three loads (no
 // lock, no hashing); a thread's first access allocates its scope state (its first value
