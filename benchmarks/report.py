@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 # (label, ours, anchor, kind, bound): kind "max" means ours/anchor <= bound;
-# "faster" means anchor/ours >= bound; "scaling" compares a benchmark's 2-thread figure
+# "faster" means anchor/ours >= bound; "added" means ours - anchor <= bound ns; "scaling" compares a benchmark's 2-thread figure
 # with its 1-thread one (see SCALING_ANCHOR); "bytes" is a counter of one benchmark.
 SCALING_ANCHOR = ("BM_ScopeLife_FollyStyleContext/threads:2",
                   "BM_ScopeLife_FollyStyleContext/threads:1")
@@ -86,6 +86,18 @@ TARGETS = [
      "BM_Get_ScopedRegistry/threads:1", "info", None),
     ("Thread churn (spawn+join with a value) vs empty spawn+join", "BM_Churn_ThreadScope",
      "BM_Churn_ThreadSpawnJoin_Empty", "info", None),
+    ("co_await in a task scope (TaskScopePromise): time added per suspend/resume pair",
+     "BM_CoAwait_TaskScope", "BM_CoAwait_Plain", "added", 5.0),
+    ("co_await in a task scope vs a folly-style shared_ptr context swap",
+     "BM_CoAwait_TaskScope", "BM_CoAwait_FollyStyleSwap", "max", 1.0),
+    ("CoroutineScope hit inside a task vs ExplicitScope hit",
+     "BM_Coro_Get_CoroutineScope", "BM_Coro_Get_ExplicitScopeInGuard", "max", 1.5),
+    ("Task scope life, 2 threads vs 1 (per-thread)", "BM_TaskLife_TaskScope/threads:2",
+     "BM_TaskLife_TaskScope/threads:1", "scaling", 1.2),
+    ("Task scope life vs an empty coroutine's life", "BM_TaskLife_TaskScope/threads:1",
+     "BM_TaskLife_Plain/threads:1", "info", None),
+    ("Boost.Asio co_await post in a task (TaskExecutor): time added per round trip",
+     "BM_Asio_CoAwaitPost_TaskExecutor", "BM_Asio_CoAwaitPost_Plain", "added", 5.0),
     ("Pool checkout+checkin vs mutex+deque pool", "BM_Pool_CheckoutCheckin/threads:1",
      "BM_Pool_MutexDeque/threads:1", "max", 1.0),
     # One shared pool: "ours" is the 2-thread figure, "anchor" the same benchmark's 1-thread
@@ -205,6 +217,9 @@ def summarize(by_binary, counters):
         if kind == "max":
             ratio, target, ok = o / a, f"<= {bound}x the anchor", o / a <= bound
             ratio_s = f"{ratio:.2f}x"
+        elif kind == "added":
+            ratio, target, ok = o - a, f"<= {bound:g} ns added", o - a <= bound
+            ratio_s = f"+{fmt_ns(o - a)}"
         elif kind == "faster":
             ratio, target, ok = a / o, f">= {bound}x faster", a / o >= bound
             ratio_s = f"{ratio:.1f}x faster"
@@ -252,7 +267,8 @@ def summarize(by_binary, counters):
                 or name.startswith("BM_MissCreateClear") or name.startswith("BM_FiberLife")
                 or name.startswith("BM_ScopeLife") or name.startswith("BM_EnterLeave")
                 or name.startswith("BM_WrapAndCall") or name.startswith("BM_ClearForCurrentScope")
-                or name.startswith("BM_CopyRun")):
+                or name.startswith("BM_CopyRun") or name.startswith("BM_TaskLife")
+                or name.startswith("BM_CoAwait") or name.startswith("BM_Asio")):
             continue
         c = counters.get(name, {})
         shown = ", ".join(f"{k} = {v:,.0f}" for k, v in sorted(c.items()))
