@@ -241,15 +241,25 @@ decltype(auto) get_awaiter(A&& a) {
   }
 }
 
-// Holds an awaiter by value (a prvalue from operator co_await) or by reference (an operand
-// that is its own awaiter; it lives until the end of the co_await expression).
+// How ResumeAwaiter holds the awaiter `A` (what get_awaiter returned):
+// * for a co_await operand itself (the mixin's await_transform): a reference is kept as
+//   one, also to an rvalue (the operand lives until the end of the co_await expression);
+// * for scoped_await(x) in a user's await_transform: only an lvalue is kept by reference;
+//   an rvalue (a temporary of the user's await_transform) is moved in, since it dies when
+//   await_transform returns.
+// A prvalue (from operator co_await) is always held by value, constructed in place.
 template <typename A>
-using held_awaiter_t = std::conditional_t<std::is_reference_v<A>, std::remove_reference_t<A>&, A>;
+using operand_awaiter_t =
+    std::conditional_t<std::is_reference_v<A>, std::remove_reference_t<A>&, A>;
+template <typename A>
+using argument_awaiter_t =
+    std::conditional_t<std::is_lvalue_reference_v<A>, A, std::remove_cvref_t<A>>;
 
 // The awaiter of every co_await in a task: the task leaves the thread before the inner
 // awaiter's await_suspend (which may resume the coroutine elsewhere at once) and is
-// installed again in await_resume, on whatever thread resumed it.
-template <typename A>
+// installed again in await_resume, on whatever thread resumed it. `Held` is the inner
+// awaiter's type as held: a reference or a value (see above).
+template <typename Held>
 class ResumeAwaiter {
  public:
   template <typename Make>
@@ -283,12 +293,16 @@ class ResumeAwaiter {
   }
 
  private:
-  // A prvalue awaiter is constructed in place (no move); a reference is kept as one.
+  // A prvalue awaiter is constructed in place (no move), an rvalue held by value is moved
+  // in, a reference is kept as one.
   template <typename Make>
-  static held_awaiter_t<A> hold(Make& make) {
-    if constexpr (std::is_reference_v<A>) {
+  static Held hold(Make& make) {
+    if constexpr (std::is_reference_v<Held>) {
       return as_lvalue(make());
     } else {
+      static_assert(std::is_same_v<decltype(make()), Held> || std::is_move_constructible_v<Held>,
+                    "scoped_await(x): an rvalue awaiter is moved into the task's awaiter, "
+                    "so it must be movable; pass an lvalue that outlives the co_await instead");
       return make();
     }
   }
@@ -298,7 +312,7 @@ class ResumeAwaiter {
   }
 
   TaskScope& task_;
-  held_awaiter_t<A> inner_;
+  Held inner_;
   bool left_ = false;
 };
 
@@ -370,9 +384,12 @@ class TaskScopePromise {
   internal::FinalAwaiter<std::suspend_always> final_suspend() noexcept {
     return scoped_final(std::suspend_always{});
   }
+  // Every co_await operand: kept where it is (it lives until the end of the co_await).
   template <typename A>
   auto await_transform(A&& a) {
-    return scoped_await(std::forward<A>(a));
+    using Awaiter = decltype(internal::get_awaiter(std::forward<A>(a)));
+    return internal::ResumeAwaiter<internal::operand_awaiter_t<Awaiter>>(
+        task_, [&]() -> decltype(auto) { return internal::get_awaiter(std::forward<A>(a)); });
   }
 
   TaskScope& task_scope() noexcept { return task_; }
@@ -386,10 +403,12 @@ class TaskScopePromise {
   internal::FinalAwaiter<A> scoped_final(A a) noexcept {
     return internal::FinalAwaiter<A>(task_, std::move(a));
   }
+  // Wraps what a user's await_transform produced: an lvalue is kept by reference (it must
+  // outlive the co_await), an rvalue is moved in (it must be movable).
   template <typename A>
   auto scoped_await(A&& a) {
     using Awaiter = decltype(internal::get_awaiter(std::forward<A>(a)));
-    return internal::ResumeAwaiter<Awaiter>(
+    return internal::ResumeAwaiter<internal::argument_awaiter_t<Awaiter>>(
         task_, [&]() -> decltype(auto) { return internal::get_awaiter(std::forward<A>(a)); });
   }
 
