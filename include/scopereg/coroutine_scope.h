@@ -60,7 +60,10 @@
 // * Child tasks created inside a task take a copy of the task's current scope (default),
 //   so siblings never see each other's set()s and the parent's values stay as they were.
 // * Hooks (scope_switch.h): resuming a task is a switch from the resumer's current
-//   explicit scope to the task's; suspending it, the switch back.
+//   explicit scope to the task's; suspending it, the switch back. Hooks follow the
+//   current explicit scope, as everywhere: a ScopeGuard entered inside the task makes the
+//   task's own values (CoroutineScope's too) leave until the guard is left, as for nested
+//   guards on a thread.
 //
 // Misuse, undetected, documented here:
 // * An awaiter the mixin does not see (one your own await_transform does not pass
