@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <coroutine>
 #include <cstdio>
 #include <cstdlib>
 #include <latch>
@@ -20,6 +21,7 @@
 #include "../counted.h"
 #include "../thread_pool.h"
 #include "gtest/gtest.h"
+#include "scopereg/coroutine_scope.h"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/fiber_scope.h"
 #include "scopereg/scoped_registry.h"
@@ -644,6 +646,125 @@ TEST(Stress, RequestScopesEndWhileRegistriesComeAndGo) {
       "[stress] request scopes: %ld scopes, %ld registry sets, %ld visits, %d values "
       "in short-lived registries\n",
       scopes.load(), used, visits.load(), total.made.load());
+}
+
+
+// Coroutine tasks (TaskScopePromise) hopping between two pool threads, holding guards
+// across co_await, while registries keyed by their scopes are made and destroyed; a share
+// of the tasks is destroyed while suspended. Every value is destroyed exactly once and no
+// task ever sees another's value.
+struct StressTask {
+  struct promise_type : TaskScopePromise {
+    StressTask get_return_object() {
+      return StressTask{std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
+    internal::FinalAwaiter<std::suspend_never> final_suspend() noexcept {
+      return scoped_final(std::suspend_never{});  // the frame destroys itself at the end
+    }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::abort(); }
+  };
+  std::coroutine_handle<promise_type> handle;
+};
+
+struct StressHop {
+  ThreadPool* pool;
+  std::mutex* parked_mu;
+  std::vector<std::coroutine_handle<>>* parked;  // null: resume on the pool
+  bool await_ready() const noexcept { return false; }
+  void await_suspend(std::coroutine_handle<> h) const {
+    if (parked != nullptr) {
+      std::lock_guard<std::mutex> lock(*parked_mu);
+      parked->push_back(h);
+    } else {
+      pool->post([h] { h.resume(); });
+    }
+  }
+  void await_resume() const noexcept {}
+};
+
+TEST(Stress, CoroutineTasksMigrateWhileRegistriesComeAndGo) {
+  Counts counts;
+  ScopedRegistry<Counted, CoroutineScope> long_task([&] { return Counted(counts); });
+  ScopedRegistry<Counted, ExplicitScope> long_explicit([&] { return Counted(counts); });
+  using Short = ScopedRegistry<Counted, CoroutineScope>;
+  constexpr int kSlots = 4;
+  std::mutex slots_mu;
+  std::shared_ptr<Short> slots[kSlots];
+  auto pick = [&](unsigned i) {
+    std::lock_guard<std::mutex> lock(slots_mu);
+    return slots[i % kSlots];
+  };
+  auto publish = [&](unsigned i) {
+    auto fresh = std::make_shared<Short>([&] { return Counted(counts); });
+    std::shared_ptr<Short> old;
+    {
+      std::lock_guard<std::mutex> lock(slots_mu);
+      old = std::exchange(slots[i % kSlots], std::move(fresh));
+    }
+    old.reset();  // destroyed here unless a task still holds it
+  };
+  for (unsigned i = 0; i < kSlots; ++i) publish(i);
+
+  std::atomic<bool> stop{false};
+  std::thread churner([&] {
+    for (unsigned i = 0; !stop; ++i) {
+      publish(i);
+      std::this_thread::sleep_for(std::chrono::microseconds(200 * kSanitizerDivisor));
+    }
+  });
+
+  const long tasks = scaled(20'000);
+  constexpr int kHops = 4;
+  constexpr long kInFlight = 256;
+  std::atomic<long> wrong{0}, finished{0}, in_flight{0};
+  std::mutex parked_mu;
+  std::vector<std::coroutine_handle<>> parked;
+  {
+    ThreadPool pool(2);
+    auto body = [&](long id) -> StressTask {
+      const Counted* mine = &long_task();
+      for (int hop = 0; hop < kHops; ++hop) {
+        ScopeGuard guard(TypedToken<struct StressCoroutine>{static_cast<std::uint64_t>(id)});
+        const Counted* in_guard = &long_explicit();
+        std::shared_ptr<Short> held = pick(static_cast<unsigned>(id + hop));
+        const Counted* short_value = &(*held)();
+        const bool park = hop == kHops - 1 && id % 10 == 0;  // destroyed while suspended
+        if (park) --in_flight;
+        co_await StressHop{&pool, &parked_mu, park ? &parked : nullptr};
+        wrong += (&long_task() != mine) + (&long_explicit() != in_guard) +
+                 (&(*held)() != short_value) + (ExplicitScope::current() != guard.token());
+      }
+      wrong += (&long_task() != mine);
+      ++finished;
+      --in_flight;
+    };
+    for (long id = 0; id < tasks; ++id) {
+      // At most kInFlight tasks at once, as a server would have (each registry's end
+      // visits the live scopes).
+      while (in_flight >= kInFlight) std::this_thread::sleep_for(std::chrono::microseconds(50));
+      ++in_flight;
+      StressTask task = body(id);
+      pool.post([h = task.handle] { h.resume(); });
+    }
+    while (finished + static_cast<long>([&] {
+             std::lock_guard<std::mutex> lock(parked_mu);
+             return parked.size();
+           }()) < tasks) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }  // the pool joins
+  stop = true;
+  churner.join();
+  for (std::coroutine_handle<> h : parked) h.destroy();  // guards and values go with them
+  for (auto& slot : slots) slot.reset();
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(finished + static_cast<long>(parked.size()), tasks);
+  EXPECT_EQ(long_task.size(), 0);
+  EXPECT_EQ(long_explicit.size(), 0);
+  EXPECT_EQ(counts.alive(), 0);
+  std::printf("coroutine stress: %ld tasks, %zu destroyed while suspended, %d values\n", tasks,
+              parked.size(), counts.made.load());
 }
 
 }  // namespace
