@@ -1,5 +1,8 @@
 // http_server.cc: the Beast front end (see http_server.h). One event-loop thread reads and
-// writes every connection asynchronously; requests run on the dispatcher's workers.
+// writes every connection asynchronously; requests run on the dispatcher's workers. A
+// connection is a chain of callbacks (Connection), or, for a CoroutineDispatcher
+// (--strategy=coroutine), one coroutine on the event loop (serve_connection) that
+// co_awaits each request's task.
 
 #include <utility>  // before Asio/Beast: g++ 12 needs it for std::exchange in Boost 1.74
 
@@ -9,6 +12,12 @@
 
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#ifdef SCOPEREG_EXAMPLE_HAVE_COROUTINE
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#endif
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
@@ -36,6 +45,10 @@ struct HttpServer::Impl {
   void accept();
 
   Dispatcher& dispatcher;
+#ifdef SCOPEREG_EXAMPLE_HAVE_COROUTINE
+  // Set when the dispatcher's requests are coroutines: connections are coroutines too.
+  CoroutineDispatcher* const coroutines = dynamic_cast<CoroutineDispatcher*>(&dispatcher);
+#endif
   const ServerOptions options;
   asio::io_context io;  // before what uses it: destroyed last
   tcp::acceptor acceptor;
@@ -45,6 +58,51 @@ struct HttpServer::Impl {
 };
 
 namespace {
+
+// What the dispatcher gets of a request that was read whole.
+HttpRequest to_request(http::request<http::string_body>&& request) {
+  return HttpRequest{std::string(request.method_string()), std::string(request.target()),
+                     std::string(request[http::field::content_type]),
+                     std::move(request.body())};
+}
+
+// The answer to a request that could not be read: an error response (the connection is
+// closed after writing it), or none (the connection is closed at once: the client is done,
+// or it reset or closed the connection mid-request; nothing to answer). A read that timed
+// out is not for this: Beast has closed the socket already.
+std::optional<HttpResponse> read_error_response(beast::error_code ec, const ServerOptions& o) {
+  auto error = [](unsigned status, const std::string& message) {
+    return HttpResponse{status, "{\"error\":" + json_string(message) + "}"};
+  };
+  if (ec == http::error::end_of_stream) return std::nullopt;  // the client is done
+  if (ec == http::error::body_limit) {
+    return error(413, "the body is larger than " + std::to_string(o.body_limit) + " bytes");
+  }
+  if (ec == http::error::header_limit) return error(431, "the headers are too large");
+  if (ec.category() == http::make_error_code(http::error::bad_target).category()) {
+    return error(400, "malformed HTTP request: " + ec.message());
+  }
+  return std::nullopt;  // reset or closed by the client mid-request: nothing to answer
+}
+
+// The message written for a response.
+http::response<http::string_body> to_message(const HttpResponse& r, bool keep_alive) {
+  http::response<http::string_body> message;
+  message.result(r.status);
+  message.version(11);
+  message.set(http::field::server, "scopereg-request-service");
+  message.set(http::field::content_type, "application/json");
+  message.keep_alive(keep_alive);
+  message.body() = r.body + "\n";
+  message.prepare_payload();
+  return message;
+}
+
+void close_stream(beast::tcp_stream& stream) {
+  beast::error_code ignored;
+  stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
+  stream.close();
+}
 
 // One client connection: read a request, hand it over, write the response, repeat.
 class Connection : public std::enable_shared_from_this<Connection> {
@@ -65,23 +123,18 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
  private:
   void on_read(beast::error_code ec) {
-    if (ec == http::error::end_of_stream) return close();  // the client is done
     // Too slow to send its request, or an idle keep-alive: Beast has closed the socket.
     if (ec == beast::error::timeout) return;
-    if (ec == http::error::body_limit) {
-      return reply_error(413, "the body is larger than " +
-                                  std::to_string(server_.options.body_limit) + " bytes");
+    if (ec) {
+      if (std::optional<HttpResponse> reply = read_error_response(ec, server_.options)) {
+        return write(*reply, false);
+      }
+      return close();
     }
-    if (ec == http::error::header_limit) return reply_error(431, "the headers are too large");
-    if (ec && ec.category() == http::make_error_code(http::error::bad_target).category()) {
-      return reply_error(400, "malformed HTTP request: " + ec.message());
-    }
-    if (ec) return close();  // reset or closed by the client mid-request: nothing to answer
     stream_.expires_never();  // the request runs as long as it runs
     http::request<http::string_body> request = parser_->release();
     const bool keep_alive = request.keep_alive();
-    HttpRequest r{std::string(request.method_string()), std::string(request.target()),
-                  std::string(request[http::field::content_type]), std::move(request.body())};
+    HttpRequest r = to_request(std::move(request));
     server_.dispatcher.submit(std::move(r), [self = shared_from_this(), keep_alive](HttpResponse response) {
       // On a worker thread: back to the event loop to write.
       asio::post(self->stream_.get_executor(), [self, keep_alive, response = std::move(response)] {
@@ -90,19 +143,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
     });
   }
 
-  void reply_error(unsigned status, const std::string& message) {
-    write(HttpResponse{status, "{\"error\":" + json_string(message) + "}"}, false);
-  }
-
   void write(const HttpResponse& r, bool keep_alive) {
-    response_ = {};
-    response_.result(r.status);
-    response_.version(11);
-    response_.set(http::field::server, "scopereg-request-service");
-    response_.set(http::field::content_type, "application/json");
-    response_.keep_alive(keep_alive);
-    response_.body() = r.body + "\n";
-    response_.prepare_payload();
+    response_ = to_message(r, keep_alive);
     stream_.expires_after(server_.options.io_timeout);
     http::async_write(stream_, response_,
                       [self = shared_from_this(), keep_alive](beast::error_code ec, std::size_t) {
@@ -111,11 +153,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
                       });
   }
 
-  void close() {
-    beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-    stream_.close();
-  }
+  void close() { close_stream(stream_); }
 
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
@@ -124,6 +162,47 @@ class Connection : public std::enable_shared_from_this<Connection> {
   HttpServer::Impl& server_;
 };
 
+#ifdef SCOPEREG_EXAMPLE_HAVE_COROUTINE
+// The same connection as one coroutine on the event loop (--strategy=coroutine): read a
+// request, co_await its task (which runs on the dispatcher's threads in a scope of its
+// own; this coroutine has no scope and needs none), write the response, repeat. I/O
+// errors come back as error codes (redirect_error), not exceptions. A connection suspended
+// when the event loop stops is destroyed with the io_context, which closes its socket.
+asio::awaitable<void> serve_connection(tcp::socket socket, HttpServer::Impl& server) {
+  const ServerOptions& o = server.options;
+  beast::tcp_stream stream(std::move(socket));
+  beast::flat_buffer buffer;
+  for (;;) {
+    http::request_parser<http::string_body> parser;
+    parser.body_limit(o.body_limit);
+    parser.header_limit(static_cast<std::uint32_t>(o.header_limit));
+    stream.expires_after(o.io_timeout);
+    beast::error_code ec;
+    co_await http::async_read(stream, buffer, parser,
+                              asio::redirect_error(asio::use_awaitable, ec));
+    // Too slow to send its request, or an idle keep-alive: Beast has closed the socket.
+    if (ec == beast::error::timeout) co_return;
+    HttpResponse response;
+    bool keep_alive = false;
+    if (ec) {
+      std::optional<HttpResponse> reply = read_error_response(ec, o);
+      if (!reply) break;
+      response = std::move(*reply);
+    } else {
+      stream.expires_never();  // the request runs as long as it runs
+      http::request<http::string_body> request = parser.release();
+      keep_alive = request.keep_alive();
+      response = co_await server.coroutines->run(to_request(std::move(request)));
+    }
+    http::response<http::string_body> message = to_message(response, keep_alive);
+    stream.expires_after(o.io_timeout);
+    co_await http::async_write(stream, message, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec || !keep_alive) break;
+  }
+  close_stream(stream);
+}
+#endif
+
 }  // namespace
 
 void HttpServer::Impl::accept() {
@@ -131,6 +210,12 @@ void HttpServer::Impl::accept() {
     if (ec == asio::error::operation_aborted || !acceptor.is_open()) return;
     if (!ec) {
       socket.set_option(tcp::no_delay(true), ec);
+#ifdef SCOPEREG_EXAMPLE_HAVE_COROUTINE
+      if (coroutines != nullptr) {
+        asio::co_spawn(io, serve_connection(std::move(socket), *this), asio::detached);
+        return accept();
+      }
+#endif
       std::make_shared<Connection>(std::move(socket), *this)->read();
     }
     accept();

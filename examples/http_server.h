@@ -3,6 +3,8 @@
 // the connection of a client too slow to send its whole request (no session is held for
 // it: a request reaches a strategy only once read), and hands the others to a Dispatcher, which runs
 // them in their own scope on the strategy's workers and gives back the response to write.
+// For a CoroutineDispatcher (http_types.h), each connection is a coroutine on the event
+// loop that co_awaits each request's task.
 // Listens on 127.0.0.1 only.
 
 #ifndef SCOPEREG_EXAMPLES_HTTP_SERVER_H_

@@ -19,10 +19,12 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <optional>
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "db.h"
 #include "gtest/gtest.h"
@@ -142,6 +144,13 @@ TEST(DbUrl, RefusesBadOnesNamingTheForms) {
 }
 
 // ---- the server ----
+
+// Every strategy this build has (coroutine: with scopereg::asio).
+const char* const kStrategies[] = {"thread", "fiber", "explicit",
+#ifdef SCOPEREG_EXAMPLE_HAVE_COROUTINE
+                                   "coroutine",
+#endif
+};
 
 struct Reply {
   unsigned status = 0;
@@ -381,8 +390,47 @@ TEST_P(ServerTest, KeepAliveServesManyRequestsOnOneConnection) {
   EXPECT_EQ(rows(), 40);
 }
 
-INSTANTIATE_TEST_SUITE_P(Strategies, ServerTest, ::testing::Values("thread", "fiber", "explicit"),
+INSTANTIATE_TEST_SUITE_P(Strategies, ServerTest, ::testing::ValuesIn(kStrategies),
                          [](const auto& info) { return std::string(info.param); });
+
+#ifdef SCOPEREG_EXAMPLE_HAVE_COROUTINE
+// The coroutine dispatcher without the server: submit() runs the same task as run() and
+// calls back after the task's teardown (scopereg::asio::teardown_of) -- the session is
+// already back in the pool when `done` runs, committed or rolled back.
+TEST(CoroutineStrategy, SubmitCallsBackAfterTheTaskTeardown) {
+  char pattern[] = "/tmp/scopereg-example-test-XXXXXX";
+  ASSERT_NE(mkdtemp(pattern), nullptr);
+  const std::string dir = pattern;
+  DbUrl url;
+  url.sqlite_path = dir + "/orders.db";
+  Db::open(url).reset_schema();
+  {
+    const StrategyOptions s{.name = "coroutine", .workers = 2};
+    Store store(StoreOptions{url, concurrency(s), backoff_for(s), true});
+    std::unique_ptr<Dispatcher> dispatcher = make_dispatcher(s, store);
+    auto order = [&](const std::string& ref) {
+      std::promise<std::pair<HttpResponse, std::size_t>> answered;
+      dispatcher->submit(
+          HttpRequest{"POST", "/orders", "application/json",
+                      R"({"customer":"c","amount":3,"ref":")" + ref + "\"}"},
+          [&](HttpResponse r) { answered.set_value({r, store.pool()->stats().checked_out}); });
+      return answered.get_future().get();
+    };
+    auto [created, held] = order("c1");
+    EXPECT_EQ(created.status, 201u) << created.body;
+    EXPECT_EQ(held, 0u);  // checked in by the teardown, before the callback
+    auto [refused, held_after] = order("c1");
+    EXPECT_EQ(refused.status, 409u) << refused.body;
+    EXPECT_EQ(held_after, 0u);
+    dispatcher->shutdown();
+    EXPECT_EQ(store.counters().commits, 1);
+    EXPECT_EQ(store.counters().rollbacks, 1);  // the failed task's teardown rolled back
+    EXPECT_TRUE(Db::open(url).has_ref("c1"));
+    store.close_pool();
+  }
+  std::filesystem::remove_all(dir);
+}
+#endif
 
 // ---- on a real MariaDB server: the seed's failure ----
 
@@ -499,7 +547,7 @@ TEST_P(MariaDbTest, AConnectionKilledMidTransactionFailsOnlyThatRequestAndIsDisc
   EXPECT_TRUE(admin_->has_ref("next"));
 }
 
-INSTANTIATE_TEST_SUITE_P(Strategies, MariaDbTest, ::testing::Values("thread", "fiber", "explicit"),
+INSTANTIATE_TEST_SUITE_P(Strategies, MariaDbTest, ::testing::ValuesIn(kStrategies),
                          [](const auto& info) { return std::string(info.param); });
 
 }  // namespace

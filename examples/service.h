@@ -7,7 +7,8 @@
 // OrderService<Scope>: the request handler for one scope strategy. Each request runs in
 // its own scope and ends with a TeardownGuard: the session (a pooled connection) is rolled
 // back if the request failed, then cleared -- checked back into the pool, or discarded if
-// its connection died.
+// its connection died. handle() ends it itself; handle_open() leaves it to the caller (the
+// coroutine strategy's task teardown, scopereg::asio::teardown_of(sessions())).
 //
 //   POST /orders       {"customer":"alice","amount":42,"ref":"k1"} -> 201 {"id":7,"ref":"k1"}
 //   GET  /orders/<id>  -> 200 {"id":7,"customer":"alice","amount":42,"ref":"k1","audited":true}
@@ -21,6 +22,7 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -96,13 +98,46 @@ class OrderService {
 
   explicit OrderService(Store& store) : store_(store), db_(add_session()) {}
 
-  // Handles one request. Call it in the request's own scope.
+  // Handles one request. Call it in the request's own scope. Its unit of work ends here,
+  // before the response is returned (in_session's TeardownGuard).
   HttpResponse handle(const HttpRequest& request) {
+    UnitOfWork unit;
+    return handle(request, unit);
+  }
+
+  // A response, and whether the request's unit of work must be rolled back.
+  struct Outcome {
+    HttpResponse response;
+    bool failed = false;
+  };
+  // Handles one request and leaves its unit of work open: the caller ends it afterwards,
+  // in the same scope, with a teardown of sessions() told `failed` -- the coroutine
+  // strategy's task teardown, scopereg::asio::teardown_of(sessions()), which rolls back
+  // when the task ends by an exception.
+  Outcome handle_open(const HttpRequest& request) {
+    UnitOfWork unit{.caller_ends = true};
+    HttpResponse response = handle(request, unit);
+    return {std::move(response), unit.failed};
+  }
+
+  // The per-scope sessions (for a caller that ends the unit of work: handle_open()).
+  Sessions& sessions() { return sessions_; }
+
+ private:
+  // How a request's unit of work ends: in in_session (a TeardownGuard), or by the caller
+  // (handle_open), which is then told whether it failed.
+  struct UnitOfWork {
+    bool caller_ends = false;
+    bool failed = false;
+  };
+
+  HttpResponse handle(const HttpRequest& request, UnitOfWork& unit) {
     ++store_.counters().in_flight;
     HttpResponse response;
     try {
-      response = route(request);
+      response = route(request, unit);
     } catch (const std::exception& e) {
+      unit.failed = true;
       response = json_error(500, e.what());
     }
     --store_.counters().in_flight;
@@ -113,12 +148,11 @@ class OrderService {
     return response;
   }
 
- private:
-  HttpResponse route(const HttpRequest& r) {
+  HttpResponse route(const HttpRequest& r, UnitOfWork& unit) {
     const std::string& t = r.target;
     if (t == "/orders") {
       if (r.method != "POST") return json_error(405, "use POST /orders");
-      return post_order(r);
+      return post_order(r, unit);
     }
     if (t.starts_with("/orders/")) {
       if (r.method != "GET") return json_error(405, "use GET /orders/<id>");
@@ -127,24 +161,25 @@ class OrderService {
           digits.find_first_not_of("0123456789") != std::string::npos) {
         return json_error(400, "the order id must be a positive integer: GET /orders/<id>");
       }
-      return get_order(std::stoll(digits));
+      return get_order(std::stoll(digits), unit);
     }
     if (t == "/stats") {
       if (r.method != "GET") return json_error(405, "use GET /stats");
-      return in_session([&](Db& db) {
+      return in_session(unit, [&](Db& db) {
         return HttpResponse{200, report_json(store_.report(db, false))};
       });
     }
     return json_error(404, "no such path; try POST /orders, GET /orders/<id>, GET /stats");
   }
 
-  HttpResponse post_order(const HttpRequest& r) {
+  HttpResponse post_order(const HttpRequest& r, UnitOfWork& unit) {
     ParsedOrder parsed = parse_order(r.content_type, r.body);
     if (!parsed.ok) return json_error(parsed.status, parsed.error);
     NewOrder& order = parsed.order;
     if (order.ref.empty()) order.ref = store_.next_ref();
     bool committing = false;
     HttpResponse response = in_session(
+        unit,
         [&](Db& db) {
           db.begin();
           const long long id = db.insert_order(order.customer, order.amount, order.ref);
@@ -160,8 +195,8 @@ class OrderService {
     return response;
   }
 
-  HttpResponse get_order(long long id) {
-    return in_session([&](Db& db) {
+  HttpResponse get_order(long long id, UnitOfWork& unit) {
+    return in_session(unit, [&](Db& db) {
       const std::optional<Order> o = db.find_order(id);
       if (!o) return json_error(404, "no order " + std::to_string(id));
       return HttpResponse{200, "{\"id\":" + std::to_string(o->id) + ",\"customer\":" +
@@ -171,18 +206,26 @@ class OrderService {
     });
   }
 
-  // Runs `work` with the scope's session, in a unit of work that ends here: a
+  // Runs `work` with the scope's session, in a unit of work that ends here -- a
   // TeardownGuard rolls back what a failure left open and returns the connection to the
-  // pool. A dead connection is invalidated: the pool closes it instead of reusing it.
+  // pool -- or, when the caller ends it (handle_open), marked failed for the caller's
+  // teardown to do the same. A dead connection is invalidated: the pool closes it instead
+  // of reusing it.
   template <typename Work>
-  HttpResponse in_session(Work work, const std::string& ref = "", bool* committing = nullptr) {
-    typename Sessions::TeardownGuard done(sessions_);
+  HttpResponse in_session(UnitOfWork& unit, Work work, const std::string& ref = "",
+                          bool* committing = nullptr) {
+    std::optional<typename Sessions::TeardownGuard> done;
+    if (!unit.caller_ends) done.emplace(sessions_);
+    const auto fail = [&] {
+      unit.failed = true;
+      if (done) done->fail();
+    };
     Db* db = nullptr;
     try {
       db = &sessions_.get(db_);
       return work(*db);
     } catch (const DbError& e) {
-      done.fail();
+      fail();
       if (!e.lost()) {
         if (std::string(e.what()).find("UNIQUE") != std::string::npos ||
             std::string(e.what()).find("Duplicate entry") != std::string::npos) {
@@ -201,8 +244,11 @@ class OrderService {
       }
       return json_error(503, std::string("database connection lost: ") + e.what(), ref);
     } catch (const scopereg::PoolTimeout& e) {
-      done.fail();
+      fail();
       return json_error(503, e.what(), ref);
+    } catch (...) {
+      fail();  // (a TeardownGuard sees the exception itself; a caller's teardown needs this)
+      throw;
     }
   }
 

@@ -10,6 +10,15 @@
 //             database work to a worker pool through scopereg::wrap (ScopedExecutor): the
 //             work runs on a pool thread in the request's scope, which ends when the
 //             wrapped callable is gone.
+//   coroutine  each request is a boost::asio::awaitable started by scopereg::asio::co_spawn
+//             on a thread_pool of --workers threads, in a fresh task scope (TaskScope,
+//             CoroutineScope): the scope follows the coroutine across co_await and threads,
+//             and ends with the task. The task's teardown, scopereg::asio::teardown_of of
+//             the SessionCache, ends the unit of work (rollback on failure, connection back
+//             to the pool) after the coroutine finished. The server's connections are
+//             coroutines on the event loop (Beast's async ops with use_awaitable) that
+//             co_await each request's task. The database calls block the pool thread (as
+//             in the thread strategy). Built when scopereg::asio is available.
 
 #ifndef SCOPEREG_EXAMPLES_STRATEGIES_H_
 #define SCOPEREG_EXAMPLES_STRATEGIES_H_
@@ -24,7 +33,7 @@
 namespace example {
 
 struct StrategyOptions {
-  std::string name = "thread";  // thread, fiber or explicit
+  std::string name = "thread";  // thread, fiber, explicit or coroutine
   int workers = 4;
   int fibers = 8;               // per worker, --strategy=fiber
 };
@@ -34,6 +43,10 @@ std::size_t concurrency(const StrategyOptions& options);
 // How a strategy waits while SQLite is busy: a fiber yields, a thread sleeps a little.
 std::function<void()> backoff_for(const StrategyOptions& options);
 
+// The strategies this build has, for messages: "thread, fiber, explicit or coroutine".
+std::string strategy_names();
+
+// Throws std::invalid_argument for an unknown strategy (or coroutine without scopereg::asio).
 std::unique_ptr<Dispatcher> make_dispatcher(const StrategyOptions& options, Store& store);
 
 }  // namespace example
