@@ -36,6 +36,14 @@
 //   exception, then clear the used sessions -- SessionCache::TeardownGuard). If it throws
 //   on success, that exception is the task's; if it throws after the coroutine threw, the
 //   task fails with TaskTeardownError carrying both.
+// * Overlap: Asio runs the rest of a resuming function (for instance the initiation of
+//   the operation the coroutine now awaits) after the coroutine suspended, still inside
+//   TaskExecutor's installation; if that operation completes on another thread at once,
+//   the task resumes there while the first thread is still finishing. For that moment the
+//   task's scope is current on both threads, as a scope entered on two threads. Switch
+//   hooks (scope_switch.h) pair exactly on each thread, but a value may see the second
+//   thread's on_scope_enter before the first thread's on_scope_leave: keep per-thread
+//   state in hooks (what they are for), not one "current" flag per value.
 // * The completion handler is called as by boost::asio::co_spawn; unless it has an
 //   associated executor of its own, it runs on the TaskExecutor, in the task's scope.
 // * The task's scope ends, and its values are destroyed, when the last copy of its
