@@ -1280,5 +1280,76 @@ TEST(AsioTask, CompletionHandlerRunsInTheTaskScope) {
   EXPECT_EQ(var.size(), 0);
 }
 
+// A callable wrapped inside a task and called there keeps the task current for
+// CoroutineScope (only ExplicitScope's stack is the captured one), and the task's own
+// stack is intact afterwards.
+awaitable<void> wraps_inside(TaskVar<int>& var, ScopeToken& task, ScopeToken& seen_in_wrap,
+                             int& value_in_wrap, ScopeToken& after) {
+  task = CoroutineScope::current();
+  var.set(11);
+  auto wrapped = scopereg::wrap([&] {
+    ScopeGuard inner(std::string("inside the wrapped call"));
+    seen_in_wrap = CoroutineScope::current();
+    const int* v = var.find();
+    value_in_wrap = v != nullptr ? *v : -1;
+  });
+  wrapped();
+  co_await sleep_ms(0);
+  after = ExplicitScope::current();
+}
+
+TEST(AsioTask, AWrappedCallableCalledInTheTaskStillSeesTheTask) {
+  TaskVar<int> var([] { return -1; });
+  ScopeToken task, seen_in_wrap, after;
+  int value_in_wrap = 0;
+  {
+    net::io_context io;
+    scopereg::asio::co_spawn(io.get_executor(),
+                             wraps_inside(var, task, seen_in_wrap, value_in_wrap, after),
+                             net::detached);
+    io.run();
+  }
+  EXPECT_FALSE(task.is_null());
+  EXPECT_EQ(seen_in_wrap, task);
+  EXPECT_EQ(value_in_wrap, 11);
+  EXPECT_EQ(after, task);  // the task's own scope again, after a resumption
+  EXPECT_EQ(var.size(), 0);
+}
+
+// A copy of the task's executor kept after the task finished (a timer made from it) keeps
+// the task's scope, not the io_context's outstanding work: run() returns, as without
+// scopereg.
+std::optional<net::steady_timer> g_kept_timer;
+awaitable<void> keeps_a_timer(TaskVar<int>& var) {
+  var.set(3);
+  g_kept_timer.emplace(co_await net::this_coro::executor);
+  co_return;
+}
+
+TEST(AsioTask, AnExecutorCopyKeptAfterTheTaskDoesNotKeepRunGoing) {
+  TaskVar<int> var([] { return -1; });
+  net::io_context io;
+  scopereg::asio::co_spawn(io.get_executor(), keeps_a_timer(var), net::detached);
+  std::atomic<bool> returned{false};
+  std::atomic<bool> had_to_stop{false};
+  std::thread watchdog([&] {
+    for (int i = 0; i < 500 && !returned; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (!returned) {  // a hang becomes a failure below, not a stuck test
+      had_to_stop = true;
+      io.stop();
+    }
+  });
+  const std::size_t ran = io.run();
+  returned = true;
+  watchdog.join();
+  EXPECT_GE(ran, 1u);
+  EXPECT_FALSE(had_to_stop) << "io_context::run() did not return: outstanding work held";
+  EXPECT_EQ(var.size(), 1);  // the kept executor holds the task's scope...
+  g_kept_timer.reset();
+  EXPECT_EQ(var.size(), 0);  // ...until it goes
+}
+
 }  // namespace
 }  // namespace scopereg

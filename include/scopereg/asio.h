@@ -49,7 +49,8 @@
 // * The task's scope ends, and its values are destroyed, when the last copy of its
 //   TaskExecutor goes: normally when the completion handler has run; when the io_context
 //   is stopped and destroyed with the task suspended, when its pending handlers are
-//   destroyed. A TaskExecutor copy stored elsewhere keeps the scope alive.
+//   destroyed. A TaskExecutor copy stored elsewhere keeps the scope alive (not Asio's
+//   outstanding work: io_context::run() returns as it would without scopereg).
 // * Child tasks: co_await boost::asio::this_coro::executor inside a task is the task's
 //   TaskExecutor. scopereg::asio::co_spawn(that executor, child(), scopereg::copy_current,
 //   ...) starts the child with a copy of the parent's current scope (recommended), or
@@ -83,11 +84,12 @@
 //
 // Thread safety: TaskExecutor is a value type like the executor it wraps; copies may be
 // used concurrently (a moved-from TaskExecutor may only be destroyed or assigned to).
-// Cost: a TaskExecutor is one pointer (no allocation inside any_io_executor); a copy counts
-// a reference to the task (one atomic increment, one decrement at its end); each executed
-// function installs and removes the task (three words each way). A task allocates its
-// state once, plus one small binding per distinct executor variant Asio asks for (a few)
-// (benchmarks/coroutine_scope_benchmark.cc).
+// Cost: a TaskExecutor is the inner executor plus one pointer; a copy counts a reference
+// to the task (one atomic increment, one decrement at its end); each executed function
+// installs and removes the task (three words each way). It is larger than Asio's small
+// buffer in any_io_executor, which therefore allocates when it wraps one. A task
+// allocates its state once. Asio copies executors several times per co_await: see
+// benchmarks/coroutine_scope_benchmark.cc for what a round trip costs.
 
 #ifndef SCOPEREG_ASIO_H_
 #define SCOPEREG_ASIO_H_
@@ -123,76 +125,25 @@ namespace scopereg::asio {
 
 namespace internal {
 
-class AsioTask;
-
-// One inner executor value of a task's executors (TaskExecutor<E> points at one). A task
-// keeps the few it ever needs (Asio's require/prefer variants of the executor it was
-// spawned on) in an append-only list, so that a TaskExecutor is one pointer: it then fits
-// any_io_executor's small-object buffer, and rewrapping it allocates nothing.
-struct BindingBase {
-  const void* type;
-  BindingBase* next;
-  void (*destroy)(BindingBase*) noexcept;
-  AsioTask* task;
-};
-
-template <typename E>
-inline constexpr char kBindingTag = 0;
-
-template <typename E>
-struct Binding final : BindingBase {
-  explicit Binding(AsioTask* t, const E& e)
-      : BindingBase{&kBindingTag<E>, nullptr, &destroy_binding, t}, inner(e) {}
-  static void destroy_binding(BindingBase* b) noexcept { delete static_cast<Binding*>(b); }
-  E inner;
-};
-
-// A spawned task: its scope, a count of the TaskExecutors and handlers holding it, and its
-// executor bindings. Deleted (its scope released: values destroyed unless something else
-// holds the scope) when the last reference goes, on that thread.
+// A spawned task: its scope and a count of the TaskExecutors and queued functions holding
+// it. Deleted (its scope released: values destroyed unless something else holds the
+// scope) when the last reference goes, on that thread.
 class AsioTask {
  public:
   template <typename Start>
   explicit AsioTask(Start&& start) : scope(std::forward<Start>(start)) {}
   AsioTask(const AsioTask&) = delete;
   AsioTask& operator=(const AsioTask&) = delete;
-  ~AsioTask() {
-    BindingBase* b = bindings_.load(std::memory_order_acquire);
-    while (b != nullptr) {
-      BindingBase* next = b->next;
-      b->destroy(b);
-      b = next;
-    }
-  }
 
   void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
   void release() noexcept {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
-  // The binding of `inner` (found, or made and kept until the task ends). Thread safety:
-  // any thread; lock-free.
-  template <typename E>
-  Binding<E>* bind(const E& inner) {
-    BindingBase* head = bindings_.load(std::memory_order_acquire);
-    for (BindingBase* b = head; b != nullptr; b = b->next) {
-      if (b->type == &kBindingTag<E> && static_cast<Binding<E>*>(b)->inner == inner) {
-        return static_cast<Binding<E>*>(b);
-      }
-    }
-    auto* made = new Binding<E>(this, inner);
-    made->next = head;
-    while (!bindings_.compare_exchange_weak(made->next, made, std::memory_order_acq_rel,
-                                            std::memory_order_acquire)) {
-    }
-    return made;
-  }
-
   TaskScope scope;
 
  private:
   std::atomic<int> refs_{0};
-  std::atomic<BindingBase*> bindings_{nullptr};
 };
 
 // An owning reference to a task.
@@ -201,8 +152,10 @@ class TaskRef {
   explicit TaskRef(AsioTask* task) noexcept : task_(task) { task_->add_ref(); }
   TaskRef(const TaskRef& other) noexcept : TaskRef(other.task_) {}
   TaskRef(TaskRef&& other) noexcept : task_(std::exchange(other.task_, nullptr)) {}
-  TaskRef& operator=(const TaskRef&) = delete;
-  TaskRef& operator=(TaskRef&&) = delete;
+  TaskRef& operator=(TaskRef other) noexcept {
+    std::swap(task_, other.task_);
+    return *this;
+  }
   ~TaskRef() {
     if (task_ != nullptr) task_->release();
   }
@@ -221,9 +174,11 @@ inline constexpr bool is_task_start_v =
 
 // TaskExecutor
 //
-// An executor that runs every function in a task's scope (see the contract above). One
-// pointer in size (it fits any_io_executor without an allocation); copying it counts a
-// reference to its task.
+// An executor that runs every function in a task's scope (see the contract above): the
+// inner executor plus a counted reference to the task. The inner executor is held by
+// value, as Asio's own wrappers (strand) do, so that what it tracks (outstanding work on
+// its execution context, when Asio asks for a work-tracking variant) lasts exactly as long
+// as that copy.
 template <typename Executor>
 class TaskExecutor {
  public:
@@ -234,68 +189,47 @@ class TaskExecutor {
   template <typename Start>
     requires internal::is_task_start_v<std::decay_t<Start>>
   TaskExecutor(const Executor& inner, Start&& start)
-      : TaskExecutor(new internal::AsioTask(std::forward<Start>(start)), inner) {}
+      : inner_(inner), task_(new internal::AsioTask(std::forward<Start>(start))) {}
 
   // The same task on a converted inner executor (what Asio's conversions need).
   template <typename Other>
     requires(!std::is_same_v<Other, Executor>) &&
             std::is_constructible_v<Executor, const Other&>
   TaskExecutor(const TaskExecutor<Other>& other)
-      : TaskExecutor(other.binding_->task, Executor(other.get_inner_executor())) {}
+      : inner_(other.get_inner_executor()), task_(other.task_) {}
 
-  TaskExecutor(const TaskExecutor& other) noexcept : binding_(other.binding_) {
-    binding_->task->add_ref();
-  }
-  TaskExecutor(TaskExecutor&& other) noexcept
-      : binding_(std::exchange(other.binding_, nullptr)) {}
-  TaskExecutor& operator=(const TaskExecutor& other) noexcept {
-    TaskExecutor copy(other);
-    std::swap(binding_, copy.binding_);
-    return *this;
-  }
-  TaskExecutor& operator=(TaskExecutor&& other) noexcept {
-    std::swap(binding_, other.binding_);
-    return *this;
-  }
-  ~TaskExecutor() {
-    if (binding_ != nullptr) binding_->task->release();
-  }
-
-  const Executor& get_inner_executor() const noexcept { return binding_->inner; }
+  const Executor& get_inner_executor() const noexcept { return inner_; }
   // The task's scope.
-  TaskScope& task() const noexcept { return binding_->task->scope; }
+  TaskScope& task() const noexcept { return task_.get()->scope; }
 
   template <typename F>
   void execute(F&& f) const {
-    boost::asio::execution::execute(
-        binding_->inner, Resume<std::decay_t<F>>{internal::TaskRef(binding_->task),
-                                                 std::forward<F>(f)});
+    boost::asio::execution::execute(inner_, Resume<std::decay_t<F>>{task_, std::forward<F>(f)});
   }
 
   template <typename Property>
     requires boost::asio::can_query<const Executor&, Property>::value
   decltype(auto) query(const Property& p) const
       noexcept(boost::asio::is_nothrow_query<const Executor&, Property>::value) {
-    return boost::asio::query(binding_->inner, p);
+    return boost::asio::query(inner_, p);
   }
 
   template <typename Property>
     requires boost::asio::can_require<const Executor&, Property>::value
   auto require(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
-    return {binding_->task, boost::asio::require(binding_->inner, p)};
+    return {boost::asio::require(inner_, p), task_};
   }
 
   template <typename Property>
     requires boost::asio::can_prefer<const Executor&, Property>::value
   auto prefer(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
-    return {binding_->task, boost::asio::prefer(binding_->inner, p)};
+    return {boost::asio::prefer(inner_, p), task_};
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
-    return a.binding_ == b.binding_ ||
-           (a.binding_->task == b.binding_->task && a.binding_->inner == b.binding_->inner);
+    return a.task_.get() == b.task_.get() && a.inner_ == b.inner_;
   }
   friend bool operator!=(const TaskExecutor& a, const TaskExecutor& b) noexcept {
     return !(a == b);
@@ -305,10 +239,8 @@ class TaskExecutor {
   template <typename>
   friend class TaskExecutor;
 
-  TaskExecutor(internal::AsioTask* task, const Executor& inner)
-      : binding_(task->bind(inner)) {
-    task->add_ref();
-  }
+  TaskExecutor(Executor inner, internal::TaskRef task) noexcept
+      : inner_(std::move(inner)), task_(std::move(task)) {}
 
   template <typename F>
   struct Resume {
@@ -320,7 +252,8 @@ class TaskExecutor {
     }
   };
 
-  internal::Binding<Executor>* binding_;
+  Executor inner_;
+  internal::TaskRef task_;
 };
 
 // TaskTeardownError

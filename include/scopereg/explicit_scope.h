@@ -323,7 +323,9 @@ class Wrapped;
 //   any scope binds it and is destroyed exactly once, when the last binding goes.
 //
 // `run(f)` runs f with the held scopes as the current ones and restores the caller's own
-// stack afterwards, also when f throws (contextvars.Context.run). `wrap(f)` returns a
+// stack afterwards, also when f throws (contextvars.Context.run). Inside a coroutine task
+// (coroutine_scope.h) the task stays current for CoroutineScope; only ExplicitScope's
+// stack is replaced. `wrap(f)` returns a
 // callable that does that on every call and keeps the scopes alive (copy_context().wrap(f)
 // is the asyncio-task form). Copyable: copies of a CapturedScope hold the same scopes
 // (copy a context twice with copy_context() to get two independent ones). Capturing with
@@ -374,12 +376,13 @@ class CapturedScope {
   // Makes the captured frames the calling context's stack; restores the caller's on exit.
   class Installed {
    public:
+    // In a coroutine task (coroutine_scope.h) the task stays current (CoroutineScope sees
+    // it); only its explicit stack is replaced for the call, and put back afterwards.
     explicit Installed(const CapturedScope& scope) noexcept
-        : saved_(internal::t_context.explicit_top), saved_task_(internal::t_context.task) {
+        : saved_(internal::t_context.explicit_top) {
       internal::t_context.explicit_top =
           scope.frames_.empty() ? nullptr
                                 : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
-      internal::t_context.task = nullptr;  // exactly the captured scopes, no coroutine task
       if (internal::switch_hooks_active()) [[unlikely]] {
         internal::notify_switch(state_of(saved_), state_of(internal::t_context.explicit_top));
       }
@@ -391,7 +394,9 @@ class CapturedScope {
         internal::notify_switch(state_of(internal::t_context.explicit_top), state_of(saved_));
       }
       internal::t_context.explicit_top = saved_;
-      internal::t_context.task = saved_task_;
+      if (internal::TaskHead* task = internal::t_context.task) [[unlikely]] {
+        task->top.store(saved_, std::memory_order_relaxed);  // guards inside wrote it
+      }
     }
 
    private:
@@ -399,7 +404,6 @@ class CapturedScope {
       return frame != nullptr ? frame->state : nullptr;
     }
     internal::ExplicitFrame* saved_;
-    internal::TaskHead* saved_task_;
   };
   void link() noexcept;
   void release() noexcept;
