@@ -84,12 +84,13 @@
 //
 // Thread safety: TaskExecutor is a value type like the executor it wraps; copies may be
 // used concurrently (a moved-from TaskExecutor may only be destroyed or assigned to).
-// Cost: a TaskExecutor is the inner executor plus one pointer; a copy counts a reference
-// to the task (one atomic increment, one decrement at its end); each executed function
-// installs and removes the task (three words each way). It is larger than Asio's small
-// buffer in any_io_executor, which therefore allocates when it wraps one. A task
-// allocates its state once. Asio copies executors several times per co_await: see
-// benchmarks/coroutine_scope_benchmark.cc for what a round trip costs.
+// Cost: a copy of a TaskExecutor counts a reference to the task (one atomic increment,
+// one decrement at its end); each executed function installs and removes the task (three
+// words each way). Over an io_context's or thread_pool's plain executor a TaskExecutor is
+// one pointer (the task keeps the executor), which fits any_io_executor without an
+// allocation; over a work-tracking variant it holds that variant by value, which
+// any_io_executor allocates to hold. Asio copies and rewraps executors several times per
+// co_await: see benchmarks/coroutine_scope_benchmark.cc for what a round trip costs.
 
 #ifndef SCOPEREG_ASIO_H_
 #define SCOPEREG_ASIO_H_
@@ -125,25 +126,92 @@ namespace scopereg::asio {
 
 namespace internal {
 
-// A spawned task: its scope and a count of the TaskExecutors and queued functions holding
-// it. Deleted (its scope released: values destroyed unless something else holds the
-// scope) when the last reference goes, on that thread.
+class AsioTask;
+
+// Inner executors whose type says they track no outstanding work (io_context's and
+// thread_pool's executors state it in their type) may be kept for the task's whole life,
+// in a list the task owns; a TaskExecutor then holds one pointer, small enough for
+// any_io_executor's buffer (no allocation when Asio wraps or rewraps it). Any other
+// executor (a work-tracking variant, or one whose type does not say) is held by value in
+// each TaskExecutor, so that what it tracks lasts exactly as long as that copy.
+template <typename E>
+consteval bool statically_untracked() {
+  namespace execution = boost::asio::execution;
+  if constexpr (requires {
+                  typename std::integral_constant<
+                      bool, E::query(execution::outstanding_work) ==
+                                execution::outstanding_work.untracked>;
+                }) {
+    return E::query(execution::outstanding_work) == execution::outstanding_work.untracked;
+  } else {
+    return false;
+  }
+}
+
+struct BindingBase {
+  const void* type;
+  BindingBase* next;
+  void (*destroy)(BindingBase*) noexcept;
+  AsioTask* task;
+};
+
+template <typename E>
+inline constexpr char kBindingTag = 0;
+
+template <typename E>
+struct Binding final : BindingBase {
+  Binding(AsioTask* t, const E& e)
+      : BindingBase{&kBindingTag<E>, nullptr, &destroy_binding, t}, inner(e) {}
+  static void destroy_binding(BindingBase* b) noexcept { delete static_cast<Binding*>(b); }
+  E inner;
+};
+
+// A spawned task: its scope, a count of the TaskExecutors and queued functions holding it,
+// and its kept (untracked) inner executors. Deleted (its scope released: values destroyed
+// unless something else holds the scope) when the last reference goes, on that thread.
 class AsioTask {
  public:
   template <typename Start>
   explicit AsioTask(Start&& start) : scope(std::forward<Start>(start)) {}
   AsioTask(const AsioTask&) = delete;
   AsioTask& operator=(const AsioTask&) = delete;
+  ~AsioTask() {
+    BindingBase* b = bindings_.load(std::memory_order_acquire);
+    while (b != nullptr) {
+      BindingBase* next = b->next;
+      b->destroy(b);
+      b = next;
+    }
+  }
 
   void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
   void release() noexcept {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
+  // The kept copy of `inner` (found, or made and kept until the task ends). Lock-free;
+  // any thread.
+  template <typename E>
+  Binding<E>* bind(const E& inner) {
+    BindingBase* head = bindings_.load(std::memory_order_acquire);
+    for (BindingBase* b = head; b != nullptr; b = b->next) {
+      if (b->type == &kBindingTag<E> && static_cast<Binding<E>*>(b)->inner == inner) {
+        return static_cast<Binding<E>*>(b);
+      }
+    }
+    auto* made = new Binding<E>(this, inner);
+    made->next = head;
+    while (!bindings_.compare_exchange_weak(made->next, made, std::memory_order_acq_rel,
+                                            std::memory_order_acquire)) {
+    }
+    return made;
+  }
+
   TaskScope scope;
 
  private:
   std::atomic<int> refs_{0};
+  std::atomic<BindingBase*> bindings_{nullptr};
 };
 
 // An owning reference to a task.
@@ -165,6 +233,45 @@ class TaskRef {
   AsioTask* task_;
 };
 
+// What a TaskExecutor<E> holds: a counted reference to the task and the inner executor,
+// kept by the task (one pointer) or by value (see statically_untracked).
+template <typename E, bool Kept = statically_untracked<E>()>
+class TaskHold;
+
+template <typename E>
+class TaskHold<E, true> {
+ public:
+  TaskHold(AsioTask* task, const E& inner) : binding_(task->bind(inner)) { task->add_ref(); }
+  TaskHold(const TaskHold& other) noexcept : binding_(other.binding_) {
+    binding_->task->add_ref();
+  }
+  TaskHold(TaskHold&& other) noexcept : binding_(std::exchange(other.binding_, nullptr)) {}
+  TaskHold& operator=(TaskHold other) noexcept {
+    std::swap(binding_, other.binding_);
+    return *this;
+  }
+  ~TaskHold() {
+    if (binding_ != nullptr) binding_->task->release();
+  }
+  const E& inner() const noexcept { return binding_->inner; }
+  AsioTask* task() const noexcept { return binding_->task; }
+
+ private:
+  Binding<E>* binding_;
+};
+
+template <typename E>
+class TaskHold<E, false> {
+ public:
+  TaskHold(AsioTask* task, const E& inner) : inner_(inner), task_(task) {}
+  const E& inner() const noexcept { return inner_; }
+  AsioTask* task() const noexcept { return task_.get(); }
+
+ private:
+  E inner_;
+  TaskRef task_;
+};
+
 template <typename T>
 inline constexpr bool is_task_start_v =
     std::is_same_v<T, FreshScopeTag> || std::is_same_v<T, CopyCurrentTag> ||
@@ -174,11 +281,11 @@ inline constexpr bool is_task_start_v =
 
 // TaskExecutor
 //
-// An executor that runs every function in a task's scope (see the contract above): the
-// inner executor plus a counted reference to the task. The inner executor is held by
-// value, as Asio's own wrappers (strand) do, so that what it tracks (outstanding work on
-// its execution context, when Asio asks for a work-tracking variant) lasts exactly as long
-// as that copy.
+// An executor that runs every function in a task's scope (see the contract above): a
+// counted reference to the task and the inner executor. An inner executor whose type says
+// it tracks no work (io_context's, thread_pool's) is kept by the task and the TaskExecutor
+// is one pointer; any other (Asio's work-tracking variants) is held by value, as Asio's own
+// strand holds its executor, so that the work it tracks lasts exactly as long as the copy.
 template <typename Executor>
 class TaskExecutor {
  public:
@@ -189,47 +296,50 @@ class TaskExecutor {
   template <typename Start>
     requires internal::is_task_start_v<std::decay_t<Start>>
   TaskExecutor(const Executor& inner, Start&& start)
-      : inner_(inner), task_(new internal::AsioTask(std::forward<Start>(start))) {}
+      : TaskExecutor(internal::TaskRef(new internal::AsioTask(std::forward<Start>(start))),
+                     inner) {}
 
   // The same task on a converted inner executor (what Asio's conversions need).
   template <typename Other>
     requires(!std::is_same_v<Other, Executor>) &&
             std::is_constructible_v<Executor, const Other&>
   TaskExecutor(const TaskExecutor<Other>& other)
-      : inner_(other.get_inner_executor()), task_(other.task_) {}
+      : hold_(other.hold_.task(), Executor(other.get_inner_executor())) {}
 
-  const Executor& get_inner_executor() const noexcept { return inner_; }
+  const Executor& get_inner_executor() const noexcept { return hold_.inner(); }
   // The task's scope.
-  TaskScope& task() const noexcept { return task_.get()->scope; }
+  TaskScope& task() const noexcept { return hold_.task()->scope; }
 
   template <typename F>
   void execute(F&& f) const {
-    boost::asio::execution::execute(inner_, Resume<std::decay_t<F>>{task_, std::forward<F>(f)});
+    boost::asio::execution::execute(
+        hold_.inner(),
+        Resume<std::decay_t<F>>{internal::TaskRef(hold_.task()), std::forward<F>(f)});
   }
 
   template <typename Property>
     requires boost::asio::can_query<const Executor&, Property>::value
   decltype(auto) query(const Property& p) const
       noexcept(boost::asio::is_nothrow_query<const Executor&, Property>::value) {
-    return boost::asio::query(inner_, p);
+    return boost::asio::query(hold_.inner(), p);
   }
 
   template <typename Property>
     requires boost::asio::can_require<const Executor&, Property>::value
   auto require(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
-    return {boost::asio::require(inner_, p), task_};
+    return {hold_.task(), boost::asio::require(hold_.inner(), p)};
   }
 
   template <typename Property>
     requires boost::asio::can_prefer<const Executor&, Property>::value
   auto prefer(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
-    return {boost::asio::prefer(inner_, p), task_};
+    return {hold_.task(), boost::asio::prefer(hold_.inner(), p)};
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
-    return a.task_.get() == b.task_.get() && a.inner_ == b.inner_;
+    return a.hold_.task() == b.hold_.task() && a.hold_.inner() == b.hold_.inner();
   }
   friend bool operator!=(const TaskExecutor& a, const TaskExecutor& b) noexcept {
     return !(a == b);
@@ -239,8 +349,9 @@ class TaskExecutor {
   template <typename>
   friend class TaskExecutor;
 
-  TaskExecutor(Executor inner, internal::TaskRef task) noexcept
-      : inner_(std::move(inner)), task_(std::move(task)) {}
+  TaskExecutor(const internal::TaskRef& task, const Executor& inner)
+      : hold_(task.get(), inner) {}
+  TaskExecutor(internal::AsioTask* task, const Executor& inner) : hold_(task, inner) {}
 
   template <typename F>
   struct Resume {
@@ -252,8 +363,7 @@ class TaskExecutor {
     }
   };
 
-  Executor inner_;
-  internal::TaskRef task_;
+  internal::TaskHold<Executor> hold_;
 };
 
 // TaskTeardownError
