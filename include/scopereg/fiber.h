@@ -108,7 +108,7 @@ class Fiber {
 
   // Switches into the fiber until it yields or finishes. Rethrows an exception that
   // escaped the fiber's body. Throws ScopeError if the fiber has finished or is running.
-  void resume() {
+  [[gnu::always_inline]] void resume() {
     internal::FiberCore* c = core();
     if (c != nullptr && c->self != nullptr && !c->running) [[likely]] {
       if (internal::switch_in(c) && !c->error) [[likely]] return;
