@@ -242,7 +242,10 @@ void ScopeState::hooked_not_in(const ScopeState* other,
 
 void ScopeState::share_from(ScopeState& from) {
   if (&from == this) return;
-  {
+  // A scope with no slot value has nothing to share: no lock. (values_ is read relaxed: a
+  // value created in `from` that happens-before this copy is seen; one created
+  // concurrently may or may not be, as with the locked path.)
+  if (from.values_.load(std::memory_order_relaxed) != 0) {
     // Both scopes locked (in address order: the only place two scope mutexes are held),
     // so a value is bound here only while `from` still binds it: a registry destroyed
     // meanwhile either has not reached `from` yet (and will find its value here too) or
