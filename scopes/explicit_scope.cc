@@ -242,22 +242,33 @@ void end_token(const TokenProbe& probe) {
 void push_frame(ExplicitFrame* frame) noexcept {
   frame->prev = t_context.explicit_top;
   t_context.explicit_top = frame;
-  if (TaskHead* task = t_context.task) [[unlikely]] {
-    task->top.store(frame, std::memory_order_relaxed);
-  }
+  publish_task_top();
 }
+
+namespace {
+
+// Unlinks `frame` from the active-scope stack whose innermost frame is `top`; false when
+// it is not on it.
+bool unlink_frame(ExplicitFrame*& top, ExplicitFrame* frame) noexcept {
+  for (ExplicitFrame** p = &top; *p != nullptr; p = &(*p)->prev) {
+    if (*p == frame) {
+      *p = frame->prev;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
 
 void pop_frame(ExplicitFrame* frame, const void* owner, TaskHead* task) noexcept {
   if (task != nullptr && t_context.task != task) {
     // A guard of a coroutine task destroyed while the task is not running anywhere (its
     // frame destroyed while suspended): unlink it from the task's own stack.
     ExplicitFrame* top = task->top.load(std::memory_order_relaxed);
-    for (ExplicitFrame** p = &top; *p != nullptr; p = &(*p)->prev) {
-      if (*p == frame) {
-        *p = frame->prev;
-        task->top.store(top, std::memory_order_relaxed);
-        return;
-      }
+    if (unlink_frame(top, frame)) {
+      task->top.store(top, std::memory_order_relaxed);
+      return;
     }
     die_of_misuse(
         "a ScopeGuard of a coroutine task was destroyed while it was not on the task's "
@@ -271,14 +282,9 @@ void pop_frame(ExplicitFrame* frame, const void* owner, TaskHead* task) noexcept
         "a scope to other threads, and give coroutines a TaskScope (coroutine_scope.h) so "
         "their guards follow them across co_await");
   }
-  for (ExplicitFrame** p = &t_context.explicit_top; *p != nullptr; p = &(*p)->prev) {
-    if (*p == frame) {
-      *p = frame->prev;
-      if (TaskHead* running = t_context.task) [[unlikely]] {
-        running->top.store(t_context.explicit_top, std::memory_order_relaxed);
-      }
-      return;
-    }
+  if (unlink_frame(t_context.explicit_top, frame)) {
+    publish_task_top();
+    return;
   }
   die_of_misuse(
       "a ScopeGuard was destroyed while it was not on its context's active-scope stack "
@@ -301,7 +307,7 @@ ScopeGuard::ScopeGuard(internal::ScopeRecord* record, bool inherit)
   }
   internal::push_frame(&frame_);
   if (internal::switch_hooks_active()) [[unlikely]] {
-    internal::notify_switch(top != nullptr ? top->state : nullptr, frame_.state);
+    internal::notify_switch(internal::frame_state(top), frame_.state);
   }
 }
 
@@ -326,7 +332,7 @@ ScopeGuard::~ScopeGuard() {
   internal::pop_frame(&frame_, owner_, task_);
   if (was_current && internal::switch_hooks_active()) [[unlikely]] {
     internal::ExplicitFrame* const top = internal::t_context.explicit_top;
-    internal::notify_switch(frame_.state, top != nullptr ? top->state : nullptr);
+    internal::notify_switch(frame_.state, internal::frame_state(top));
   }
   internal::release_record(frame_.record);
 }

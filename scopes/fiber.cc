@@ -42,10 +42,6 @@ ScopeState* live_state(FiberCore* core) noexcept {
   return c != nullptr && !c->state_ended ? c->state : nullptr;
 }
 
-ScopeState* explicit_state(const ContextState& context) noexcept {
-  return context.explicit_top != nullptr ? context.explicit_top->state : nullptr;
-}
-
 void run_fiber(FiberContext* c) noexcept;
 
 // Fiber side: the first frame on a fiber's stack. Never returns: the last jump leaves the
@@ -104,7 +100,7 @@ void run_fiber(FiberContext* c) noexcept {
 
 void notify_fiber_switch(FiberCore* from, const ContextState& from_context, FiberCore* to,
                          const ContextState& to_context) noexcept {
-  notify_switch(explicit_state(from_context), explicit_state(to_context));
+  notify_switch(frame_state(from_context.explicit_top), frame_state(to_context.explicit_top));
   notify_switch(live_state(from), live_state(to));
 }
 

@@ -179,22 +179,20 @@ class TaskScope {
     const internal::ContextState next{head_.top.load(std::memory_order_relaxed), id, &head_};
     const internal::ContextState prev = internal::enter_context(next);
     if (internal::switch_hooks_active()) [[unlikely]] {
-      internal::notify_switch(state_of(prev.explicit_top), state_of(next.explicit_top));
+      internal::notify_switch(internal::frame_state(prev.explicit_top),
+                              internal::frame_state(next.explicit_top));
     }
     return prev;
   }
   [[gnu::always_inline]] void uninstall(const internal::ContextState& prev) noexcept {
     if (internal::t_context.task != &head_) [[unlikely]] misplaced_leave();
     if (internal::switch_hooks_active()) [[unlikely]] {
-      internal::notify_switch(state_of(internal::t_context.explicit_top),
-                              state_of(prev.explicit_top));
+      internal::notify_switch(internal::frame_state(internal::t_context.explicit_top),
+                              internal::frame_state(prev.explicit_top));
     }
     internal::t_context = prev;
   }
   [[noreturn]] static void misplaced_leave() noexcept;
-  static internal::ScopeState* state_of(internal::ExplicitFrame* frame) noexcept {
-    return frame != nullptr ? frame->state : nullptr;
-  }
 
   CapturedScope scope_;
   internal::TaskHead head_;
@@ -390,9 +388,7 @@ class TaskScopePromise {
   // Every co_await operand: kept where it is (it lives until the end of the co_await).
   template <typename A>
   auto await_transform(A&& a) {
-    using Awaiter = decltype(internal::get_awaiter(std::forward<A>(a)));
-    return internal::ResumeAwaiter<internal::operand_awaiter_t<Awaiter>>(
-        task_, [&]() -> decltype(auto) { return internal::get_awaiter(std::forward<A>(a)); });
+    return resume_awaiter<internal::operand_awaiter_t>(std::forward<A>(a));
   }
 
   TaskScope& task_scope() noexcept { return task_; }
@@ -410,12 +406,18 @@ class TaskScopePromise {
   // outlive the co_await), an rvalue is moved in (it must be movable).
   template <typename A>
   auto scoped_await(A&& a) {
-    using Awaiter = decltype(internal::get_awaiter(std::forward<A>(a)));
-    return internal::ResumeAwaiter<internal::argument_awaiter_t<Awaiter>>(
-        task_, [&]() -> decltype(auto) { return internal::get_awaiter(std::forward<A>(a)); });
+    return resume_awaiter<internal::argument_awaiter_t>(std::forward<A>(a));
   }
 
  private:
+  // The ResumeAwaiter of `a`'s awaiter, held as `Hold` says (see operand_awaiter_t).
+  template <template <typename> class Hold, typename A>
+  auto resume_awaiter(A&& a) {
+    using Awaiter = decltype(internal::get_awaiter(std::forward<A>(a)));
+    return internal::ResumeAwaiter<Hold<Awaiter>>(
+        task_, [&]() -> decltype(auto) { return internal::get_awaiter(std::forward<A>(a)); });
+  }
+
   TaskScope task_;
 };
 

@@ -144,6 +144,11 @@ struct ExplicitFrame {
   ExplicitFrame* prev;
 };
 
+// The scope of `frame`, or null for no frame (no active scope).
+inline ScopeState* frame_state(const ExplicitFrame* frame) noexcept {
+  return frame != nullptr ? frame->state : nullptr;
+}
+
 // The calling context's innermost frame is t_context.explicit_top (context_state.h):
 // per thread, and per fiber since runtimes save and restore it on every switch.
 
@@ -197,8 +202,7 @@ class ExplicitScope {
  private:
   friend struct internal::StrategyAccess;
   static internal::ScopeState* current_state() {
-    internal::ExplicitFrame* top = internal::t_context.explicit_top;
-    return top != nullptr ? top->state : nullptr;
+    return internal::frame_state(internal::t_context.explicit_top);
   }
 };
 
@@ -384,25 +388,22 @@ class CapturedScope {
           scope.frames_.empty() ? nullptr
                                 : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
       if (internal::switch_hooks_active()) [[unlikely]] {
-        internal::notify_switch(state_of(saved_), state_of(internal::t_context.explicit_top));
+        internal::notify_switch(internal::frame_state(saved_),
+                                internal::frame_state(internal::t_context.explicit_top));
       }
     }
     Installed(const Installed&) = delete;
     Installed& operator=(const Installed&) = delete;
     ~Installed() {
       if (internal::switch_hooks_active()) [[unlikely]] {
-        internal::notify_switch(state_of(internal::t_context.explicit_top), state_of(saved_));
+        internal::notify_switch(internal::frame_state(internal::t_context.explicit_top),
+                                internal::frame_state(saved_));
       }
       internal::t_context.explicit_top = saved_;
-      if (internal::TaskHead* task = internal::t_context.task) [[unlikely]] {
-        task->top.store(saved_, std::memory_order_relaxed);  // guards inside wrote it
-      }
+      internal::publish_task_top();  // guards entered inside wrote the task's top
     }
 
    private:
-    static internal::ScopeState* state_of(internal::ExplicitFrame* frame) {
-      return frame != nullptr ? frame->state : nullptr;
-    }
     internal::ExplicitFrame* saved_;
   };
   void link() noexcept;

@@ -74,6 +74,14 @@ extern thread_local constinit ContextState t_context;
   return mine;
 }
 
+// Called after the running context's explicit stack changed: a coroutine task installed
+// here keeps its own copy of the top (see TaskHead), written through at once.
+[[gnu::always_inline]] inline void publish_task_top() noexcept {
+  if (TaskHead* task = t_context.task) [[unlikely]] {
+    task->top.store(t_context.explicit_top, std::memory_order_relaxed);
+  }
+}
+
 // The running context's identity: its `id`, or the calling thread's own address.
 const void* current_context_id() noexcept;
 
