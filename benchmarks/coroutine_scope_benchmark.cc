@@ -22,6 +22,12 @@
 //   BM_Asio_CoAwaitPost_Plain        anchor: co_await boost::asio::post(use_awaitable) in a
 //                                    task started by boost::asio::co_spawn, io_context on one
 //                                    thread
+//   BM_Asio_CoAwaitPost_FollyStyleExecutor  anchor: the same task on a folly-style
+//                                    context-carrying executor: an executor wrapper holding
+//                                    the task's std::shared_ptr context (copied with every
+//                                    executor copy, as folly's executors keep their
+//                                    RequestContext), made current in a thread_local
+//                                    around every function it executes
 //   BM_Asio_CoAwaitPost_TaskExecutor the same task started by scopereg::asio::co_spawn
 #include "scopereg/asio.h"  // first: includes <utility> before Asio's headers
 
@@ -29,6 +35,8 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <type_traits>
+#include <utility>
 
 #include "benchmark/benchmark.h"
 #include "boost/asio/co_spawn.hpp"
@@ -201,6 +209,67 @@ void BM_Asio_CoAwaitPost_Plain(benchmark::State& state) {
   io.run();
 }
 BENCHMARK(BM_Asio_CoAwaitPost_Plain);
+
+// The folly-style anchor: what a context carried by shared_ptr through Asio's executor
+// rewrapping costs (the same executor requirements TaskExecutor meets).
+template <typename Inner>
+class FollyStyleExecutor {
+ public:
+  FollyStyleExecutor(const Inner& inner, std::shared_ptr<Context> context)
+      : inner_(inner), context_(std::move(context)) {}
+  template <typename Other>
+    requires(!std::is_same_v<Other, Inner>) && std::is_constructible_v<Inner, const Other&>
+  FollyStyleExecutor(const FollyStyleExecutor<Other>& other)
+      : inner_(other.inner_), context_(other.context_) {}
+
+  template <typename F>
+  void execute(F&& f) const {
+    boost::asio::execution::execute(
+        inner_, [context = context_, f = std::forward<F>(f)]() mutable {
+          std::shared_ptr<Context> saved = std::exchange(t_context_ptr, context);
+          std::move(f)();
+          t_context_ptr = std::move(saved);
+        });
+  }
+  template <typename P>
+    requires boost::asio::can_query<const Inner&, P>::value
+  decltype(auto) query(const P& p) const {
+    return boost::asio::query(inner_, p);
+  }
+  template <typename P>
+    requires boost::asio::can_require<const Inner&, P>::value
+  auto require(const P& p) const -> FollyStyleExecutor<
+      std::decay_t<typename boost::asio::require_result<const Inner&, P>::type>> {
+    return {boost::asio::require(inner_, p), context_};
+  }
+  template <typename P>
+    requires boost::asio::can_prefer<const Inner&, P>::value
+  auto prefer(const P& p) const -> FollyStyleExecutor<
+      std::decay_t<typename boost::asio::prefer_result<const Inner&, P>::type>> {
+    return {boost::asio::prefer(inner_, p), context_};
+  }
+  friend bool operator==(const FollyStyleExecutor& a, const FollyStyleExecutor& b) noexcept {
+    return a.inner_ == b.inner_ && a.context_ == b.context_;
+  }
+  friend bool operator!=(const FollyStyleExecutor& a, const FollyStyleExecutor& b) noexcept {
+    return !(a == b);
+  }
+
+ private:
+  template <typename>
+  friend class FollyStyleExecutor;
+  Inner inner_;
+  std::shared_ptr<Context> context_;
+};
+
+void BM_Asio_CoAwaitPost_FollyStyleExecutor(benchmark::State& state) {
+  boost::asio::io_context io(1);
+  using Ex = boost::asio::io_context::executor_type;
+  boost::asio::co_spawn(FollyStyleExecutor<Ex>(io.get_executor(), std::make_shared<Context>()),
+                        post_loop(state), boost::asio::detached);
+  io.run();
+}
+BENCHMARK(BM_Asio_CoAwaitPost_FollyStyleExecutor);
 
 void BM_Asio_CoAwaitPost_TaskExecutor(benchmark::State& state) {
   boost::asio::io_context io(1);

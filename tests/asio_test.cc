@@ -1351,5 +1351,102 @@ TEST(AsioTask, AnExecutorCopyKeptAfterTheTaskDoesNotKeepRunGoing) {
   EXPECT_EQ(var.size(), 0);  // ...until it goes
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Work-tracking copies of a TaskExecutor (prefer(outstanding_work.tracked), as Asio's
+// work guards and co_spawn make them): outstanding work while any exists, none after the
+// last goes, again when a new one is made; concurrent copies of one task's tracked executor.
+// ---------------------------------------------------------------------------------------
+
+awaitable<void> keeps_tracked_copies(TaskVar<int>& var, std::optional<net::any_io_executor>& plain,
+                                     std::optional<net::any_io_executor>& tracked1,
+                                     std::optional<net::any_io_executor>& tracked2) {
+  var.set(7);
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  plain = ex;
+  tracked1 = net::prefer(ex, net::execution::outstanding_work.tracked);
+  tracked2 = *tracked1;
+}
+
+TEST(AsioExecutor, TrackedCopiesAreOutstandingWorkUntilTheLastGoes) {
+  TaskVar<int> var([] { return -1; });
+  std::optional<net::any_io_executor> plain, tracked1, tracked2;
+  {
+    net::io_context io;
+    scopereg::asio::co_spawn(io.get_executor(),
+                             keeps_tracked_copies(var, plain, tracked1, tracked2),
+                             net::detached);
+    io.poll();  // the task runs to its end; nothing is left to run
+    ASSERT_TRUE(tracked1 && tracked2 && plain);
+    EXPECT_FALSE(io.stopped()) << "two tracked copies are outstanding work";
+    tracked1.reset();
+    io.poll();
+    EXPECT_FALSE(io.stopped()) << "one tracked copy is still outstanding work";
+    tracked2.reset();
+    EXPECT_TRUE(io.stopped()) << "the last tracked copy went: no outstanding work";
+
+    // A new tracked copy of the same task counts as work again.
+    io.restart();
+    std::optional<net::any_io_executor> again =
+        net::prefer(*plain, net::execution::outstanding_work.tracked);
+    io.poll();
+    EXPECT_FALSE(io.stopped());
+    std::optional<net::any_io_executor> copy = again;
+    again.reset();
+    io.poll();
+    EXPECT_FALSE(io.stopped());
+    // The tracked copy runs functions in the task, like any copy of its executor.
+    int seen = 0;
+    net::post(*copy, [&] { seen = value_of(var.find()); });
+    io.poll();
+    EXPECT_EQ(seen, 7);
+    copy.reset();
+    EXPECT_TRUE(io.stopped());
+    EXPECT_EQ(var.size(), 1);  // the untracked copy still holds the task's scope
+    plain.reset();
+    EXPECT_EQ(var.size(), 0);
+  }
+}
+
+constexpr int kTrackedCopyRounds = 2000;
+
+// Makes and drops tracked copies of the (shared) task executor, hopping threads.
+awaitable<void> tracked_copy_churn(Tally& t, TaskVar<int>& var) {
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  for (int i = 0; i < kTrackedCopyRounds; ++i) {
+    {
+      net::any_io_executor tracked = net::prefer(ex, net::execution::outstanding_work.tracked);
+      net::any_io_executor copy = tracked;
+      net::any_io_executor untracked =
+          net::prefer(copy, net::execution::outstanding_work.untracked);
+      t.expect(untracked == ex);
+    }
+    co_await net::post(ex, use_awaitable);
+    t.expect(value_of(var.find()) == 11);
+  }
+}
+
+awaitable<void> spawns_tracked_churners(Tally& t, TaskVar<int>& var) {
+  var.set(11);
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  // Plain co_spawn children share this task: their tracked copies use one binding,
+  // from both pool threads at once.
+  for (int i = 0; i < 4; ++i) net::co_spawn(ex, tracked_copy_churn(t, var), net::detached);
+}
+
+TEST(AsioExecutor, TrackedCopiesOfOneTaskFromTwoThreads) {
+  TaskVar<int> var([] { return -1; });
+  Tally t;
+  {
+    net::thread_pool pool(2);
+    scopereg::asio::co_spawn(pool.get_executor(), spawns_tracked_churners(t, var),
+                             net::detached);
+    pool.join();  // returns: every tracked copy went
+  }
+  EXPECT_EQ(t.checks.load(), 4 * kTrackedCopyRounds * 2);
+  EXPECT_EQ(t.wrong.load(), 0);
+  EXPECT_EQ(var.size(), 0);
+}
+
 }  // namespace
 }  // namespace scopereg

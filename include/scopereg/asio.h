@@ -84,13 +84,16 @@
 //
 // Thread safety: TaskExecutor is a value type like the executor it wraps; copies may be
 // used concurrently (a moved-from TaskExecutor may only be destroyed or assigned to).
-// Cost: a copy of a TaskExecutor counts a reference to the task (one atomic increment,
-// one decrement at its end); each executed function installs and removes the task (three
-// words each way). Over an io_context's or thread_pool's plain executor a TaskExecutor is
-// one pointer (the task keeps the executor), which fits any_io_executor without an
-// allocation; over a work-tracking variant it holds that variant by value, which
-// any_io_executor allocates to hold. Asio copies and rewraps executors several times per
-// co_await: see benchmarks/coroutine_scope_benchmark.cc for what a round trip costs.
+// Cost: a copy of a TaskExecutor is one atomic increment (one decrement at its end): a
+// reference to the task, or for a work-tracking copy a count on the task's one tracked
+// copy of that executor; each executed function also counts a reference while queued, and
+// installs and removes the task (three words each way). Over io_context's and
+// thread_pool's executors, tracked or not, a TaskExecutor is one pointer (the task keeps
+// the executor), which fits any_io_executor without an allocation; over other executors
+// (a strand) it holds the executor by value, and any_io_executor allocates to hold it.
+// Asio copies and rewraps executors several times per co_await: a `co_await post` round
+// trip costs about twice the plain one (benchmarks/coroutine_scope_benchmark.cc, beside a
+// folly-style shared_ptr-carrying executor; benchmarks/results/summary.md).
 
 #ifndef SCOPEREG_ASIO_H_
 #define SCOPEREG_ASIO_H_
@@ -100,6 +103,8 @@
 #include <atomic>
 #include <exception>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -131,8 +136,9 @@ class AsioTask;
 // Inner executors whose type says they track no outstanding work (io_context's and
 // thread_pool's executors state it in their type) may be kept for the task's whole life,
 // in a list the task owns; a TaskExecutor then holds one pointer, small enough for
-// any_io_executor's buffer (no allocation when Asio wraps or rewraps it). Any other
-// executor (a work-tracking variant, or one whose type does not say) is held by value in
+// any_io_executor's buffer (no allocation when Asio wraps or rewraps it). Their
+// work-tracking variants are kept once per task too, engaged while copies exist
+// (TrackedBinding). Any other executor (one whose type does not say) is held by value in
 // each TaskExecutor, so that what it tracks lasts exactly as long as that copy.
 template <typename E>
 consteval bool statically_untracked() {
@@ -145,6 +151,58 @@ consteval bool statically_untracked() {
     return E::query(execution::outstanding_work) == execution::outstanding_work.untracked;
   } else {
     return false;
+  }
+}
+
+// A work-tracking executor whose untracked form (prefer(outstanding_work.untracked)) is
+// statically untracked and comparable: the task may then keep ONE tracked copy per
+// distinct executor, engaged while TaskExecutors of that type exist and released when
+// the last goes (see TrackedBinding), so a tracked TaskExecutor is one pointer too.
+template <typename E>
+consteval bool statically_tracked() {
+  namespace execution = boost::asio::execution;
+  if constexpr (requires {
+                  typename std::integral_constant<
+                      bool, E::query(execution::outstanding_work) ==
+                                execution::outstanding_work.tracked>;
+                }) {
+    return E::query(execution::outstanding_work) == execution::outstanding_work.tracked;
+  } else {
+    return false;
+  }
+}
+
+template <typename E>
+using untracked_t = std::decay_t<typename boost::asio::prefer_result<
+    const E&, boost::asio::execution::outstanding_work_t::untracked_t>::type>;
+
+template <typename E>
+consteval bool keepable_tracked() {
+  if constexpr (!statically_tracked<E>()) {
+    return false;
+  } else if constexpr (!boost::asio::can_prefer<
+                           const E&,
+                           boost::asio::execution::outstanding_work_t::untracked_t>::value) {
+    return false;
+  } else {
+    return statically_untracked<untracked_t<E>>() &&
+           std::is_nothrow_copy_constructible_v<E> &&
+           requires(const untracked_t<E>& a) {
+             { a == a } -> std::convertible_to<bool>;
+           };
+  }
+}
+
+enum class HoldKind { kKeptUntracked, kKeptTracked, kByValue };
+
+template <typename E>
+consteval HoldKind hold_kind() {
+  if constexpr (statically_untracked<E>()) {
+    return HoldKind::kKeptUntracked;
+  } else if constexpr (keepable_tracked<E>()) {
+    return HoldKind::kKeptTracked;
+  } else {
+    return HoldKind::kByValue;
   }
 }
 
@@ -164,6 +222,40 @@ struct Binding final : BindingBase {
       : BindingBase{&kBindingTag<E>, nullptr, &destroy_binding, t}, inner(e) {}
   static void destroy_binding(BindingBase* b) noexcept { delete static_cast<Binding*>(b); }
   E inner;
+};
+
+template <typename E>
+inline constexpr char kTrackedBindingTag = 0;
+
+// The task's one tracked copy of a work-tracking executor E, shared by every
+// TaskExecutor<E> of the task on the same executor (`key`, E without its work). `copies`
+// counts them; while it is above zero the copy is engaged (the work is tracked, as one
+// copy of E would track it) and the binding holds a reference to the task. The 0 -> 1 and
+// 1 -> 0 transitions take `mu`; every other copy and release is one atomic operation (as
+// copying and destroying E itself is, for Asio's executors).
+template <typename E>
+struct TrackedBinding final : BindingBase {
+  using Key = untracked_t<E>;
+  TrackedBinding(AsioTask* t, Key k)
+      : BindingBase{&kTrackedBindingTag<E>, nullptr, &destroy_binding, t}, key(std::move(k)) {}
+  static void destroy_binding(BindingBase* b) noexcept {
+    delete static_cast<TrackedBinding*>(b);
+  }
+
+  // A new holder, `e` being a value of the executor (engages the copy from it if none).
+  void acquire(const E& e) noexcept;
+  // A copy of a holder: the count is above zero, the copy engaged.
+  void acquire_copy() noexcept { copies.fetch_add(1, std::memory_order_relaxed); }
+  // A holder's end (the last one releases the copy and the task; the binding may be
+  // deleted with the task by then).
+  void release() noexcept;
+  const E& inner() const noexcept { return *std::launder(reinterpret_cast<const E*>(&storage)); }
+
+  const Key key;
+  std::atomic<long> copies{0};
+  std::mutex mu;
+  bool engaged = false;  // guarded by mu
+  alignas(E) unsigned char storage[sizeof(E)];
 };
 
 // A spawned task: its scope, a count of the TaskExecutors and queued functions holding it,
@@ -193,26 +285,79 @@ class AsioTask {
   // any thread.
   template <typename E>
   Binding<E>* bind(const E& inner) {
-    BindingBase* head = bindings_.load(std::memory_order_acquire);
-    for (BindingBase* b = head; b != nullptr; b = b->next) {
+    for (BindingBase* b = bindings_.load(std::memory_order_acquire); b != nullptr;
+         b = b->next) {
       if (b->type == &kBindingTag<E> && static_cast<Binding<E>*>(b)->inner == inner) {
         return static_cast<Binding<E>*>(b);
       }
     }
-    auto* made = new Binding<E>(this, inner);
-    made->next = head;
+    return push(new Binding<E>(this, inner));
+  }
+
+  // The task's tracked binding for the executor `key` (found, or made and kept until the
+  // task ends). Lock-free; any thread.
+  template <typename E>
+  TrackedBinding<E>* bind_tracked(const typename TrackedBinding<E>::Key& key) {
+    for (BindingBase* b = bindings_.load(std::memory_order_acquire); b != nullptr;
+         b = b->next) {
+      if (b->type == &kTrackedBindingTag<E> && static_cast<TrackedBinding<E>*>(b)->key == key) {
+        return static_cast<TrackedBinding<E>*>(b);
+      }
+    }
+    return push(new TrackedBinding<E>(this, key));
+  }
+
+  TaskScope scope;
+
+ private:
+  // Adds `made` to the list (a binding made concurrently for the same executor by another
+  // thread is a harmless duplicate, freed with the task).
+  template <typename B>
+  B* push(B* made) noexcept {
+    made->next = bindings_.load(std::memory_order_acquire);
     while (!bindings_.compare_exchange_weak(made->next, made, std::memory_order_acq_rel,
                                             std::memory_order_acquire)) {
     }
     return made;
   }
 
-  TaskScope scope;
-
- private:
   std::atomic<int> refs_{0};
   std::atomic<BindingBase*> bindings_{nullptr};
 };
+
+template <typename E>
+void TrackedBinding<E>::acquire(const E& e) noexcept {
+  for (long c = copies.load(std::memory_order_acquire); c > 0;) {
+    if (copies.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) return;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (!engaged) {  // `engaged` only changes under `mu`, and only while `copies` is 0
+    ::new (static_cast<void*>(&storage)) E(e);
+    engaged = true;
+    task->add_ref();
+  }
+  copies.fetch_add(1, std::memory_order_release);
+}
+
+template <typename E>
+void TrackedBinding<E>::release() noexcept {
+  for (long c = copies.load(std::memory_order_relaxed); c > 1;) {
+    if (copies.compare_exchange_weak(c, c - 1, std::memory_order_release,
+                                     std::memory_order_relaxed)) {
+      return;
+    }
+  }
+  // Possibly the last holder: decrement under `mu`, still counted meanwhile, so that the
+  // engaged copy (and with it the task and this binding) stays while we wait.
+  AsioTask* const owner = task;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (copies.fetch_sub(1, std::memory_order_acq_rel) != 1) return;  // a new holder came
+    std::launder(reinterpret_cast<E*>(&storage))->~E();
+    engaged = false;
+  }
+  owner->release();  // may delete the task and this binding
+}
 
 // An owning reference to a task.
 class TaskRef {
@@ -235,11 +380,11 @@ class TaskRef {
 
 // What a TaskExecutor<E> holds: a counted reference to the task and the inner executor,
 // kept by the task (one pointer) or by value (see statically_untracked).
-template <typename E, bool Kept = statically_untracked<E>()>
+template <typename E, HoldKind Kind = hold_kind<E>()>
 class TaskHold;
 
 template <typename E>
-class TaskHold<E, true> {
+class TaskHold<E, HoldKind::kKeptUntracked> {
  public:
   TaskHold(AsioTask* task, const E& inner) : binding_(task->bind(inner)) { task->add_ref(); }
   TaskHold(const TaskHold& other) noexcept : binding_(other.binding_) {
@@ -261,7 +406,33 @@ class TaskHold<E, true> {
 };
 
 template <typename E>
-class TaskHold<E, false> {
+class TaskHold<E, HoldKind::kKeptTracked> {
+ public:
+  TaskHold(AsioTask* task, const E& inner)
+      : binding_(task->bind_tracked<E>(
+            boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked))) {
+    binding_->acquire(inner);
+  }
+  TaskHold(const TaskHold& other) noexcept : binding_(other.binding_) {
+    binding_->acquire_copy();
+  }
+  TaskHold(TaskHold&& other) noexcept : binding_(std::exchange(other.binding_, nullptr)) {}
+  TaskHold& operator=(TaskHold other) noexcept {
+    std::swap(binding_, other.binding_);
+    return *this;
+  }
+  ~TaskHold() {
+    if (binding_ != nullptr) binding_->release();
+  }
+  const E& inner() const noexcept { return binding_->inner(); }
+  AsioTask* task() const noexcept { return binding_->task; }
+
+ private:
+  TrackedBinding<E>* binding_;
+};
+
+template <typename E>
+class TaskHold<E, HoldKind::kByValue> {
  public:
   TaskHold(AsioTask* task, const E& inner) : inner_(inner), task_(task) {}
   const E& inner() const noexcept { return inner_; }
@@ -282,10 +453,11 @@ inline constexpr bool is_task_start_v =
 // TaskExecutor
 //
 // An executor that runs every function in a task's scope (see the contract above): a
-// counted reference to the task and the inner executor. An inner executor whose type says
-// it tracks no work (io_context's, thread_pool's) is kept by the task and the TaskExecutor
-// is one pointer; any other (Asio's work-tracking variants) is held by value, as Asio's own
-// strand holds its executor, so that the work it tracks lasts exactly as long as the copy.
+// counted reference to the task and the inner executor. io_context's and thread_pool's
+// executors, and their work-tracking variants, are kept by the task and the TaskExecutor
+// is one pointer (a tracked copy counts as outstanding work while it exists, as Asio's
+// own does); any other executor is held by value, as Asio's own strand holds its
+// executor, so that what it tracks lasts exactly as long as the copy.
 template <typename Executor>
 class TaskExecutor {
  public:
