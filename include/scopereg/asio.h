@@ -196,6 +196,38 @@ consteval bool keepable_tracked() {
 enum class HoldKind { kKeptUntracked, kKeptTracked, kByValue };
 
 template <typename E>
+consteval HoldKind hold_kind();
+
+// prefer(outstanding_work.tracked) on a kept untracked executor: its result's untracked
+// form is the executor itself (so the task's tracked binding is found with no tracked
+// executor made). check_untracked_form verifies it each time a tracked copy is engaged.
+template <typename Inner, typename Property, typename Result>
+consteval bool tracks_lazily() {
+  if constexpr (std::is_same_v<std::decay_t<Property>,
+                               boost::asio::execution::outstanding_work_t::tracked_t>) {
+    if constexpr (hold_kind<Inner>() == HoldKind::kKeptUntracked &&
+                  hold_kind<Result>() == HoldKind::kKeptTracked) {
+      return std::is_same_v<untracked_t<Result>, Inner>;
+    } else {
+      return false;
+    }
+  } else {
+    return false;
+  }
+}
+
+template <typename Result, typename Inner>
+void check_untracked_form(const Result& made, const Inner& inner) noexcept {
+  if (!(boost::asio::prefer(made, boost::asio::execution::outstanding_work.untracked) ==
+        inner)) {
+    scopereg::internal::die_of_misuse(
+        "scopereg::asio: an executor's prefer(outstanding_work.tracked) does not give the "
+        "executor back under prefer(outstanding_work.untracked); TaskExecutor cannot keep "
+        "its tracked form (report this with the executor type)");
+  }
+}
+
+template <typename E>
 consteval HoldKind hold_kind() {
   if constexpr (statically_untracked<E>()) {
     return HoldKind::kKeptUntracked;
@@ -242,8 +274,9 @@ struct TrackedBinding final : BindingBase {
     delete static_cast<TrackedBinding*>(b);
   }
 
-  // A new holder, `e` being a value of the executor (engages the copy from it if none).
-  void acquire(const E& e) noexcept;
+  // A new holder; `make()` returns the executor, called only if no copy is engaged.
+  template <typename Make>
+  void acquire(Make&& make) noexcept;
   // A copy of a holder: the count is above zero, the copy engaged.
   void acquire_copy() noexcept { copies.fetch_add(1, std::memory_order_relaxed); }
   // A holder's end (the last one releases the copy and the task; the binding may be
@@ -326,13 +359,14 @@ class AsioTask {
 };
 
 template <typename E>
-void TrackedBinding<E>::acquire(const E& e) noexcept {
+template <typename Make>
+void TrackedBinding<E>::acquire(Make&& make) noexcept {
   for (long c = copies.load(std::memory_order_acquire); c > 0;) {
     if (copies.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) return;
   }
   std::lock_guard<std::mutex> lock(mu);
   if (!engaged) {  // `engaged` only changes under `mu`, and only while `copies` is 0
-    ::new (static_cast<void*>(&storage)) E(e);
+    ::new (static_cast<void*>(&storage)) E(make());
     engaged = true;
     task->add_ref();
   }
@@ -411,7 +445,16 @@ class TaskHold<E, HoldKind::kKeptTracked> {
   TaskHold(AsioTask* task, const E& inner)
       : binding_(task->bind_tracked<E>(
             boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked))) {
-    binding_->acquire(inner);
+    binding_->acquire([&inner]() noexcept { return inner; });
+  }
+  // The tracked form of `key` (an untracked executor), made by `make()` only if the task
+  // has no engaged copy of it: no work is counted and uncounted on the io_context for a
+  // TaskExecutor that finds the copy engaged (Asio's post and work guards make one per
+  // operation).
+  template <typename Make>
+  TaskHold(AsioTask* task, const untracked_t<E>& key, Make&& make)
+      : binding_(task->bind_tracked<E>(key)) {
+    binding_->acquire(std::forward<Make>(make));
   }
   TaskHold(const TaskHold& other) noexcept : binding_(other.binding_) {
     binding_->acquire_copy();
@@ -507,7 +550,18 @@ class TaskExecutor {
     requires boost::asio::can_prefer<const Executor&, Property>::value
   auto prefer(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
-    return {hold_.task(), boost::asio::prefer(hold_.inner(), p)};
+    using Result =
+        std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>;
+    if constexpr (internal::tracks_lazily<Executor, Property, Result>()) {
+      const Executor& inner = hold_.inner();
+      return TaskExecutor<Result>(hold_.task(), inner, [&inner, &p]() noexcept {
+        Result made = boost::asio::prefer(inner, p);
+        internal::check_untracked_form(made, inner);
+        return made;
+      });
+    } else {
+      return {hold_.task(), boost::asio::prefer(hold_.inner(), p)};
+    }
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
@@ -524,6 +578,9 @@ class TaskExecutor {
   TaskExecutor(const internal::TaskRef& task, const Executor& inner)
       : hold_(task.get(), inner) {}
   TaskExecutor(internal::AsioTask* task, const Executor& inner) : hold_(task, inner) {}
+  template <typename Key, typename Make>
+  TaskExecutor(internal::AsioTask* task, const Key& key, Make&& make)
+      : hold_(task, key, std::forward<Make>(make)) {}
 
   template <typename F>
   struct Resume {
