@@ -1001,8 +1001,10 @@ TEST(AsioLimits, HandlerInvokedWithoutItsExecutorResumesOutsideTheTask) {
                                work.reset();
                              });
     io.run();
+    // Before the io_context goes: a foreign thread may still be finishing its post()
+    // (signalling the io_context) after the task it resumed has completed.
+    for (std::thread& th : threads) th.join();
   }
-  for (std::thread& th : threads) th.join();
   EXPECT_EQ(done.ok.load(), 1) << done.errors;
   EXPECT_EQ(threads.size(), 2u);
   EXPECT_FALSE(r.task.is_null());
@@ -1317,8 +1319,9 @@ TEST(AsioTask, AWrappedCallableCalledInTheTaskStillSeesTheTask) {
 }
 
 // A copy of the task's executor kept after the task finished (a timer made from it) keeps
-// the task's scope, not the io_context's outstanding work: run() returns, as without
-// scopereg.
+// neither the io_context's outstanding work (run() returns, as without scopereg) nor the
+// task's scope (its values die when the task ends); a function executed on it afterwards
+// runs as on the inner executor, outside the task.
 std::optional<net::steady_timer> g_kept_timer;
 awaitable<void> keeps_a_timer(TaskVar<int>& var) {
   var.set(3);
@@ -1326,7 +1329,7 @@ awaitable<void> keeps_a_timer(TaskVar<int>& var) {
   co_return;
 }
 
-TEST(AsioTask, AnExecutorCopyKeptAfterTheTaskDoesNotKeepRunGoing) {
+TEST(AsioTask, AnExecutorCopyKeptAfterTheTaskKeepsNeitherRunGoingNorTheScope) {
   TaskVar<int> var([] { return -1; });
   net::io_context io;
   scopereg::asio::co_spawn(io.get_executor(), keeps_a_timer(var), net::detached);
@@ -1346,11 +1349,76 @@ TEST(AsioTask, AnExecutorCopyKeptAfterTheTaskDoesNotKeepRunGoing) {
   watchdog.join();
   EXPECT_GE(ran, 1u);
   EXPECT_FALSE(had_to_stop) << "io_context::run() did not return: outstanding work held";
-  EXPECT_EQ(var.size(), 1);  // the kept executor holds the task's scope...
+  EXPECT_EQ(var.size(), 0);  // the task ended: its scope with it
+  ASSERT_TRUE(g_kept_timer);
+  const auto kept = g_kept_timer->get_executor();
+  const auto* task_ex = kept.target<scopereg::asio::TaskExecutor<net::io_context::executor_type>>();
+  ASSERT_NE(task_ex, nullptr);
+  EXPECT_FALSE(task_ex->task_running());
+  bool ran_late = false;
+  bool active_late = true;
+  net::post(kept, [&] {
+    ran_late = true;
+    active_late = CoroutineScope::active();
+  });
+  io.restart();
+  io.run();
+  EXPECT_TRUE(ran_late);     // no work is lost...
+  EXPECT_FALSE(active_late);  // ...and it runs outside the ended task
   g_kept_timer.reset();
-  EXPECT_EQ(var.size(), 0);  // ...until it goes
 }
 
+// A task record is reused by later tasks; a copy of an earlier task's executor never runs
+// a function in a later task, and a function queued by a task that runs after the task
+// ended runs outside it.
+awaitable<void> first_task(TaskVar<int>& var, std::optional<net::any_io_executor>& kept) {
+  var.set(1);
+  kept = co_await net::this_coro::executor;
+}
+
+awaitable<void> second_task(TaskVar<int>& var, const net::any_io_executor& stale, Tally& t,
+                            std::atomic<int>& late) {
+  var.set(2);
+  const ScopeToken me = CoroutineScope::current();
+  net::post(stale, [&] {  // queued now, runs between handlers
+    t.expect(!CoroutineScope::active());
+    late.fetch_add(1);
+  });
+  const net::any_io_executor mine = co_await net::this_coro::executor;
+  net::post(mine, [&] {  // queued by this task; it may run before or after the task ends
+    t.expect(!CoroutineScope::active() || CoroutineScope::current() == me);
+    t.expect(!CoroutineScope::active() || value_of(var.find()) == 2);
+    late.fetch_add(1);
+  });
+  co_await net::post(mine, use_awaitable);
+  t.expect(CoroutineScope::current() == me);
+  t.expect(value_of(var.find()) == 2);
+}
+
+TEST(AsioTask, AnEndedTasksExecutorNeverRunsInALaterTask) {
+  TaskVar<int> var([] { return -1; });
+  Tally t;
+  std::atomic<int> late{0};
+  std::optional<net::any_io_executor> kept;
+  {
+    net::io_context io;
+    scopereg::asio::co_spawn(io.get_executor(), first_task(var, kept), net::detached);
+    io.run();
+    ASSERT_TRUE(kept);
+    EXPECT_EQ(var.size(), 0);
+    for (int round = 0; round < 20; ++round) {  // later tasks, records reused
+      io.restart();
+      scopereg::asio::co_spawn(io.get_executor(), second_task(var, *kept, t, late),
+                               net::detached);
+      io.run();
+    }
+    kept.reset();
+  }
+  EXPECT_EQ(late.load(), 40);
+  EXPECT_EQ(t.checks.load(), 20 * 5);
+  EXPECT_EQ(t.wrong.load(), 0);
+  EXPECT_EQ(var.size(), 0);
+}
 
 // ---------------------------------------------------------------------------------------
 // Work-tracking copies of a TaskExecutor (prefer(outstanding_work.tracked), as Asio's
@@ -1395,16 +1463,15 @@ TEST(AsioExecutor, TrackedCopiesAreOutstandingWorkUntilTheLastGoes) {
     again.reset();
     io.poll();
     EXPECT_FALSE(io.stopped());
-    // The tracked copy runs functions in the task, like any copy of its executor.
-    int seen = 0;
-    net::post(*copy, [&] { seen = value_of(var.find()); });
+    // The task has ended: the copy runs functions outside it, as its inner executor.
+    bool active = true;
+    net::post(*copy, [&] { active = CoroutineScope::active(); });
     io.poll();
-    EXPECT_EQ(seen, 7);
+    EXPECT_FALSE(active);
     copy.reset();
     EXPECT_TRUE(io.stopped());
-    EXPECT_EQ(var.size(), 1);  // the untracked copy still holds the task's scope
+    EXPECT_EQ(var.size(), 0);  // the task's scope ended with the task
     plain.reset();
-    EXPECT_EQ(var.size(), 0);
   }
 }
 
@@ -1429,9 +1496,15 @@ awaitable<void> tracked_copy_churn(Tally& t, TaskVar<int>& var) {
 awaitable<void> spawns_tracked_churners(Tally& t, TaskVar<int>& var) {
   var.set(11);
   const net::any_io_executor ex = co_await net::this_coro::executor;
-  // Plain co_spawn children share this task: their tracked copies use one binding,
-  // from both pool threads at once.
-  for (int i = 0; i < 4; ++i) net::co_spawn(ex, tracked_copy_churn(t, var), net::detached);
+  // Plain co_spawn children share this task (while it runs: it waits for them): their
+  // tracked copies use one binding, from both pool threads at once.
+  std::atomic<int> running{4};
+  for (int i = 0; i < 4; ++i) {
+    net::co_spawn(ex, tracked_copy_churn(t, var), [&running](std::exception_ptr) {
+      running.fetch_sub(1);
+    });
+  }
+  while (running.load() > 0) co_await net::post(ex, use_awaitable);
 }
 
 TEST(AsioExecutor, TrackedCopiesOfOneTaskFromTwoThreads) {

@@ -16,13 +16,13 @@
 //
 // Contract:
 // * scopereg::asio::co_spawn(ex, awaitable, [start,] [teardown,] token) is
-//   boost::asio::co_spawn on TaskExecutor(ex, task): `task` is a new TaskScope
+//   boost::asio::co_spawn on a TaskExecutor over `ex` for a new task: a new TaskScope
 //   (coroutine_scope.h) started from `start` -- scopereg::fresh_scope (the default: a new,
 //   empty scope), scopereg::copy_current (a copy of the caller's current scope, as an
 //   asyncio task), scopereg::share_current, or a CapturedScope such as
 //   scopereg::CapturedScope::of(request_id) (that token's scope).
-// * TaskExecutor<E>(inner, start) is a new task on `inner` (co_spawn makes one); task()
-//   is its TaskScope. TaskExecutor installs the task on the thread around every function it executes:
+// * TaskExecutor<E> (tasks are made by co_spawn; co_await boost::asio::this_coro::executor
+//   is the task's) installs the task on the thread around every function it executes:
 //   every resumption of the coroutine (Asio resumes awaitables through their executor)
 //   and every handler that runs on it. Inside, CoroutineScope's current scope is the task's
 //   scope, ExplicitScope's the task's innermost ScopeGuard else the task's scope; guards
@@ -45,18 +45,25 @@
 //   thread's on_scope_enter before the first thread's on_scope_leave: keep per-thread
 //   state in hooks (what they are for), not one "current" flag per value.
 // * The completion handler is called as by boost::asio::co_spawn; unless it has an
-//   associated executor of its own, it runs on the TaskExecutor, in the task's scope.
-// * The task's scope ends, and its values are destroyed, when the last copy of its
-//   TaskExecutor goes: normally when the completion handler has run; when the io_context
-//   is stopped and destroyed with the task suspended, when its pending handlers are
-//   destroyed. A TaskExecutor copy stored elsewhere keeps the scope alive (not Asio's
-//   outstanding work: io_context::run() returns as it would without scopereg).
+//   associated executor of its own, it runs on the TaskExecutor: Asio dispatches it from
+//   the task's last resumption, so on io_context's and thread_pool's executors it runs
+//   there, in the task's scope, before the scope ends.
+// * The task runs while its coroutine does (until it finished, after the teardown, or its
+//   frame was destroyed: the io_context stopped and destroyed with the task suspended)
+//   and while a function of the task is running. Then it ends, on that thread: its scope
+//   ends and its values are destroyed (unless a wrap() or CapturedScope still holds the
+//   scope). Copies of its TaskExecutor do not keep it running: a copy kept afterwards (in
+//   a timer or socket made in the task) runs functions as its inner executor would,
+//   outside the task, and task_running() is false. Nor do they keep the io_context's
+//   outstanding work beyond Asio's own rules (a work-tracking copy counts as work while it
+//   exists): io_context::run() returns as it would without scopereg.
 // * Child tasks: co_await boost::asio::this_coro::executor inside a task is the task's
 //   TaskExecutor. scopereg::asio::co_spawn(that executor, child(), scopereg::copy_current,
 //   ...) starts the child with a copy of the parent's current scope (recommended), or
 //   fresh_scope for a new one. A child started with plain boost::asio::co_spawn on that
-//   executor runs IN THE PARENT'S TASK: it sees and changes the parent's values (wrap()
-//   semantics).
+//   executor runs IN THE PARENT'S TASK while the parent runs: it sees and changes the
+//   parent's values (wrap() semantics); once the parent has ended, the child's resumptions
+//   run outside any task.
 // * this_scope(): `co_await scopereg::asio::this_scope()` is the task's token (the same
 //   as scopereg::CoroutineScope::current(), callable from any function).
 // * wrap(): including this header makes a scopereg::Wrapped<F> (what scopereg::wrap and
@@ -81,19 +88,27 @@
 //   parent's task: neither may hold a ScopeGuard across co_await while the other runs
 //   (each would see the other's guard). Start children with scopereg::asio::co_spawn.
 // * A TaskExecutor must not be used after its io_context is destroyed (as any executor).
+// * A task's generation has 40 bits per task record: a TaskExecutor copy kept while 2^40
+//   later tasks ran on the same record would take the last of them for its own.
+//
+// Misuse, detected: TaskExecutor::task() after the task ended aborts with a message.
 //
 // Thread safety: TaskExecutor is a value type like the executor it wraps; copies may be
 // used concurrently (a moved-from TaskExecutor may only be destroyed or assigned to).
-// Cost: a copy of a TaskExecutor is one atomic increment (one decrement at its end): a
-// reference to the task, or for a work-tracking copy a count on the task's one tracked
-// copy of that executor; each executed function also counts a reference while queued, and
-// installs and removes the task (three words each way). Over io_context's and
-// thread_pool's executors, tracked or not, a TaskExecutor is one pointer (the task keeps
-// the executor), which fits any_io_executor without an allocation; over other executors
-// (a strand) it holds the executor by value, and any_io_executor allocates to hold it.
-// Asio copies and rewraps executors several times per co_await: a `co_await post` round
-// trip costs about twice the plain one (benchmarks/coroutine_scope_benchmark.cc, beside a
-// folly-style shared_ptr-carrying executor; benchmarks/results/summary.md).
+// Cost: a TaskExecutor over io_context's or thread_pool's executors is two words (the
+// task record, which keeps the inner executor, and the task's generation) and fits
+// any_io_executor without an allocation; copying it counts nothing, except that a
+// work-tracking copy is one atomic operation on the record's one tracked copy of that
+// executor (as copying Asio's own tracked executor is one on the io_context). Over other
+// executors (a strand) it holds the executor by value, and any_io_executor allocates to
+// hold it. Each executed function pins the task while it runs (one compare-and-swap and
+// one decrement; none when run inline by a function of the task) and installs and removes
+// the task (three words each way). A `co_await post` round trip on an io_context costs
+// about 35-45 ns more than plain Asio's, less than a folly-style executor carrying a
+// shared_ptr context (benchmarks/coroutine_scope_benchmark.cc,
+// benchmarks/results/summary.md). Memory: task records are pooled for reuse and never
+// freed: as many as tasks ever ran at once, each with a few words per distinct executor
+// it ran on.
 
 #ifndef SCOPEREG_ASIO_H_
 #define SCOPEREG_ASIO_H_
@@ -101,6 +116,7 @@
 #include <utility>  // before Asio: Asio 1.18 (Boost 1.74) needs it with g++ 12
 
 #include <atomic>
+#include <cstdint>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -117,9 +133,11 @@
 #include "boost/asio/co_spawn.hpp"
 #include "boost/asio/execution.hpp"
 #include "boost/asio/execution_context.hpp"
+#include "boost/asio/io_context.hpp"
 #include "boost/asio/prefer.hpp"
 #include "boost/asio/query.hpp"
 #include "boost/asio/require.hpp"
+#include "boost/asio/thread_pool.hpp"
 #if __has_include("boost/asio/associated_cancellation_slot.hpp")
 #include "boost/asio/associated_cancellation_slot.hpp"
 #define SCOPEREG_ASIO_HAS_CANCELLATION_SLOT 1
@@ -132,6 +150,7 @@ namespace scopereg::asio {
 namespace internal {
 
 class AsioTask;
+struct TaskExecutorAccess;
 
 // Inner executors whose type says they track no outstanding work (io_context's and
 // thread_pool's executors state it in their type) may be kept for the task's whole life,
@@ -198,32 +217,59 @@ enum class HoldKind { kKeptUntracked, kKeptTracked, kByValue };
 template <typename E>
 consteval HoldKind hold_kind();
 
-// prefer(outstanding_work.tracked) on a kept untracked executor: its result's untracked
-// form is the executor itself (so the task's tracked binding is found with no tracked
-// executor made). check_untracked_form verifies it each time a tracked copy is engaged.
-template <typename Inner, typename Property, typename Result>
-consteval bool tracks_lazily() {
-  if constexpr (std::is_same_v<std::decay_t<Property>,
-                               boost::asio::execution::outstanding_work_t::tracked_t>) {
-    if constexpr (hold_kind<Inner>() == HoldKind::kKeptUntracked &&
-                  hold_kind<Result>() == HoldKind::kKeptTracked) {
-      return std::is_same_v<untracked_t<Result>, Inner>;
+// Asio's own io_context and thread_pool executors: their properties are independent bits,
+// so applying a property and dropping the work commute.
+template <typename E>
+inline constexpr bool is_asio_bits_executor_v = false;
+template <typename A, unsigned int Bits>
+inline constexpr bool
+    is_asio_bits_executor_v<boost::asio::io_context::basic_executor_type<A, Bits>> = true;
+template <typename A, unsigned int Bits>
+inline constexpr bool
+    is_asio_bits_executor_v<boost::asio::thread_pool::basic_executor_type<A, Bits>> = true;
+
+struct RequireOp {
+  template <typename E, typename P>
+  static auto apply(const E& e, const P& p) -> decltype(boost::asio::require(e, p)) {
+    return boost::asio::require(e, p);
+  }
+};
+struct PreferOp {
+  template <typename E, typename P>
+  static auto apply(const E& e, const P& p) -> decltype(boost::asio::prefer(e, p)) {
+    return boost::asio::prefer(e, p);
+  }
+};
+
+// Whether a require/prefer (`Op`) giving a tracked Result can find the record's tracked
+// binding from the untracked form alone -- the inner executor itself when it is untracked
+// and the property is outstanding_work.tracked, else Op applied to the inner executor's
+// untracked form -- and so make the tracked executor only when it engages the copy (no
+// work counted and uncounted on the io_context per rewrap: Asio rewraps several times per
+// operation).
+template <typename Op, typename Inner, typename Property, typename Result>
+consteval bool keys_lazily() {
+  if constexpr (hold_kind<Result>() != HoldKind::kKeptTracked) {
+    return false;
+  } else if constexpr (!is_asio_bits_executor_v<untracked_t<Result>>) {
+    return false;
+  } else if constexpr (hold_kind<Inner>() == HoldKind::kKeptUntracked) {
+    return std::is_same_v<std::decay_t<Property>,
+                          boost::asio::execution::outstanding_work_t::tracked_t> &&
+           std::is_same_v<untracked_t<Result>, Inner>;
+  } else if constexpr (hold_kind<Inner>() == HoldKind::kKeptTracked) {
+    if constexpr (requires(const untracked_t<Inner>& k, const Property& p) {
+                    Op::apply(k, p);
+                  }) {
+      return std::is_same_v<std::decay_t<decltype(Op::apply(
+                                std::declval<const untracked_t<Inner>&>(),
+                                std::declval<const Property&>()))>,
+                            untracked_t<Result>>;
     } else {
       return false;
     }
   } else {
     return false;
-  }
-}
-
-template <typename Result, typename Inner>
-void check_untracked_form(const Result& made, const Inner& inner) noexcept {
-  if (!(boost::asio::prefer(made, boost::asio::execution::outstanding_work.untracked) ==
-        inner)) {
-    scopereg::internal::die_of_misuse(
-        "scopereg::asio: an executor's prefer(outstanding_work.tracked) does not give the "
-        "executor back under prefer(outstanding_work.untracked); TaskExecutor cannot keep "
-        "its tracked form (report this with the executor type)");
   }
 }
 
@@ -241,48 +287,68 @@ consteval HoldKind hold_kind() {
 struct BindingBase {
   const void* type;
   BindingBase* next;
-  void (*destroy)(BindingBase*) noexcept;
   AsioTask* task;
 };
 
 template <typename E>
 inline constexpr char kBindingTag = 0;
 
+// A kept untracked executor. Bindings belong to their task record and last as long as it
+// (the whole process: records are reused, never freed), so a TaskExecutor copy that
+// outlives its task still reaches its inner executor.
 template <typename E>
 struct Binding final : BindingBase {
-  Binding(AsioTask* t, const E& e)
-      : BindingBase{&kBindingTag<E>, nullptr, &destroy_binding, t}, inner(e) {}
-  static void destroy_binding(BindingBase* b) noexcept { delete static_cast<Binding*>(b); }
-  E inner;
+  Binding(AsioTask* t, const E& e) : BindingBase{&kBindingTag<E>, nullptr, t}, inner(e) {}
+  const E inner;
 };
 
 template <typename E>
 inline constexpr char kTrackedBindingTag = 0;
 
-// The task's one tracked copy of a work-tracking executor E, shared by every
-// TaskExecutor<E> of the task on the same executor (`key`, E without its work). `copies`
-// counts them; while it is above zero the copy is engaged (the work is tracked, as one
-// copy of E would track it) and the binding holds a reference to the task. The 0 -> 1 and
-// 1 -> 0 transitions take `mu`; every other copy and release is one atomic operation (as
-// copying and destroying E itself is, for Asio's executors).
+// The record's one tracked copy of a work-tracking executor E, shared by every
+// TaskExecutor<E> on the same executor (`key`, E without its work). `copies` counts them;
+// while it is above zero the copy is engaged: the io_context sees one unit of outstanding
+// work, as it would for one copy of E. Engaging and releasing the copy take `mu`; every
+// other copy and release is one atomic operation (as copying and destroying E itself is,
+// for Asio's executors).
 template <typename E>
 struct TrackedBinding final : BindingBase {
   using Key = untracked_t<E>;
   TrackedBinding(AsioTask* t, Key k)
-      : BindingBase{&kTrackedBindingTag<E>, nullptr, &destroy_binding, t}, key(std::move(k)) {}
-  static void destroy_binding(BindingBase* b) noexcept {
-    delete static_cast<TrackedBinding*>(b);
-  }
+      : BindingBase{&kTrackedBindingTag<E>, nullptr, t}, key(std::move(k)) {}
 
   // A new holder; `make()` returns the executor, called only if no copy is engaged.
   template <typename Make>
-  void acquire(Make&& make) noexcept;
+  void acquire(Make&& make) noexcept {
+    for (long c = copies.load(std::memory_order_acquire); c > 0;) {
+      if (copies.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) return;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    if (!engaged) {  // `engaged` only changes under `mu`, and only while `copies` is 0
+      ::new (static_cast<void*>(&storage)) E(make());
+      engaged = true;
+    }
+    copies.fetch_add(1, std::memory_order_release);
+  }
   // A copy of a holder: the count is above zero, the copy engaged.
   void acquire_copy() noexcept { copies.fetch_add(1, std::memory_order_relaxed); }
-  // A holder's end (the last one releases the copy and the task; the binding may be
-  // deleted with the task by then).
-  void release() noexcept;
-  const E& inner() const noexcept { return *std::launder(reinterpret_cast<const E*>(&storage)); }
+  // A holder's end; the last one releases the copy (its work).
+  void release() noexcept {
+    for (long c = copies.load(std::memory_order_relaxed); c > 1;) {
+      if (copies.compare_exchange_weak(c, c - 1, std::memory_order_release,
+                                       std::memory_order_relaxed)) {
+        return;
+      }
+    }
+    // Possibly the last holder: decrement under `mu`, still counted while waiting for it.
+    std::lock_guard<std::mutex> lock(mu);
+    if (copies.fetch_sub(1, std::memory_order_acq_rel) != 1) return;  // a new holder came
+    std::launder(reinterpret_cast<E*>(&storage))->~E();
+    engaged = false;
+  }
+  const E& inner() const noexcept {
+    return *std::launder(reinterpret_cast<const E*>(&storage));
+  }
 
   const Key key;
   std::atomic<long> copies{0};
@@ -291,31 +357,61 @@ struct TrackedBinding final : BindingBase {
   alignas(E) unsigned char storage[sizeof(E)];
 };
 
-// A spawned task: its scope, a count of the TaskExecutors and queued functions holding it,
-// and its kept (untracked) inner executors. Deleted (its scope released: values destroyed
-// unless something else holds the scope) when the last reference goes, on that thread.
+// A task record: one spawned task at a time, reused (never freed) after the task ends, so
+// that a TaskExecutor copy -- a pointer and the task's generation, counting nothing --
+// can always tell whether its task still runs. `word_` is the generation (high bits) and
+// the count of pins (low bits): the running coroutine's frame holds one (TaskPin, in
+// run_task), and each function a TaskExecutor runs holds one while it runs. When the count
+// reaches zero the task ends on that thread: its scope is released (values destroyed
+// unless something else holds the scope), the generation moves on, and the record goes
+// back to the pool. A pin is taken only from a count above zero with the right generation,
+// so an ended task is never revived.
 class AsioTask {
  public:
-  template <typename Start>
-  explicit AsioTask(Start&& start) : scope(std::forward<Start>(start)) {}
+  static constexpr int kPinBits = 24;
+  static constexpr std::uint64_t kPinMask = (std::uint64_t{1} << kPinBits) - 1;
+
+  AsioTask() = default;
   AsioTask(const AsioTask&) = delete;
   AsioTask& operator=(const AsioTask&) = delete;
-  ~AsioTask() {
-    BindingBase* b = bindings_.load(std::memory_order_acquire);
-    while (b != nullptr) {
-      BindingBase* next = b->next;
-      b->destroy(b);
-      b = next;
+
+  // A record from the pool, running a new task whose scope starts from `start`, with one
+  // pin owned by the caller; returns the task's generation through `gen`.
+  template <typename Start>
+  static AsioTask* start(Start&& start, std::uint64_t& gen);
+
+  std::uint64_t generation() const noexcept {
+    return word_.load(std::memory_order_acquire) >> kPinBits;
+  }
+  bool running(std::uint64_t gen) const noexcept {
+    const std::uint64_t w = word_.load(std::memory_order_acquire);
+    return (w >> kPinBits) == gen && (w & kPinMask) != 0;
+  }
+  // Pins generation `gen` if it still runs (any thread).
+  bool try_pin(std::uint64_t gen) noexcept {
+    std::uint64_t w = word_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((w >> kPinBits) != gen || (w & kPinMask) == 0) return false;
+      if (word_.compare_exchange_weak(w, w + 1, std::memory_order_acquire,
+                                      std::memory_order_acquire)) {
+        return true;
+      }
     }
   }
-
-  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void release() noexcept {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  // Releases a pin; the last one ends the task.
+  void unpin() noexcept {
+    if ((word_.fetch_sub(1, std::memory_order_acq_rel) & kPinMask) == 1) finish();
   }
+  // Whether generation `gen` is installed on the calling thread (an enclosing function of
+  // this thread pins it).
+  bool installed_here(std::uint64_t gen) const noexcept {
+    return scope_ptr()->installed_here() &&
+           (word_.load(std::memory_order_relaxed) >> kPinBits) == gen;
+  }
+  // The running task's scope: only while pinned.
+  TaskScope& scope() noexcept { return *scope_ptr(); }
 
-  // The kept copy of `inner` (found, or made and kept until the task ends). Lock-free;
-  // any thread.
+  // The kept copy of `inner` (found, or made and kept with the record). Lock-free.
   template <typename E>
   Binding<E>* bind(const E& inner) {
     for (BindingBase* b = bindings_.load(std::memory_order_acquire); b != nullptr;
@@ -327,24 +423,48 @@ class AsioTask {
     return push(new Binding<E>(this, inner));
   }
 
-  // The task's tracked binding for the executor `key` (found, or made and kept until the
-  // task ends). Lock-free; any thread.
+  // The tracked binding for the executor `key` (found, or made and kept with the record).
+  // Lock-free.
   template <typename E>
   TrackedBinding<E>* bind_tracked(const typename TrackedBinding<E>::Key& key) {
     for (BindingBase* b = bindings_.load(std::memory_order_acquire); b != nullptr;
          b = b->next) {
-      if (b->type == &kTrackedBindingTag<E> && static_cast<TrackedBinding<E>*>(b)->key == key) {
+      if (b->type == &kTrackedBindingTag<E> &&
+          static_cast<TrackedBinding<E>*>(b)->key == key) {
         return static_cast<TrackedBinding<E>*>(b);
       }
     }
     return push(new TrackedBinding<E>(this, key));
   }
 
-  TaskScope scope;
-
  private:
+  struct Pool {
+    std::mutex mu;
+    AsioTask* free = nullptr;  // linked through next_free_
+  };
+  static Pool& pool() {
+    static Pool* const p = new Pool;  // never destroyed: records outlive every thread
+    return *p;
+  }
+
+  TaskScope* scope_ptr() const noexcept {
+    return std::launder(reinterpret_cast<TaskScope*>(const_cast<unsigned char*>(scope_)));
+  }
+
+  void finish() noexcept {
+    scope_ptr()->~TaskScope();  // the task's scope ends here, on this thread
+    // Nothing pins the record now (the count is 0 and a pin needs it above 0): move the
+    // generation on, so that stale copies never match again, and give the record back.
+    const std::uint64_t gen = word_.load(std::memory_order_relaxed) >> kPinBits;
+    word_.store((gen + 1) << kPinBits, std::memory_order_release);
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    next_free_ = p.free;
+    p.free = this;
+  }
+
   // Adds `made` to the list (a binding made concurrently for the same executor by another
-  // thread is a harmless duplicate, freed with the task).
+  // thread is a harmless duplicate).
   template <typename B>
   B* push(B* made) noexcept {
     made->next = bindings_.load(std::memory_order_acquire);
@@ -354,136 +474,131 @@ class AsioTask {
     return made;
   }
 
-  std::atomic<int> refs_{0};
+  std::atomic<std::uint64_t> word_{std::uint64_t{1} << kPinBits};  // generation 1, no pin
   std::atomic<BindingBase*> bindings_{nullptr};
+  AsioTask* next_free_ = nullptr;  // guarded by pool().mu while in the pool
+  alignas(TaskScope) unsigned char scope_[sizeof(TaskScope)];
 };
 
-template <typename E>
-template <typename Make>
-void TrackedBinding<E>::acquire(Make&& make) noexcept {
-  for (long c = copies.load(std::memory_order_acquire); c > 0;) {
-    if (copies.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) return;
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (!engaged) {  // `engaged` only changes under `mu`, and only while `copies` is 0
-    ::new (static_cast<void*>(&storage)) E(make());
-    engaged = true;
-    task->add_ref();
-  }
-  copies.fetch_add(1, std::memory_order_release);
-}
-
-template <typename E>
-void TrackedBinding<E>::release() noexcept {
-  for (long c = copies.load(std::memory_order_relaxed); c > 1;) {
-    if (copies.compare_exchange_weak(c, c - 1, std::memory_order_release,
-                                     std::memory_order_relaxed)) {
-      return;
+template <typename Start>
+AsioTask* AsioTask::start(Start&& start, std::uint64_t& gen) {
+  AsioTask* task = nullptr;
+  {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    if (p.free != nullptr) {
+      task = p.free;
+      p.free = task->next_free_;
     }
   }
-  // Possibly the last holder: decrement under `mu`, still counted meanwhile, so that the
-  // engaged copy (and with it the task and this binding) stays while we wait.
-  AsioTask* const owner = task;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (copies.fetch_sub(1, std::memory_order_acq_rel) != 1) return;  // a new holder came
-    std::launder(reinterpret_cast<E*>(&storage))->~E();
-    engaged = false;
+  if (task == nullptr) task = new AsioTask;  // kept for the process's life (pooled)
+  try {
+    ::new (static_cast<void*>(task->scope_)) TaskScope(std::forward<Start>(start));
+  } catch (...) {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    task->next_free_ = p.free;
+    p.free = task;
+    throw;
   }
-  owner->release();  // may delete the task and this binding
+  gen = task->generation();
+  task->word_.fetch_add(1, std::memory_order_release);  // the caller's pin
+  return task;
 }
 
-// An owning reference to a task.
-class TaskRef {
+// The pin of a running task's coroutine frame (a parameter of run_task): the task ends
+// when it goes and no function of the task is running.
+class TaskPin {
  public:
-  explicit TaskRef(AsioTask* task) noexcept : task_(task) { task_->add_ref(); }
-  TaskRef(const TaskRef& other) noexcept : TaskRef(other.task_) {}
-  TaskRef(TaskRef&& other) noexcept : task_(std::exchange(other.task_, nullptr)) {}
-  TaskRef& operator=(TaskRef other) noexcept {
-    std::swap(task_, other.task_);
-    return *this;
+  TaskPin(AsioTask* task, std::uint64_t gen) noexcept : task_(task), gen_(gen) {}
+  TaskPin(TaskPin&& other) noexcept : task_(std::exchange(other.task_, nullptr)), gen_(other.gen_) {}
+  TaskPin& operator=(TaskPin&&) = delete;
+  ~TaskPin() {
+    if (task_ != nullptr) task_->unpin();
   }
-  ~TaskRef() {
-    if (task_ != nullptr) task_->release();
-  }
-  AsioTask* get() const noexcept { return task_; }
+  AsioTask* task() const noexcept { return task_; }
+  std::uint64_t generation() const noexcept { return gen_; }
 
  private:
   AsioTask* task_;
+  std::uint64_t gen_;
 };
 
-// What a TaskExecutor<E> holds: a counted reference to the task and the inner executor,
-// kept by the task (one pointer) or by value (see statically_untracked).
+// What a TaskExecutor<E> holds: the task record, its generation, and the inner executor,
+// kept by the record (one pointer) or by value (see hold_kind). Copies count nothing but
+// a tracked copy's work.
 template <typename E, HoldKind Kind = hold_kind<E>()>
 class TaskHold;
 
 template <typename E>
 class TaskHold<E, HoldKind::kKeptUntracked> {
  public:
-  TaskHold(AsioTask* task, const E& inner) : binding_(task->bind(inner)) { task->add_ref(); }
-  TaskHold(const TaskHold& other) noexcept : binding_(other.binding_) {
-    binding_->task->add_ref();
-  }
-  TaskHold(TaskHold&& other) noexcept : binding_(std::exchange(other.binding_, nullptr)) {}
-  TaskHold& operator=(TaskHold other) noexcept {
-    std::swap(binding_, other.binding_);
-    return *this;
-  }
-  ~TaskHold() {
-    if (binding_ != nullptr) binding_->task->release();
-  }
+  TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
+      : binding_(task->bind(inner)), gen_(gen) {}
   const E& inner() const noexcept { return binding_->inner; }
   AsioTask* task() const noexcept { return binding_->task; }
+  std::uint64_t generation() const noexcept { return gen_; }
 
  private:
   Binding<E>* binding_;
+  std::uint64_t gen_;
 };
 
 template <typename E>
 class TaskHold<E, HoldKind::kKeptTracked> {
  public:
-  TaskHold(AsioTask* task, const E& inner)
+  TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
       : binding_(task->bind_tracked<E>(
-            boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked))) {
+            boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked))),
+        gen_(gen) {
     binding_->acquire([&inner]() noexcept { return inner; });
   }
-  // The tracked form of `key` (an untracked executor), made by `make()` only if the task
+  // The tracked form of `key` (an untracked executor), made by `make()` only if the record
   // has no engaged copy of it: no work is counted and uncounted on the io_context for a
   // TaskExecutor that finds the copy engaged (Asio's post and work guards make one per
   // operation).
   template <typename Make>
-  TaskHold(AsioTask* task, const untracked_t<E>& key, Make&& make)
-      : binding_(task->bind_tracked<E>(key)) {
+  TaskHold(AsioTask* task, std::uint64_t gen, const untracked_t<E>& key, Make&& make)
+      : binding_(task->bind_tracked<E>(key)), gen_(gen) {
     binding_->acquire(std::forward<Make>(make));
   }
-  TaskHold(const TaskHold& other) noexcept : binding_(other.binding_) {
+  TaskHold(const TaskHold& other) noexcept : binding_(other.binding_), gen_(other.gen_) {
     binding_->acquire_copy();
   }
-  TaskHold(TaskHold&& other) noexcept : binding_(std::exchange(other.binding_, nullptr)) {}
+  TaskHold(TaskHold&& other) noexcept
+      : binding_(std::exchange(other.binding_, nullptr)), gen_(other.gen_) {}
   TaskHold& operator=(TaskHold other) noexcept {
     std::swap(binding_, other.binding_);
+    std::swap(gen_, other.gen_);
     return *this;
   }
   ~TaskHold() {
     if (binding_ != nullptr) binding_->release();
   }
   const E& inner() const noexcept { return binding_->inner(); }
+  // E without its work (io_context's untracked executor): makes none.
+  const untracked_t<E>& key() const noexcept { return binding_->key; }
   AsioTask* task() const noexcept { return binding_->task; }
+  std::uint64_t generation() const noexcept { return gen_; }
 
  private:
   TrackedBinding<E>* binding_;
+  std::uint64_t gen_;
 };
 
 template <typename E>
 class TaskHold<E, HoldKind::kByValue> {
  public:
-  TaskHold(AsioTask* task, const E& inner) : inner_(inner), task_(task) {}
+  TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
+      : inner_(inner), task_(task), gen_(gen) {}
   const E& inner() const noexcept { return inner_; }
-  AsioTask* task() const noexcept { return task_.get(); }
+  AsioTask* task() const noexcept { return task_; }
+  std::uint64_t generation() const noexcept { return gen_; }
 
  private:
   E inner_;
-  TaskRef task_;
+  AsioTask* task_;
+  std::uint64_t gen_;
 };
 
 template <typename T>
@@ -495,41 +610,48 @@ inline constexpr bool is_task_start_v =
 
 // TaskExecutor
 //
-// An executor that runs every function in a task's scope (see the contract above): a
-// counted reference to the task and the inner executor. io_context's and thread_pool's
-// executors, and their work-tracking variants, are kept by the task and the TaskExecutor
-// is one pointer (a tracked copy counts as outstanding work while it exists, as Asio's
-// own does); any other executor is held by value, as Asio's own strand holds its
-// executor, so that what it tracks lasts exactly as long as the copy.
+// An executor that runs every function in a task's scope (see the contract above): the
+// task's record and generation, and the inner executor. Copies count nothing (a tracked
+// copy counts its work). io_context's and thread_pool's executors, and their work-tracking
+// variants, are kept by the task record and the TaskExecutor is two words (a tracked copy
+// counts as outstanding work while it exists, as Asio's own does); any other executor is
+// held by value, as Asio's own strand holds its executor, so that what it tracks lasts
+// exactly as long as the copy. Tasks are made by scopereg::asio::co_spawn.
 template <typename Executor>
 class TaskExecutor {
  public:
   using inner_executor_type = Executor;
-
-  // A new task, its scope started from `start` (fresh_scope, copy_current, share_current
-  // or a CapturedScope), on `inner`. scopereg::asio::co_spawn does this for you.
-  template <typename Start>
-    requires internal::is_task_start_v<std::decay_t<Start>>
-  TaskExecutor(const Executor& inner, Start&& start)
-      : TaskExecutor(internal::TaskRef(new internal::AsioTask(std::forward<Start>(start))),
-                     inner) {}
 
   // The same task on a converted inner executor (what Asio's conversions need).
   template <typename Other>
     requires(!std::is_same_v<Other, Executor>) &&
             std::is_constructible_v<Executor, const Other&>
   TaskExecutor(const TaskExecutor<Other>& other)
-      : hold_(other.hold_.task(), Executor(other.get_inner_executor())) {}
+      : hold_(other.hold_.task(), other.hold_.generation(),
+              Executor(other.get_inner_executor())) {}
 
   const Executor& get_inner_executor() const noexcept { return hold_.inner(); }
-  // The task's scope.
-  TaskScope& task() const noexcept { return hold_.task()->scope; }
+  // Whether the task still runs (its coroutine has not finished, or a function of it is
+  // running). A copy of an ended task's executor runs functions as its inner executor
+  // would, outside the task.
+  bool task_running() const noexcept { return hold_.task()->running(hold_.generation()); }
+  // The task's scope. Only inside the task (in a function it runs, which keeps it
+  // running); aborts with a message when the task has ended.
+  TaskScope& task() const noexcept {
+    if (hold_.task()->generation() != hold_.generation()) [[unlikely]] {
+      scopereg::internal::die_of_misuse(
+          "scopereg::asio::TaskExecutor::task() was called after its task ended; call it "
+          "inside the task (co_await boost::asio::this_coro::executor), or use "
+          "task_running() first");
+    }
+    return hold_.task()->scope();
+  }
 
   template <typename F>
   void execute(F&& f) const {
     boost::asio::execution::execute(
         hold_.inner(),
-        Resume<std::decay_t<F>>{internal::TaskRef(hold_.task()), std::forward<F>(f)});
+        Resume<std::decay_t<F>>{hold_.task(), hold_.generation(), std::forward<F>(f)});
   }
 
   template <typename Property>
@@ -543,29 +665,21 @@ class TaskExecutor {
     requires boost::asio::can_require<const Executor&, Property>::value
   auto require(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
-    return {hold_.task(), boost::asio::require(hold_.inner(), p)};
+    return rewrap<internal::RequireOp, std::decay_t<typename boost::asio::require_result<
+                                           const Executor&, Property>::type>>(p);
   }
 
   template <typename Property>
     requires boost::asio::can_prefer<const Executor&, Property>::value
   auto prefer(const Property& p) const -> TaskExecutor<
       std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
-    using Result =
-        std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>;
-    if constexpr (internal::tracks_lazily<Executor, Property, Result>()) {
-      const Executor& inner = hold_.inner();
-      return TaskExecutor<Result>(hold_.task(), inner, [&inner, &p]() noexcept {
-        Result made = boost::asio::prefer(inner, p);
-        internal::check_untracked_form(made, inner);
-        return made;
-      });
-    } else {
-      return {hold_.task(), boost::asio::prefer(hold_.inner(), p)};
-    }
+    return rewrap<internal::PreferOp, std::decay_t<typename boost::asio::prefer_result<
+                                          const Executor&, Property>::type>>(p);
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
-    return a.hold_.task() == b.hold_.task() && a.hold_.inner() == b.hold_.inner();
+    return a.hold_.task() == b.hold_.task() && a.hold_.generation() == b.hold_.generation() &&
+           a.hold_.inner() == b.hold_.inner();
   }
   friend bool operator!=(const TaskExecutor& a, const TaskExecutor& b) noexcept {
     return !(a == b);
@@ -574,26 +688,70 @@ class TaskExecutor {
  private:
   template <typename>
   friend class TaskExecutor;
+  friend struct internal::TaskExecutorAccess;
 
-  TaskExecutor(const internal::TaskRef& task, const Executor& inner)
-      : hold_(task.get(), inner) {}
-  TaskExecutor(internal::AsioTask* task, const Executor& inner) : hold_(task, inner) {}
+  TaskExecutor(internal::AsioTask* task, std::uint64_t gen, const Executor& inner)
+      : hold_(task, gen, inner) {}
   template <typename Key, typename Make>
-  TaskExecutor(internal::AsioTask* task, const Key& key, Make&& make)
-      : hold_(task, key, std::forward<Make>(make)) {}
+  TaskExecutor(internal::AsioTask* task, std::uint64_t gen, const Key& key, Make&& make)
+      : hold_(task, gen, key, std::forward<Make>(make)) {}
 
+  // The same task on Op(inner, p).
+  template <typename Op, typename Result, typename Property>
+  TaskExecutor<Result> rewrap(const Property& p) const {
+    if constexpr (internal::keys_lazily<Op, Executor, Property, Result>()) {
+      const Executor& inner = hold_.inner();
+      auto make = [&inner, &p]() noexcept { return Result(Op::apply(inner, p)); };
+      if constexpr (internal::hold_kind<Executor>() == internal::HoldKind::kKeptUntracked) {
+        return TaskExecutor<Result>(hold_.task(), hold_.generation(), inner, make);
+      } else {
+        return TaskExecutor<Result>(hold_.task(), hold_.generation(), Op::apply(hold_.key(), p),
+                                    make);
+      }
+    } else {
+      return TaskExecutor<Result>(hold_.task(), hold_.generation(), Op::apply(hold_.inner(), p));
+    }
+  }
+
+  // A function queued on the inner executor. It pins the task only while it runs: if the
+  // task ended meanwhile, `f` runs as on the inner executor.
   template <typename F>
   struct Resume {
-    internal::TaskRef task;
+    internal::AsioTask* task;
+    std::uint64_t gen;
     F f;
     void operator()() {
-      TaskScope::Installed installed(task.get()->scope);
+      if (task->installed_here(gen)) {  // run inline by a function of the task: pinned
+        std::move(f)();
+        return;
+      }
+      if (!task->try_pin(gen)) {  // the task has ended
+        std::move(f)();
+        return;
+      }
+      const Unpin unpin{task};  // after `installed`: the task may end there
+      TaskScope::Installed installed(task->scope());
       std::move(f)();
     }
+  };
+  struct Unpin {
+    internal::AsioTask* task;
+    ~Unpin() { task->unpin(); }
   };
 
   internal::TaskHold<Executor> hold_;
 };
+
+namespace internal {
+
+struct TaskExecutorAccess {
+  template <typename Executor>
+  static TaskExecutor<Executor> make(AsioTask* task, std::uint64_t gen, const Executor& inner) {
+    return TaskExecutor<Executor>(task, gen, inner);
+  }
+};
+
+}  // namespace internal
 
 // TaskTeardownError
 //
@@ -651,8 +809,10 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
   }
 }
 
+// The task's coroutine: `pin` (a parameter, so it lives in the frame from the moment
+// co_spawn makes it) keeps the task running until the frame ends.
 template <typename T, typename AwEx, typename Teardown>
-boost::asio::awaitable<T, AwEx> run_task(boost::asio::awaitable<T, AwEx> body,
+boost::asio::awaitable<T, AwEx> run_task(TaskPin pin, boost::asio::awaitable<T, AwEx> body,
                                          Teardown teardown) {
   std::exception_ptr error;
   if constexpr (std::is_void_v<T>) {
@@ -693,9 +853,13 @@ auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& 
                 "scopereg::asio::co_spawn: the coroutine is typed to an executor a "
                 "TaskExecutor does not convert to; write it as boost::asio::awaitable<T> "
                 "(any_io_executor) or awaitable<T, scopereg::asio::TaskExecutor<E>>");
+  std::uint64_t gen = 0;
+  internal::AsioTask* const task = internal::AsioTask::start(std::forward<Start>(start), gen);
+  internal::TaskPin pin(task, gen);
+  const TaskExecutor<Executor> task_ex =
+      internal::TaskExecutorAccess::make(pin.task(), pin.generation(), ex);
   return boost::asio::co_spawn(
-      TaskExecutor<Executor>(ex, std::forward<Start>(start)),
-      internal::run_task(std::move(body), std::move(teardown)),
+      task_ex, internal::run_task(std::move(pin), std::move(body), std::move(teardown)),
       std::forward<CompletionToken>(token));
 }
 

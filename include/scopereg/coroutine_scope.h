@@ -152,6 +152,8 @@ class TaskScope {
   }
   // The scopes the task started with (for wrap()ping work that must run in them).
   const CapturedScope& captured() const noexcept { return scope_; }
+  // Whether the task is installed on the calling thread (inside one of its resumptions).
+  bool installed_here() const noexcept { return internal::t_context.task == &head_; }
 
   // Installs the task on the calling thread until leave(). The saved state lives in the
   // TaskScope, so enter() and leave() may be called from different functions (an
