@@ -1521,5 +1521,68 @@ TEST(AsioExecutor, TrackedCopiesOfOneTaskFromTwoThreads) {
   EXPECT_EQ(var.size(), 0);
 }
 
+
+// An allocator with state (an arena) makes an executor the task record must not keep: the
+// TaskExecutor holds it by value, and nothing keeps the arena once the task and its
+// executors are gone.
+template <typename T>
+struct ArenaAllocator {
+  using value_type = T;
+  std::shared_ptr<int> arena;
+  explicit ArenaAllocator(std::shared_ptr<int> a) : arena(std::move(a)) {}
+  template <typename U>
+  ArenaAllocator(const ArenaAllocator<U>& other) : arena(other.arena) {}
+  T* allocate(std::size_t n) { return std::allocator<T>().allocate(n); }
+  void deallocate(T* p, std::size_t n) { std::allocator<T>().deallocate(p, n); }
+  template <typename U>
+  bool operator==(const ArenaAllocator<U>& other) const {
+    return arena == other.arena;
+  }
+};
+
+awaitable<void, IoTaskExecutor> uses_an_arena(std::shared_ptr<int> arena, Tally& t) {
+  IoTaskExecutor ex = co_await net::this_coro::executor;
+  const ScopeToken task = CoroutineScope::current();
+  auto with_arena = net::require(ex, net::execution::allocator(ArenaAllocator<void>(arena)));
+  bool ran = false;
+  net::execution::execute(with_arena, [&] {
+    ran = true;
+    t.expect(CoroutineScope::current() == task);
+  });
+  co_await net::post(ex, net::use_awaitable_t<IoTaskExecutor>{});
+  t.expect(ran);
+}
+
+TEST(AsioExecutor, AnExecutorWithAStatefulAllocatorIsNotKeptPastItsTask) {
+  auto arena = std::make_shared<int>(0);
+  Tally t;
+  Completions done;
+  {
+    net::io_context io;
+    scopereg::asio::co_spawn(io.get_executor(), uses_an_arena(arena, t), done.handler());
+    io.run();
+  }
+  EXPECT_EQ(done.ok.load(), 1) << done.errors;
+  EXPECT_EQ(t.checks.load(), 2);
+  EXPECT_EQ(t.wrong.load(), 0);
+  EXPECT_EQ(arena.use_count(), 1) << "a task record kept an executor with the arena";
+}
+
+awaitable<void> keeps_its_executor(std::optional<net::any_io_executor>& kept) {
+  kept = co_await net::this_coro::executor;
+}
+
+TEST(AsioExecutorDeathTest, TaskOfAnEndedTasksExecutorAborts) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  std::optional<net::any_io_executor> kept;
+  net::io_context io;
+  scopereg::asio::co_spawn(io.get_executor(), keeps_its_executor(kept), net::detached);
+  io.run();
+  ASSERT_TRUE(kept);
+  const auto* ex = kept->target<scopereg::asio::TaskExecutor<net::io_context::executor_type>>();
+  ASSERT_NE(ex, nullptr);
+  EXPECT_DEATH((void)ex->task(), "task\\(\\) was called after its task ended");
+}
+
 }  // namespace
 }  // namespace scopereg

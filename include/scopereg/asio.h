@@ -47,14 +47,17 @@
 // * The completion handler is called as by boost::asio::co_spawn; unless it has an
 //   associated executor of its own, it runs on the TaskExecutor: Asio dispatches it from
 //   the task's last resumption, so on io_context's and thread_pool's executors it runs
-//   there, in the task's scope, before the scope ends.
+//   there, in the task's scope, before the scope ends (if that resumption ran elsewhere
+//   -- see the limit on handlers invoked without their executor -- it is queued and runs
+//   after the task ended).
 // * The task runs while its coroutine does (until it finished, after the teardown, or its
 //   frame was destroyed: the io_context stopped and destroyed with the task suspended)
 //   and while a function of the task is running. Then it ends, on that thread: its scope
 //   ends and its values are destroyed (unless a wrap() or CapturedScope still holds the
 //   scope). Copies of its TaskExecutor do not keep it running: a copy kept afterwards (in
-//   a timer or socket made in the task) runs functions as its inner executor would,
-//   outside the task, and task_running() is false. Nor do they keep the io_context's
+//   a timer or socket made in the task) runs functions as its inner executor would --
+//   queued, outside any task; dispatched inline, in whatever the caller runs in -- and
+//   task_running() is false. Nor do they keep the io_context's
 //   outstanding work beyond Asio's own rules (a work-tracking copy counts as work while it
 //   exists): io_context::run() returns as it would without scopereg.
 // * Child tasks: co_await boost::asio::this_coro::executor inside a task is the task's
@@ -89,7 +92,8 @@
 //   (each would see the other's guard). Start children with scopereg::asio::co_spawn.
 // * A TaskExecutor must not be used after its io_context is destroyed (as any executor).
 // * A task's generation has 40 bits per task record: a TaskExecutor copy kept while 2^40
-//   later tasks ran on the same record would take the last of them for its own.
+//   later tasks ran on the same record would take the task running 2^40 generations
+//   later for its own.
 //
 // Misuse, detected: TaskExecutor::task() after the task ended aborts with a message.
 //
@@ -106,9 +110,12 @@
 // the task (three words each way). A `co_await post` round trip on an io_context costs
 // about 35-45 ns more than plain Asio's, less than a folly-style executor carrying a
 // shared_ptr context (benchmarks/coroutine_scope_benchmark.cc,
-// benchmarks/results/summary.md). Memory: task records are pooled for reuse and never
-// freed: as many as tasks ever ran at once, each with a few words per distinct executor
-// it ran on.
+// benchmarks/results/summary.md). Starting and ending a task takes a record from and
+// returns it to a per-thread cache (a shared, locked list beyond 8). Memory: task records
+// are pooled for reuse and never freed: as many as tasks ever ran at once, each keeping a
+// few words per distinct io_context or thread_pool executor (and property variant) it
+// ran on -- only executors with a stateless allocator are kept; others are held by value
+// in each copy.
 
 #ifndef SCOPEREG_ASIO_H_
 #define SCOPEREG_ASIO_H_
@@ -116,6 +123,7 @@
 #include <utility>  // before Asio: Asio 1.18 (Boost 1.74) needs it with g++ 12
 
 #include <atomic>
+#include <cassert>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -273,9 +281,26 @@ consteval bool keys_lazily() {
   }
 }
 
+// Executors a task record may keep for good: Asio's own io_context and thread_pool
+// executors with a stateless allocator (a kept copy then holds nothing but the context
+// pointer and bits; an allocator with state -- an arena, a memory resource -- must not be
+// kept past its task, nor compared after it is gone).
+template <typename E>
+consteval bool keepable() {
+  if constexpr (is_asio_bits_executor_v<E>) {
+    using A = typename std::allocator_traits<decltype(std::declval<const E&>().query(
+        boost::asio::execution::allocator))>::template rebind_alloc<char>;
+    return std::is_empty_v<A> && std::allocator_traits<A>::is_always_equal::value;
+  } else {
+    return false;
+  }
+}
+
 template <typename E>
 consteval HoldKind hold_kind() {
-  if constexpr (statically_untracked<E>()) {
+  if constexpr (!keepable<E>()) {
+    return HoldKind::kByValue;
+  } else if constexpr (statically_untracked<E>()) {
     return HoldKind::kKeptUntracked;
   } else if constexpr (keepable_tracked<E>()) {
     return HoldKind::kKeptTracked;
@@ -392,6 +417,7 @@ class AsioTask {
     std::uint64_t w = word_.load(std::memory_order_acquire);
     for (;;) {
       if ((w >> kPinBits) != gen || (w & kPinMask) == 0) return false;
+      assert((w & kPinMask) != kPinMask && "more than 2^24 - 1 functions of one task running");
       if (word_.compare_exchange_weak(w, w + 1, std::memory_order_acquire,
                                       std::memory_order_acquire)) {
         return true;
@@ -405,7 +431,7 @@ class AsioTask {
   // Whether generation `gen` is installed on the calling thread (an enclosing function of
   // this thread pins it).
   bool installed_here(std::uint64_t gen) const noexcept {
-    return scope_ptr()->installed_here() &&
+    return scopereg::internal::t_context.task == installation_ &&
            (word_.load(std::memory_order_relaxed) >> kPinBits) == gen;
   }
   // The running task's scope: only while pinned.
@@ -438,6 +464,7 @@ class AsioTask {
   }
 
  private:
+  // Ended records, for the next tasks: a few per thread, the rest in one list.
   struct Pool {
     std::mutex mu;
     AsioTask* free = nullptr;  // linked through next_free_
@@ -446,21 +473,69 @@ class AsioTask {
     static Pool* const p = new Pool;  // never destroyed: records outlive every thread
     return *p;
   }
+  // Trivially destructible, so usable until the thread's very end (a task may end in a
+  // thread_local's destructor); ThreadCacheDrain hands the records on at thread exit.
+  struct ThreadCache {
+    static constexpr int kMax = 8;
+    AsioTask* records[kMax];
+    int size;
+    bool drain_registered;
+    bool exited;
+  };
+  static inline thread_local constinit ThreadCache t_cache{};
+  struct ThreadCacheDrain {
+    ~ThreadCacheDrain() {
+      t_cache.exited = true;
+      while (t_cache.size > 0) to_pool(t_cache.records[--t_cache.size]);
+    }
+    void touch() noexcept {}
+  };
+  static inline thread_local ThreadCacheDrain t_cache_drain;
+  static void to_pool(AsioTask* task) noexcept {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    task->next_free_ = p.free;
+    p.free = task;
+  }
+  static void recycle(AsioTask* task) noexcept {
+    ThreadCache& cache = t_cache;
+    if (cache.exited || cache.size == ThreadCache::kMax) {
+      to_pool(task);
+      return;
+    }
+    if (!cache.drain_registered) {
+      t_cache_drain.touch();  // constructs it: its destructor runs at thread exit
+      cache.drain_registered = true;
+    }
+    cache.records[cache.size++] = task;
+  }
+  static AsioTask* take() {
+    ThreadCache& cache = t_cache;
+    if (cache.size > 0) return cache.records[--cache.size];
+    {
+      Pool& p = pool();
+      std::lock_guard<std::mutex> lock(p.mu);
+      if (AsioTask* task = p.free; task != nullptr) {
+        p.free = task->next_free_;
+        return task;
+      }
+    }
+    return new AsioTask;  // kept for the process's life (pooled)
+  }
 
   TaskScope* scope_ptr() const noexcept {
     return std::launder(reinterpret_cast<TaskScope*>(const_cast<unsigned char*>(scope_)));
   }
 
   void finish() noexcept {
-    scope_ptr()->~TaskScope();  // the task's scope ends here, on this thread
-    // Nothing pins the record now (the count is 0 and a pin needs it above 0): move the
-    // generation on, so that stale copies never match again, and give the record back.
+    // Nothing pins the record now (the count is 0 and a pin needs it above 0). Move the
+    // generation on first, so that copies are stale from here on, also for code that the
+    // values' destructors run; then end the scope, on this thread; then give the record
+    // back.
     const std::uint64_t gen = word_.load(std::memory_order_relaxed) >> kPinBits;
     word_.store((gen + 1) << kPinBits, std::memory_order_release);
-    Pool& p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    next_free_ = p.free;
-    p.free = this;
+    scope_ptr()->~TaskScope();
+    recycle(this);
   }
 
   // Adds `made` to the list (a binding made concurrently for the same executor by another
@@ -477,28 +552,21 @@ class AsioTask {
   std::atomic<std::uint64_t> word_{std::uint64_t{1} << kPinBits};  // generation 1, no pin
   std::atomic<BindingBase*> bindings_{nullptr};
   AsioTask* next_free_ = nullptr;  // guarded by pool().mu while in the pool
+  // What the thread's context holds while the task is installed (the scope's address,
+  // the same for every generation): compared without touching the scope object.
+  const void* installation_ = nullptr;
   alignas(TaskScope) unsigned char scope_[sizeof(TaskScope)];
 };
 
 template <typename Start>
 AsioTask* AsioTask::start(Start&& start, std::uint64_t& gen) {
-  AsioTask* task = nullptr;
-  {
-    Pool& p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    if (p.free != nullptr) {
-      task = p.free;
-      p.free = task->next_free_;
-    }
-  }
-  if (task == nullptr) task = new AsioTask;  // kept for the process's life (pooled)
+  AsioTask* const task = take();
   try {
-    ::new (static_cast<void*>(task->scope_)) TaskScope(std::forward<Start>(start));
+    task->installation_ =
+        (::new (static_cast<void*>(task->scope_)) TaskScope(std::forward<Start>(start)))
+            ->installation();
   } catch (...) {
-    Pool& p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    task->next_free_ = p.free;
-    p.free = task;
+    recycle(task);
     throw;
   }
   gen = task->generation();
@@ -638,7 +706,7 @@ class TaskExecutor {
   // The task's scope. Only inside the task (in a function it runs, which keeps it
   // running); aborts with a message when the task has ended.
   TaskScope& task() const noexcept {
-    if (hold_.task()->generation() != hold_.generation()) [[unlikely]] {
+    if (!hold_.task()->running(hold_.generation())) [[unlikely]] {
       scopereg::internal::die_of_misuse(
           "scopereg::asio::TaskExecutor::task() was called after its task ended; call it "
           "inside the task (co_await boost::asio::this_coro::executor), or use "
@@ -731,7 +799,8 @@ class TaskExecutor {
       }
       const Unpin unpin{task};  // after `installed`: the task may end there
       TaskScope::Installed installed(task->scope());
-      std::move(f)();
+      F run(std::move(f));  // destroyed in the task too, not after the task may have ended
+      std::move(run)();
     }
   };
   struct Unpin {

@@ -154,6 +154,9 @@ class TaskScope {
   const CapturedScope& captured() const noexcept { return scope_; }
   // Whether the task is installed on the calling thread (inside one of its resumptions).
   bool installed_here() const noexcept { return internal::t_context.task == &head_; }
+  // What the calling thread's internal context holds while this task is installed there
+  // (for adaptors that must recognise the task without touching it).
+  const void* installation() const noexcept { return &head_; }
 
   // Installs the task on the calling thread until leave(). The saved state lives in the
   // TaskScope, so enter() and leave() may be called from different functions (an
