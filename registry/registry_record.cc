@@ -10,6 +10,7 @@
 namespace scopereg::internal {
 
 constinit Mutex g_process_mutex;
+constinit std::atomic<std::size_t> g_keyed_registries{0};
 
 namespace {
 
@@ -164,12 +165,14 @@ void RegistryRecord::subscribe_to_scope_ends() {
   MutexLock lock(g_process_mutex);
   subscribers().list.push_back(this);
   subscribed_ = true;
+  g_keyed_registries.store(subscribers().list.size(), std::memory_order_release);
 }
 
 void RegistryRecord::unsubscribe_locked() {
   if (subscribed_) {
     std::erase(subscribers().list, this);
     subscribed_ = false;
+    g_keyed_registries.store(subscribers().list.size(), std::memory_order_release);
   }
 }
 
@@ -313,6 +316,7 @@ void forget_dead_records_in_child() noexcept {
       }
     }
     subscribers().list.swap(kept);
+    g_keyed_registries.store(subscribers().list.size(), std::memory_order_release);
     if (!dead.empty()) {
       for (std::size_t i = 0; i < kBindingShards; ++i) {
         BindingShard& shard = binding_shards()[i];

@@ -28,6 +28,8 @@
 #ifndef SCOPEREG_INTERNAL_REGISTRY_RECORD_H_
 #define SCOPEREG_INTERNAL_REGISTRY_RECORD_H_
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -41,6 +43,14 @@
 namespace scopereg::internal {
 
 ABSL_CONST_INIT extern Mutex g_process_mutex;
+
+// How many token-keyed registries are subscribed to scope ends (written under
+// g_process_mutex). While it is 0 no token has a binding, so a scope's end or copy skips
+// hashing its token to look one up.
+ABSL_CONST_INIT extern std::atomic<std::size_t> g_keyed_registries;
+inline bool any_keyed_registry() noexcept {
+  return g_keyed_registries.load(std::memory_order_acquire) != 0;
+}
 
 class RegistryRecord;
 class DyingList;

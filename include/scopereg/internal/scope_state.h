@@ -184,7 +184,7 @@ class ScopeState {
     return dying_.start_first();
   }
   void collect_keyed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    collect_ended_locked(TokenRef::of(token_), dying_);
+    if (any_keyed_registry()) collect_ended_locked(TokenRef::of(token_), dying_);
   }
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
