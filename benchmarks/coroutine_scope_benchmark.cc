@@ -29,6 +29,11 @@
 //                                    RequestContext), made current in a thread_local
 //                                    around every function it executes
 //   BM_Asio_CoAwaitPost_TaskExecutor the same task started by scopereg::asio::co_spawn
+//   BM_Asio_TaskLife_Plain           anchor: boost::asio::co_spawn of a coroutine that does
+//                                    nothing, run to its end on a one-thread io_context
+//   BM_Asio_TaskLife_TaskExecutor    the same by scopereg::asio::co_spawn, the coroutine
+//                                    creating one CoroutineScope value: a request task's
+//                                    whole scope life on Asio
 #include "scopereg/asio.h"  // first: includes <utility> before Asio's headers
 
 #include <coroutine>
@@ -277,6 +282,34 @@ void BM_Asio_CoAwaitPost_TaskExecutor(benchmark::State& state) {
   io.run();
 }
 BENCHMARK(BM_Asio_CoAwaitPost_TaskExecutor);
+
+boost::asio::awaitable<void> empty_asio_task() { co_return; }
+
+void BM_Asio_TaskLife_Plain(benchmark::State& state) {
+  boost::asio::io_context io(1);
+  for (auto _ : state) {
+    boost::asio::co_spawn(io, empty_asio_task(), boost::asio::detached);
+    io.run();
+    io.restart();
+  }
+}
+BENCHMARK(BM_Asio_TaskLife_Plain);
+
+boost::asio::awaitable<void> value_in_task() {
+  benchmark::DoNotOptimize(task_registry()());
+  co_return;
+}
+
+void BM_Asio_TaskLife_TaskExecutor(benchmark::State& state) {
+  task_registry();
+  boost::asio::io_context io(1);
+  for (auto _ : state) {
+    scopereg::asio::co_spawn(io.get_executor(), value_in_task(), boost::asio::detached);
+    io.run();
+    io.restart();
+  }
+}
+BENCHMARK(BM_Asio_TaskLife_TaskExecutor);
 
 }  // namespace
 }  // namespace scopereg::bench

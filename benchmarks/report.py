@@ -101,6 +101,8 @@ TARGETS = [
      "BM_Asio_CoAwaitPost_TaskExecutor", "BM_Asio_CoAwaitPost_Plain", "added", 5.0),
     ("Boost.Asio co_await post in a task vs a folly-style context-carrying executor",
      "BM_Asio_CoAwaitPost_TaskExecutor", "BM_Asio_CoAwaitPost_FollyStyleExecutor", "max", 1.0),
+    ("Boost.Asio task life (co_spawn, one value, end) vs plain co_spawn of an empty task",
+     "BM_Asio_TaskLife_TaskExecutor", "BM_Asio_TaskLife_Plain", "info", None),
     ("Pool checkout+checkin vs mutex+deque pool", "BM_Pool_CheckoutCheckin/threads:1",
      "BM_Pool_MutexDeque/threads:1", "max", 1.0),
     # One shared pool: "ours" is the 2-thread figure, "anchor" the same benchmark's 1-thread
