@@ -167,58 +167,28 @@ struct TaskExecutorAccess;
 // work-tracking variants are kept once per task too, engaged while copies exist
 // (TrackedBinding). Any other executor (one whose type does not say) is held by value in
 // each TaskExecutor, so that what it tracks lasts exactly as long as that copy.
+enum class StaticWork { kUnknown, kUntracked, kTracked };
+
+// What E's type says of the outstanding work it tracks (a constant query), if anything.
 template <typename E>
-consteval bool statically_untracked() {
+consteval StaticWork static_work() {
   namespace execution = boost::asio::execution;
   if constexpr (requires {
                   typename std::integral_constant<
                       bool, E::query(execution::outstanding_work) ==
                                 execution::outstanding_work.untracked>;
                 }) {
-    return E::query(execution::outstanding_work) == execution::outstanding_work.untracked;
+    return E::query(execution::outstanding_work) == execution::outstanding_work.untracked
+               ? StaticWork::kUntracked
+               : StaticWork::kTracked;
   } else {
-    return false;
-  }
-}
-
-// A work-tracking executor whose untracked form (prefer(outstanding_work.untracked)) is
-// statically untracked and comparable: the task may then keep ONE tracked copy per
-// distinct executor, engaged while TaskExecutors of that type exist and released when
-// the last goes (see TrackedBinding), so a tracked TaskExecutor is one pointer too.
-template <typename E>
-consteval bool statically_tracked() {
-  namespace execution = boost::asio::execution;
-  if constexpr (requires {
-                  typename std::integral_constant<
-                      bool, E::query(execution::outstanding_work) ==
-                                execution::outstanding_work.tracked>;
-                }) {
-    return E::query(execution::outstanding_work) == execution::outstanding_work.tracked;
-  } else {
-    return false;
+    return StaticWork::kUnknown;
   }
 }
 
 template <typename E>
 using untracked_t = std::decay_t<typename boost::asio::prefer_result<
     const E&, boost::asio::execution::outstanding_work_t::untracked_t>::type>;
-
-template <typename E>
-consteval bool keepable_tracked() {
-  if constexpr (!statically_tracked<E>()) {
-    return false;
-  } else if constexpr (!boost::asio::can_prefer<
-                           const E&,
-                           boost::asio::execution::outstanding_work_t::untracked_t>::value) {
-    return false;
-  } else {
-    return statically_untracked<untracked_t<E>>() &&
-           std::is_nothrow_copy_constructible_v<E> &&
-           requires(const untracked_t<E>& a) {
-             { a == a } -> std::convertible_to<bool>;
-           };
-  }
-}
 
 enum class HoldKind { kKeptUntracked, kKeptTracked, kByValue };
 
@@ -258,9 +228,7 @@ struct PreferOp {
 template <typename Op, typename Inner, typename Property, typename Result>
 consteval bool keys_lazily() {
   if constexpr (hold_kind<Result>() != HoldKind::kKeptTracked) {
-    return false;
-  } else if constexpr (!is_asio_bits_executor_v<untracked_t<Result>>) {
-    return false;
+    return false;  // (kept: an Asio bits executor, so properties and work commute)
   } else if constexpr (hold_kind<Inner>() == HoldKind::kKeptUntracked) {
     return std::is_same_v<std::decay_t<Property>,
                           boost::asio::execution::outstanding_work_t::tracked_t> &&
@@ -300,9 +268,11 @@ template <typename E>
 consteval HoldKind hold_kind() {
   if constexpr (!keepable<E>()) {
     return HoldKind::kByValue;
-  } else if constexpr (statically_untracked<E>()) {
+  } else if constexpr (static_work<E>() == StaticWork::kUntracked) {
     return HoldKind::kKeptUntracked;
-  } else if constexpr (keepable_tracked<E>()) {
+  } else if constexpr (static_work<E>() == StaticWork::kTracked) {
+    // Its untracked form (prefer(outstanding_work.untracked)), the same executor without
+    // the work bit, is the tracked binding's key (see TrackedBinding).
     return HoldKind::kKeptTracked;
   } else {
     return HoldKind::kByValue;
@@ -315,20 +285,17 @@ struct BindingBase {
   AsioTask* task;
 };
 
-template <typename E>
-inline constexpr char kBindingTag = 0;
-
 // A kept untracked executor. Bindings belong to their task record and last as long as it
 // (the whole process: records are reused, never freed), so a TaskExecutor copy that
 // outlives its task still reaches its inner executor.
 template <typename E>
 struct Binding final : BindingBase {
-  Binding(AsioTask* t, const E& e) : BindingBase{&kBindingTag<E>, nullptr, t}, inner(e) {}
+  using Key = E;  // found by the executor itself
+  static constexpr char kTag = 0;
+  Binding(AsioTask* t, const E& e) : BindingBase{&kTag, nullptr, t}, inner(e) {}
+  const E& key() const noexcept { return inner; }
   const E inner;
 };
-
-template <typename E>
-inline constexpr char kTrackedBindingTag = 0;
 
 // The record's one tracked copy of a work-tracking executor E, shared by every
 // TaskExecutor<E> on the same executor (`key`, E without its work). `copies` counts them;
@@ -339,8 +306,10 @@ inline constexpr char kTrackedBindingTag = 0;
 template <typename E>
 struct TrackedBinding final : BindingBase {
   using Key = untracked_t<E>;
-  TrackedBinding(AsioTask* t, Key k)
-      : BindingBase{&kTrackedBindingTag<E>, nullptr, t}, key(std::move(k)) {}
+  static_assert(is_asio_bits_executor_v<Key> && static_work<Key>() == StaticWork::kUntracked);
+  static constexpr char kTag = 0;
+  TrackedBinding(AsioTask* t, Key k) : BindingBase{&kTag, nullptr, t}, key_(std::move(k)) {}
+  const Key& key() const noexcept { return key_; }
 
   // A new holder; `make()` returns the executor, called only if no copy is engaged.
   template <typename Make>
@@ -375,7 +344,7 @@ struct TrackedBinding final : BindingBase {
     return *std::launder(reinterpret_cast<const E*>(&storage));
   }
 
-  const Key key;
+  const Key key_;
   std::atomic<long> copies{0};
   std::mutex mu;
   bool engaged = false;  // guarded by mu
@@ -437,30 +406,15 @@ class AsioTask {
   // The running task's scope: only while pinned.
   TaskScope& scope() noexcept { return *scope_ptr(); }
 
-  // The kept copy of `inner` (found, or made and kept with the record). Lock-free.
-  template <typename E>
-  Binding<E>* bind(const E& inner) {
+  // The record's binding of type B (Binding<E> or TrackedBinding<E>) for `key`: found, or
+  // made and kept with the record. Lock-free; any thread.
+  template <typename B>
+  B* bind(const typename B::Key& key) {
     for (BindingBase* b = bindings_.load(std::memory_order_acquire); b != nullptr;
          b = b->next) {
-      if (b->type == &kBindingTag<E> && static_cast<Binding<E>*>(b)->inner == inner) {
-        return static_cast<Binding<E>*>(b);
-      }
+      if (b->type == &B::kTag && static_cast<B*>(b)->key() == key) return static_cast<B*>(b);
     }
-    return push(new Binding<E>(this, inner));
-  }
-
-  // The tracked binding for the executor `key` (found, or made and kept with the record).
-  // Lock-free.
-  template <typename E>
-  TrackedBinding<E>* bind_tracked(const typename TrackedBinding<E>::Key& key) {
-    for (BindingBase* b = bindings_.load(std::memory_order_acquire); b != nullptr;
-         b = b->next) {
-      if (b->type == &kTrackedBindingTag<E> &&
-          static_cast<TrackedBinding<E>*>(b)->key == key) {
-        return static_cast<TrackedBinding<E>*>(b);
-      }
-    }
-    return push(new TrackedBinding<E>(this, key));
+    return push(new B(this, key));
   }
 
  private:
@@ -602,7 +556,7 @@ template <typename E>
 class TaskHold<E, HoldKind::kKeptUntracked> {
  public:
   TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
-      : binding_(task->bind(inner)), gen_(gen) {}
+      : binding_(task->bind<Binding<E>>(inner)), gen_(gen) {}
   const E& inner() const noexcept { return binding_->inner; }
   AsioTask* task() const noexcept { return binding_->task; }
   std::uint64_t generation() const noexcept { return gen_; }
@@ -616,18 +570,16 @@ template <typename E>
 class TaskHold<E, HoldKind::kKeptTracked> {
  public:
   TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
-      : binding_(task->bind_tracked<E>(
-            boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked))),
-        gen_(gen) {
-    binding_->acquire([&inner]() noexcept { return inner; });
-  }
+      : TaskHold(task, gen,
+                 boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked),
+                 [&inner]() noexcept { return inner; }) {}
   // The tracked form of `key` (an untracked executor), made by `make()` only if the record
   // has no engaged copy of it: no work is counted and uncounted on the io_context for a
   // TaskExecutor that finds the copy engaged (Asio's post and work guards make one per
   // operation).
   template <typename Make>
   TaskHold(AsioTask* task, std::uint64_t gen, const untracked_t<E>& key, Make&& make)
-      : binding_(task->bind_tracked<E>(key)), gen_(gen) {
+      : binding_(task->bind<TrackedBinding<E>>(key)), gen_(gen) {
     binding_->acquire(std::forward<Make>(make));
   }
   TaskHold(const TaskHold& other) noexcept : binding_(other.binding_), gen_(other.gen_) {
@@ -645,7 +597,7 @@ class TaskHold<E, HoldKind::kKeptTracked> {
   }
   const E& inner() const noexcept { return binding_->inner(); }
   // E without its work (io_context's untracked executor): makes none.
-  const untracked_t<E>& key() const noexcept { return binding_->key; }
+  const untracked_t<E>& key() const noexcept { return binding_->key(); }
   AsioTask* task() const noexcept { return binding_->task; }
   std::uint64_t generation() const noexcept { return gen_; }
 
@@ -687,6 +639,13 @@ inline constexpr bool is_task_start_v =
 // exactly as long as the copy. Tasks are made by scopereg::asio::co_spawn.
 template <typename Executor>
 class TaskExecutor {
+  template <typename Property>
+  using RequireResult =
+      std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>;
+  template <typename Property>
+  using PreferResult =
+      std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>;
+
  public:
   using inner_executor_type = Executor;
 
@@ -731,18 +690,14 @@ class TaskExecutor {
 
   template <typename Property>
     requires boost::asio::can_require<const Executor&, Property>::value
-  auto require(const Property& p) const -> TaskExecutor<
-      std::decay_t<typename boost::asio::require_result<const Executor&, Property>::type>> {
-    return rewrap<internal::RequireOp, std::decay_t<typename boost::asio::require_result<
-                                           const Executor&, Property>::type>>(p);
+  auto require(const Property& p) const -> TaskExecutor<RequireResult<Property>> {
+    return rewrap<internal::RequireOp, RequireResult<Property>>(p);
   }
 
   template <typename Property>
     requires boost::asio::can_prefer<const Executor&, Property>::value
-  auto prefer(const Property& p) const -> TaskExecutor<
-      std::decay_t<typename boost::asio::prefer_result<const Executor&, Property>::type>> {
-    return rewrap<internal::PreferOp, std::decay_t<typename boost::asio::prefer_result<
-                                          const Executor&, Property>::type>>(p);
+  auto prefer(const Property& p) const -> TaskExecutor<PreferResult<Property>> {
+    return rewrap<internal::PreferOp, PreferResult<Property>>(p);
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
@@ -789,11 +744,8 @@ class TaskExecutor {
     std::uint64_t gen;
     F f;
     void operator()() {
-      if (task->installed_here(gen)) {  // run inline by a function of the task: pinned
-        std::move(f)();
-        return;
-      }
-      if (!task->try_pin(gen)) {  // the task has ended
+      // Run inline by a function of the task (which pins it), or the task has ended.
+      if (task->installed_here(gen) || !task->try_pin(gen)) {
         std::move(f)();
         return;
       }

@@ -152,8 +152,6 @@ class TaskScope {
   }
   // The scopes the task started with (for wrap()ping work that must run in them).
   const CapturedScope& captured() const noexcept { return scope_; }
-  // Whether the task is installed on the calling thread (inside one of its resumptions).
-  bool installed_here() const noexcept { return internal::t_context.task == &head_; }
   // What the calling thread's internal context holds while this task is installed there
   // (for adaptors that must recognise the task without touching it).
   const void* installation() const noexcept { return &head_; }
