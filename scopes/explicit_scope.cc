@@ -4,21 +4,96 @@
 #include <cassert>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
+#include <utility>
 
-#include "absl/container/flat_hash_map.h"
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "scopereg/internal/fork.h"
 
 namespace scopereg {
 namespace internal {
 
+class ScopeRecord;
+
 namespace {
 
-struct alignas(64) Shard {
-  Mutex mu;
-  absl::flat_hash_map<std::pair<const void*, std::size_t>, ScopeRecord*> map
-      ABSL_GUARDED_BY(mu);
+// A one-word mutex, so that a shard's lock and its entries share one cache line: a scope's
+// start and end then touch one line of the table (two threads entering unrelated tokens
+// move one line between their cores, not four). Uncontended: one compare-and-swap to lock,
+// one exchange to unlock. Contended (two tokens of one shard at the same moment, or a
+// holder descheduled): a short spin, then a futex wait (Drepper's three-state mutex).
+class ABSL_LOCKABLE WordMutex {
+ public:
+  constexpr WordMutex() noexcept = default;
+  void lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() {
+    std::uint32_t expected = 0;
+    if (word_.compare_exchange_strong(expected, 1, std::memory_order_acquire)) [[likely]] {
+      return;
+    }
+    lock_slow();
+  }
+  void unlock() ABSL_UNLOCK_FUNCTION() {
+    if (word_.exchange(0, std::memory_order_release) == 2) [[unlikely]] wake_one();
+  }
+
+ private:
+  void lock_slow() noexcept {
+    for (int spin = 0; spin < 64; ++spin) {
+      std::uint32_t expected = 0;
+      if (word_.load(std::memory_order_relaxed) == 0 &&
+          word_.compare_exchange_weak(expected, 1, std::memory_order_acquire)) {
+        return;
+      }
+      pause();
+    }
+    // 2: locked, and someone may be waiting (unlock() then wakes one).
+    while (word_.exchange(2, std::memory_order_acquire) != 0) wait();
+  }
+  static void pause() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  void wait() noexcept {
+#if defined(__linux__)
+    syscall(SYS_futex, &word_, FUTEX_WAIT_PRIVATE, 2, nullptr, nullptr, 0);
+#else
+    std::this_thread::yield();
+#endif
+  }
+  void wake_one() noexcept {
+#if defined(__linux__)
+    syscall(SYS_futex, &word_, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+#endif
+  }
+
+  std::atomic<std::uint32_t> word_{0};
 };
-constexpr std::size_t kShards = 64;
+
+using WordMutexLock = BasicMutexLock<WordMutex>;
+
+// One cache line of the token table: its lock, up to three live tokens' records with their
+// hashes (a look-up compares hashes without touching other threads' records), and a chain
+// of the records that did not fit.
+struct alignas(64) Shard {
+  struct Entry {
+    std::size_t hash;
+    ScopeRecord* record;
+  };
+  static constexpr std::uint32_t kInline = 3;
+  WordMutex mu;
+  std::uint32_t size ABSL_GUARDED_BY(mu) = 0;  // entries in use, from the front
+  Entry entries[kInline] ABSL_GUARDED_BY(mu) = {};
+  ScopeRecord* overflow ABSL_GUARDED_BY(mu) = nullptr;  // linked through ScopeRecord::next_
+};
+static_assert(sizeof(Shard) == 64, "a shard is one cache line");
+// Enough lines that two threads' tokens rarely meet in one (128 KiB, made on first use).
+constexpr std::size_t kShards = 2048;
 
 }  // namespace
 
@@ -58,7 +133,7 @@ class ScopeRecord {
   std::atomic<int> refs_{0};
   bool keep_ ABSL_GUARDED_BY(shard_->mu) = false;
   bool in_table_ ABSL_GUARDED_BY(shard_->mu) = true;
-  ScopeRecord* next_ ABSL_GUARDED_BY(shard_->mu) = nullptr;  // same (type, hash) chain
+  ScopeRecord* next_ ABSL_GUARDED_BY(shard_->mu) = nullptr;  // the shard's overflow chain
 };
 
 namespace {
@@ -68,17 +143,40 @@ Shard* all_shards() {
   return shards;
 }
 
-Shard& shard_for(std::size_t hash) { return all_shards()[(hash >> 11) % kShards]; }
+// The hash is remixed before its top bits pick the shard: absl::Hash's middle bits for
+// nearby integers (two threads' request counters) move together, which sent two threads
+// to the same shards at the same moments.
+Shard& shard_for(std::size_t hash) {
+  static_assert(kShards == std::size_t{1} << 11);
+  return all_shards()[(hash * 0x9E3779B97F4A7C15u) >> 53];
+}
+
+bool names(const ScopeRecord* record, const TokenProbe& probe) {
+  return record->key_->type() == probe.type && record->key_->equals(probe.value);
+}
 
 ScopeRecord* find_locked(Shard& shard, const TokenProbe& probe)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
-  auto it = shard.map.find(std::make_pair(probe.type, probe.hash));
-  if (it == shard.map.end()) return nullptr;
-  for (ScopeRecord* r = it->second; r != nullptr; r = r->next_) {
+  for (std::uint32_t i = 0; i < shard.size; ++i) {
+    const Shard::Entry& e = shard.entries[i];
+    if (e.hash == probe.hash && names(e.record, probe)) return e.record;
+  }
+  for (ScopeRecord* r = shard.overflow; r != nullptr; r = r->next_) {
     r->assert_shard(shard);
-    if (r->key_->equals(probe.value)) return r;
+    if (r->key_->hash() == probe.hash && names(r, probe)) return r;
   }
   return nullptr;
+}
+
+void insert_locked(Shard& shard, ScopeRecord* record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+  record->assert_shard(shard);
+  record->in_table_ = true;
+  if (shard.size < Shard::kInline) {
+    shard.entries[shard.size++] = Shard::Entry{record->key_->hash(), record};
+    return;
+  }
+  record->next_ = shard.overflow;
+  shard.overflow = record;
 }
 
 // Each thread keeps up to 16 ended records of its own domain for the next scopes it starts:
@@ -144,16 +242,25 @@ void recycle_record(ScopeRecord* record) noexcept {
 
 void unlink_locked(Shard& shard, ScopeRecord* record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
   record->assert_shard(shard);
-  auto it = shard.map.find(std::make_pair(record->key_->type(), record->key_->hash()));
-  for (ScopeRecord** p = &it->second; *p != nullptr; p = &(*p)->next_) {
+  record->in_table_ = false;
+  for (std::uint32_t i = 0; i < shard.size; ++i) {
+    if (shard.entries[i].record != record) continue;
+    if (ScopeRecord* moved = shard.overflow) {  // keep the inline entries full
+      moved->assert_shard(shard);
+      shard.overflow = moved->next_;
+      shard.entries[i] = Shard::Entry{moved->key_->hash(), moved};
+    } else {
+      shard.entries[i] = shard.entries[--shard.size];
+    }
+    return;
+  }
+  for (ScopeRecord** p = &shard.overflow; *p != nullptr; p = &(*p)->next_) {
     (*p)->assert_shard(shard);
     if (*p == record) {
       *p = record->next_;
-      break;
+      return;
     }
   }
-  if (it->second == nullptr) shard.map.erase(it);
-  record->in_table_ = false;
 }
 
 void end_record(ScopeRecord* record) noexcept {
@@ -177,20 +284,24 @@ ScopeRecord* new_private_record() {
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
   Shard& shard = shard_for(probe.hash);
-  MutexLock lock(shard.mu);
-  ScopeRecord* record = find_locked(shard, probe);
-  if (record == nullptr) {
-    record = new_record(probe, shard);
+  // Made before the lock (copying the token may allocate): the lock is held only to look
+  // up and link, and a token whose scope is live already hands the record back.
+  ScopeRecord* fresh = new_record(probe, shard);
+  ScopeRecord* record;
+  {
+    WordMutexLock lock(shard.mu);
+    record = find_locked(shard, probe);
+    if (record == nullptr) {
+      record = std::exchange(fresh, nullptr);
+      record->assert_shard(shard);
+      record->keep_ = false;
+      insert_locked(shard, record);
+    }
     record->assert_shard(shard);
-    record->keep_ = false;
-    record->in_table_ = true;
-    ScopeRecord*& head = shard.map[std::make_pair(probe.type, probe.hash)];
-    record->next_ = head;
-    head = record;
+    record->refs_.fetch_add(1, std::memory_order_relaxed);
+    if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
   }
-  record->assert_shard(shard);
-  record->refs_.fetch_add(1, std::memory_order_relaxed);
-  if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
+  if (fresh != nullptr) recycle_record(fresh);  // never shared: nothing to end
   return record;
 }
 
@@ -213,7 +324,7 @@ void release_record(ScopeRecord* record) noexcept {
   }
   Shard& shard = *record->shard_;
   {
-    MutexLock lock(shard.mu);
+    WordMutexLock lock(shard.mu);
     record->assert_shard(shard);
     if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     if (record->in_table_) {
@@ -230,7 +341,7 @@ void end_token(const TokenProbe& probe) {
   Shard& shard = shard_for(probe.hash);
   ScopeRecord* to_end = nullptr;
   {
-    MutexLock lock(shard.mu);
+    WordMutexLock lock(shard.mu);
     ScopeRecord* record = find_locked(shard, probe);
     if (record == nullptr) return;
     unlink_locked(shard, record);

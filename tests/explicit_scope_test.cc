@@ -193,6 +193,78 @@ TEST(ExplicitScope, TokensOfDifferentTypesAreDifferentScopes) {
   EXPECT_EQ(f.counts.alive(), 0);
 }
 
+// Tokens that all hash alike land in one shard of the token table, past its inline
+// entries: each still names its own scope, and leaving them in any order keeps the rest.
+struct SameHash {
+  int id;
+  bool operator==(const SameHash&) const = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const SameHash&) {
+    return H::combine(std::move(h), 1);
+  }
+};
+
+// Holds `n` live scopes named by make(i), each with its own value, and releases them in a
+// shuffled order, checking after every release that each remaining token still finds its
+// own value (and that a released token starts a new, empty scope).
+template <typename MakeToken>
+void live_tokens_keep_their_scopes(int n, MakeToken make) {
+  Fixture f;
+  std::vector<std::unique_ptr<CapturedScope>> live;
+  std::vector<int> value_of(n);
+  for (int i = 0; i < n; ++i) {
+    live.push_back(std::make_unique<CapturedScope>(CapturedScope::of(make(i))));
+    value_of[i] = live.back()->run([&] { return f.reg().id(); });
+  }
+  EXPECT_EQ(f.counts.alive(), n);
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = (i * 7919) % n;  // n is not a multiple of 7919
+  for (int k = 0; k < n; ++k) {
+    live[order[k]].reset();
+    EXPECT_EQ(f.counts.alive(), n - k - 1);
+    // The survivors (every one when there are few), and the token just released.
+    for (int j = k + 1; j < n; j += n > 100 ? n / 8 : 1) {
+      ScopeGuard g(make(order[j]));
+      ASSERT_NE(f.reg.find(), nullptr) << "token " << order[j];
+      EXPECT_EQ(f.reg.find()->id(), value_of[order[j]]);
+    }
+    ScopeGuard again(make(order[k]));
+    EXPECT_EQ(f.reg.find(), nullptr);
+  }
+  EXPECT_EQ(f.counts.alive(), 0);
+}
+
+TEST(ExplicitScope, ManyLiveTokensEachKeepTheirScope) {
+  live_tokens_keep_their_scopes(5000, [](int i) { return i; });
+}
+
+TEST(ExplicitScope, LiveTokensWithOneHashEachKeepTheirScope) {
+  ASSERT_EQ(absl::Hash<SameHash>{}(SameHash{1}), absl::Hash<SameHash>{}(SameHash{2}));
+  live_tokens_keep_their_scopes(50, [](int i) { return SameHash{i}; });
+}
+
+TEST(ExplicitScope, ThreadsEnteringTokensOfOneHashShareOnlyEqualTokens) {
+  // Four threads enter the same 8 colliding tokens (all in one shard) over and over: each
+  // token's value is made once per life and never seen under another token.
+  ScopedRegistry<int, ExplicitScope> reg([] { return -1; });
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 2000; ++round) {
+        const int id = (round + t) % 8;
+        ScopeGuard g(SameHash{id}, ScopeLifetime::kUntilEnded);
+        int& v = reg();
+        if (v == -1) v = id;
+        if (v != id) wrong.fetch_add(1);
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  EXPECT_EQ(wrong.load(), 0);
+  for (int id = 0; id < 8; ++id) ExplicitScope::end(SameHash{id});
+}
+
 TEST(ExplicitScope, AWrappedCallableRunsInTheCapturedScopeAndRestoresTheRunners) {
   Fixture f;
   std::function<int()> task;

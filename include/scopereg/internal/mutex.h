@@ -33,17 +33,20 @@ class ABSL_LOCKABLE Mutex {
   std::mutex mu_;
 };
 
-// Holds a Mutex for its scope (std::lock_guard, annotated).
-class ABSL_SCOPED_LOCKABLE MutexLock {
+// Holds a mutex (Mutex, or another lockable of scopereg's) for its scope
+// (std::lock_guard, annotated).
+template <typename M>
+class ABSL_SCOPED_LOCKABLE BasicMutexLock {
  public:
-  explicit MutexLock(Mutex& mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) { mu_.lock(); }
-  MutexLock(const MutexLock&) = delete;
-  MutexLock& operator=(const MutexLock&) = delete;
-  ~MutexLock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
+  explicit BasicMutexLock(M& mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) { mu_.lock(); }
+  BasicMutexLock(const BasicMutexLock&) = delete;
+  BasicMutexLock& operator=(const BasicMutexLock&) = delete;
+  ~BasicMutexLock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
 
  private:
-  Mutex& mu_;
+  M& mu_;
 };
+using MutexLock = BasicMutexLock<Mutex>;
 
 // A condition variable waited on with a held Mutex.
 class CondVar {
