@@ -284,24 +284,19 @@ ScopeRecord* new_private_record() {
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
   Shard& shard = shard_for(probe.hash);
-  // Made before the lock (copying the token may allocate): the lock is held only to look
-  // up and link, and a token whose scope is live already hands the record back.
-  ScopeRecord* fresh = new_record(probe, shard);
-  ScopeRecord* record;
-  {
-    WordMutexLock lock(shard.mu);
-    record = find_locked(shard, probe);
-    if (record == nullptr) {
-      record = std::exchange(fresh, nullptr);
-      record->assert_shard(shard);
-      record->keep_ = false;
-      insert_locked(shard, record);
-    }
+  WordMutexLock lock(shard.mu);
+  ScopeRecord* record = find_locked(shard, probe);
+  if (record == nullptr) {
+    // Made under the lock (usually a record from this thread's cache; the lock spins
+    // before it sleeps, so a holder copying a long token delays others only briefly).
+    record = new_record(probe, shard);
     record->assert_shard(shard);
-    record->refs_.fetch_add(1, std::memory_order_relaxed);
-    if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
+    record->keep_ = false;
+    insert_locked(shard, record);
   }
-  if (fresh != nullptr) recycle_record(fresh);  // never shared: nothing to end
+  record->assert_shard(shard);
+  record->refs_.fetch_add(1, std::memory_order_relaxed);
+  if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
   return record;
 }
 

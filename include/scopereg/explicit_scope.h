@@ -259,10 +259,9 @@ inline constexpr FreshScopeTag fresh_scope{};
 // Thread safety: a guard must be destroyed on the thread (or fiber) that created it; one
 // entered in a coroutine task (coroutine_scope.h) belongs to the task instead, and may be
 // destroyed wherever the task runs, or with the task's frame while it is suspended.
-// Cost: one hash, one look-up under a shard's lock; no allocation when this thread has an
-// ended record to reuse (the common case for a thread that starts and ends request
-// scopes). The record is made before the lock is taken, and handed back to this thread's
-// cache when the token's scope is live already.
+// Cost: one hash, one look-up under a shard's lock; no allocation when the token's scope is
+// already live, or when this thread has an ended record to reuse (the common case for a
+// thread that starts and ends request scopes).
 class ScopeGuard {
  public:
   template <typename K>
