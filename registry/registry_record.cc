@@ -63,9 +63,9 @@ void DyingList::assert_domain([[maybe_unused]] const Domain& held) const {
 
 void DyingList::add(RegistryRecord* record, NodeBase* node) {
   items_.push_back(Item{record, node, State::kPending});
+  owner_ = current_thread_serial();
   if (!registered_) {
     registered_ = true;
-    owner_ = current_thread_serial();
     prev_ = nullptr;
     next_ = domain_.dying;
     if (next_ != nullptr) {
@@ -80,6 +80,44 @@ NodeBase* DyingList::start_first() {
   if (items_.empty() || items_[0].state != State::kPending) return nullptr;
   items_[0].state = State::kDestroying;
   return items_[0].node;
+}
+
+// items_ read without the mutex: only its owner (this thread, now) changes the vector, and
+// others (retire) only read it; the item's state is the one field both write (atomically).
+void DyingList::finish_alone(NodeBase* first) noexcept ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  release(first);  // items_[0], ours since start_first()
+  // Gone, then a look for waiters (both sequentially consistent): a retiring registry
+  // counts itself waiting before it looks at the items (retire), so either it sees this
+  // item gone or this sees it waiting and wakes it, under the mutex it waits with.
+  std::atomic_ref<State>(items_[0].state).store(State::kGone, std::memory_order_seq_cst);
+  if (domain_.waiting.load(std::memory_order_seq_cst) > 0) {
+    MutexLock lock(domain_.mu);
+    domain_.destroyed.notify_all();
+  }
+}
+
+void DyingList::drop_finished() {
+  for (Item& item : items_) {
+    if (item.state != State::kGone) return;
+  }
+  items_.clear();
+}
+
+void DyingList::unregister() {
+  items_.clear();
+  if (!registered_) return;
+  if (prev_ != nullptr) {
+    prev_->assert_domain(domain_);
+    prev_->next_ = next_;
+  } else {
+    domain_.dying = next_;
+  }
+  if (next_ != nullptr) {
+    next_->assert_domain(domain_);
+    next_->prev_ = prev_;
+  }
+  prev_ = next_ = nullptr;
+  registered_ = false;
 }
 
 void DyingList::destroy_all(NodeBase* first) noexcept {
@@ -97,24 +135,11 @@ void DyingList::destroy_all(NodeBase* first) noexcept {
       // One lock per value: report the previous destruction and take the next value.
       if (finished != kNone) {
         items_[finished].state = State::kGone;
-        if (domain_.waiting > 0) domain_.destroyed.notify_all();
+        if (domain_.waiting.load(std::memory_order_relaxed) > 0) domain_.destroyed.notify_all();
       }
       while (next < items_.size() && items_[next].state != State::kPending) ++next;
       if (next == items_.size()) {
-        items_.clear();
-        if (registered_) {
-          if (prev_ != nullptr) {
-            prev_->assert_domain(domain_);
-            prev_->next_ = next_;
-          } else {
-            domain_.dying = next_;
-          }
-          if (next_ != nullptr) {
-            next_->assert_domain(domain_);
-            next_->prev_ = prev_;
-          }
-          registered_ = false;
-        }
+        unregister();
         return;
       }
       items_[next].state = State::kDestroying;
@@ -139,23 +164,25 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out,
     MutexLock lock(domain.mu);
     in_domain(domain);
     for (;;) {
+      // Counted as waiting before looking (see DyingList::finish_alone).
+      domain.waiting.fetch_add(1, std::memory_order_seq_cst);
       bool in_progress = false;
       for (DyingList* list = domain.dying; list != nullptr; list = list->next_) {
         list->assert_domain(domain);
         for (DyingList::Item& item : list->items_) {
           if (item.record != this) continue;
-          if (item.state == DyingList::State::kPending) {
-            item.state = DyingList::State::kGone;
+          const DyingList::State state = DyingList::load_state(item);
+          if (state == DyingList::State::kPending) {
+            item.state = DyingList::State::kGone;  // pending items change only under mu
             out.push_back(item.node);
-          } else if (item.state == DyingList::State::kDestroying) {
+          } else if (state == DyingList::State::kDestroying) {
             in_progress = true;
           }
         }
       }
+      if (in_progress) domain.destroyed.wait(domain.mu);
+      domain.waiting.fetch_sub(1, std::memory_order_relaxed);
       if (!in_progress) break;
-      ++domain.waiting;
-      domain.destroyed.wait(domain.mu);
-      --domain.waiting;
     }
   }
 }
@@ -336,7 +363,9 @@ void forget_dead_records_in_child() noexcept {
     }
   }
   // Values other threads were destroying: abandoned with their lists (which may have lived
-  // on those threads' stacks); nobody is destroying anything now.
+  // on those threads' stacks, still mapped here); nobody is destroying anything now. A
+  // recycled scope's list (finish_alone) is unregistered the same way, so a later end of
+  // that scope in the child registers it afresh.
   const std::uint64_t me = current_thread_serial();
   for (std::size_t d = 0; d < kDomains; ++d) {
     Domain& domain = all_domains()[d];
@@ -344,18 +373,7 @@ void forget_dead_records_in_child() noexcept {
     for (DyingList* list = domain.dying; list != nullptr;) {
       list->assert_domain(domain);
       DyingList* next = list->next_;
-      if (list->owner_ != me) {
-        if (list->prev_ != nullptr) {
-          list->prev_->assert_domain(domain);
-          list->prev_->next_ = next;
-        } else {
-          domain.dying = next;
-        }
-        if (next != nullptr) {
-          next->assert_domain(domain);
-          next->prev_ = list->prev_;
-        }
-      }
+      if (list->owner_ != me) list->unregister();  // its values abandoned, not destroyed
       list = next;
     }
   }

@@ -5,6 +5,7 @@
 #include "scopereg/internal/scope_state.h"
 
 #include <cassert>
+#include <optional>
 
 #include "scopereg/error.h"
 #include "scopereg/thread_scope.h"
@@ -372,6 +373,7 @@ void ScopeState::reuse(ScopeToken token) noexcept ABSL_NO_THREAD_SAFETY_ANALYSIS
 
 void ScopeState::leave_domain() noexcept {
   MutexLock lock(domain_.mu);
+  dying_unregister();  // a list finish_alone() left registered
   unlink();
 }
 
@@ -390,13 +392,21 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
     bool done = false;
     bool dying = false;
     NodeBase* first = nullptr;
+    bool alone = false;
     {
       MutexLock lock(domain_.mu);
+      if (for_reuse) dying_drop_finished();  // the item the last life's end left
       // Token-keyed values first: found through the binding index (nothing to do, and no
       // further lock taken, when no token-keyed registry holds a value for this scope).
       if (round < kHardRounds) collect_keyed();
       {
-        MutexLock scope_lock(mu_);
+        // An unreachable scope's mutex guards nothing the domain's does not: with no guard,
+        // capture or current frame left, the only others that can touch its slots are a
+        // registry's destructor, size() and for_each, and each holds the domain first. So
+        // the domain's lock alone serves (one lock fewer per request scope's end).
+        std::optional<MutexLock> scope_lock;
+        if (reachable) scope_lock.emplace(mu_);
+        assert_held();
         if (!reachable || round >= kMaxRounds) closing_ = true;
         if (round < kHardRounds) {
           take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -412,9 +422,18 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
         if (done) closing_ = true;
       }
       if (done && !for_reuse) unlink();
-      if (dying) first = dying_start_first();  // saves destroy_all a lock
+      if (dying) {
+        first = dying_start_first();  // saves destroy_all a lock
+        // A recycled scope's one value (the common request scope): reported gone without
+        // the lock; the list stays registered until the next life's end or leave_domain().
+        alone = for_reuse && first != nullptr && dying_size() == 1;
+      }
     }
-    if (dying) dying_.destroy_all(first);
+    if (alone) {
+      dying_.finish_alone(first);
+    } else if (dying) {
+      dying_.destroy_all(first);
+    }
     if (done) return;
   }
 }

@@ -60,7 +60,9 @@ class ScopeState;
 struct alignas(64) Domain {
   Mutex mu;
   CondVar destroyed;  // a value of some registry finished its destructor
-  int waiting ABSL_GUARDED_BY(mu) = 0;  // retiring registries waiting on `destroyed`
+  // Retiring registries waiting on `destroyed`: changed under `mu`, read without it by a
+  // dying list that finished its last value without the lock (DyingList::finish_alone).
+  std::atomic<int> waiting{0};
   ScopeState* scopes ABSL_GUARDED_BY(mu) = nullptr;
   DyingList* dying ABSL_GUARDED_BY(mu) = nullptr;
 };
@@ -91,6 +93,16 @@ class DyingList {
   // Destroys every value not taken back, one at a time with no lock held, then
   // unregisters. `first`: what start_first() returned.
   void destroy_all(NodeBase* first = nullptr) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu);
+  // Destroys `first` (what start_first() returned, the list's only value) and reports it
+  // gone without taking the domain's lock: the list stays registered, holding one finished
+  // item, until the owner's next drop_finished() or unregister(). For a list whose owner
+  // outlives it in the domain (a recycled explicit scope's).
+  void finish_alone(NodeBase* first) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu);
+  // Forgets finished items (left by finish_alone); keeps the list registered.
+  void drop_finished() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
+  // Leaves the domain (every item finished): before the list is destroyed.
+  void unregister() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
+  std::size_t size() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return items_.size(); }
 
  private:
   friend class RegistryRecord;
@@ -99,8 +111,13 @@ class DyingList {
   struct Item {
     RegistryRecord* record;
     NodeBase* node;
+    // Changed under the domain's mutex, except kDestroying -> kGone by finish_alone();
+    // read by others (retire) through std::atomic_ref.
     State state;
   };
+  static State load_state(Item& item) noexcept {
+    return std::atomic_ref<State>(item.state).load(std::memory_order_seq_cst);
+  }
   Domain& domain_;
   absl::InlinedVector<Item, 2> items_ ABSL_GUARDED_BY(domain_.mu);
   std::uint64_t owner_ ABSL_GUARDED_BY(domain_.mu) = 0;  // the thread destroying them

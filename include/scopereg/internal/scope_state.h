@@ -183,6 +183,18 @@ class ScopeState {
       ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return dying_.start_first();
   }
+  std::size_t dying_size() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return dying_.size();
+  }
+  void dying_drop_finished() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    dying_.drop_finished();
+  }
+  void dying_unregister() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    dying_.unregister();
+  }
   void collect_keyed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     if (any_keyed_registry()) collect_ended_locked(TokenRef::of(token_), dying_);
   }
