@@ -364,8 +364,9 @@ void ScopeState::unlink() {
 }
 
 void ScopeState::reuse(ScopeToken token) noexcept ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  // No lock: the state is this thread's alone (end_for_reuse took mu_ last, after every
-  // other user of it, and no one can reach it until it is handed out again).
+  // No lock: the state is this thread's alone (its end came after every other user of it,
+  // ordered by the record's reference count and the token table's shard lock, and no one
+  // can reach it until it is handed out again).
   token_ = token;
   closing_ = false;
   first_index_.store(kNoIndex, std::memory_order_relaxed);  // the next first value is inline

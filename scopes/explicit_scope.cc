@@ -148,7 +148,7 @@ Shard* all_shards() {
 // to the same shards at the same moments.
 Shard& shard_for(std::size_t hash) {
   static_assert(kShards == std::size_t{1} << 11);
-  return all_shards()[(hash * 0x9E3779B97F4A7C15u) >> 53];
+  return all_shards()[(std::uint64_t{hash} * 0x9E3779B97F4A7C15u) >> 53];
 }
 
 bool names(const ScopeRecord* record, const TokenProbe& probe) {
@@ -293,9 +293,11 @@ ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
     record->assert_shard(shard);
     record->keep_ = false;
     insert_locked(shard, record);
+    record->refs_.store(1, std::memory_order_relaxed);  // no one else reaches it yet
+  } else {
+    record->refs_.fetch_add(1, std::memory_order_relaxed);
   }
   record->assert_shard(shard);
-  record->refs_.fetch_add(1, std::memory_order_relaxed);
   if (lifetime == ScopeLifetime::kUntilEnded) record->keep_ = true;
   return record;
 }
@@ -313,15 +315,25 @@ void add_ref(ScopeRecord* record) noexcept {
 }
 
 void release_record(ScopeRecord* record) noexcept {
+  // A count of 1 is the caller's reference alone: no one else can add one (add_ref needs a
+  // reference; the table's look-ups are held off by the shard lock), so it need not be
+  // written.
   if (record->private_) {  // never in the table: the last reference decides alone
-    if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) end_record(record);
+    if (record->refs_.load(std::memory_order_acquire) == 1 ||
+        record->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      end_record(record);
+    }
     return;
   }
   Shard& shard = *record->shard_;
   {
     WordMutexLock lock(shard.mu);
     record->assert_shard(shard);
-    if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    if (record->refs_.load(std::memory_order_acquire) == 1) {
+      record->refs_.store(0, std::memory_order_relaxed);  // end_token() reads it
+    } else if (record->refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) {
+      return;
+    }
     if (record->in_table_) {
       if (record->keep_) return;  // kept until ExplicitScope::end()
       unlink_locked(shard, record);

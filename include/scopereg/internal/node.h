@@ -55,7 +55,12 @@ inline bool release_if_shared(NodeBase* node) noexcept {
 
 // A scope stops binding `node` (null is ignored): the last binding destroys it, here.
 inline void release(NodeBase* node) noexcept {
-  if (node != nullptr && node->bindings.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+  if (node == nullptr) return;
+  // The only binding is the caller's: no one else can take one (share() needs a binding
+  // of one's own), so the count need not be written. Acquire: every other binding's
+  // release happened before.
+  if (node->bindings.load(std::memory_order_acquire) == 1 ||
+      node->bindings.fetch_sub(1, std::memory_order_acq_rel) == 1) {
     delete node;
   }
 }

@@ -71,9 +71,10 @@ Domain* all_domains() noexcept;
 // The calling thread's domain.
 Domain& this_thread_domain() noexcept;
 
-// Values taken out of their registries (by a scope's end) and not yet destroyed. While a
-// DyingList is non-empty it is registered in its domain, so that a registry destroyed
-// meanwhile takes back the values not yet started and waits for the ones in progress.
+// Values taken out of their registries (by a scope's end) and not yet destroyed. At least
+// while a DyingList is non-empty it is registered in its domain, so that a registry
+// destroyed meanwhile takes back the values not yet started and waits for the ones in
+// progress (a recycled scope's list stays registered between lives: finish_alone()).
 class DyingList {
  public:
   friend void collect_ended_locked(TokenRef token, DyingList& out);
