@@ -49,8 +49,8 @@
 // Cost: entering/leaving a guard is a hash and one look-up under the lock of one shard of a
 // process-wide token table; a shard is one cache line (2048 of them, 128 KiB made on first
 // use), so threads entering unrelated tokens rarely touch the same line (see
-// benchmarks/explicit_scope_benchmark.cc); a registry hit is three loads after one
-// constant-initialised thread_local load, no lock. A whole request scope's life (a fresh
+// benchmarks/explicit_scope_benchmark.cc); a registry hit is three loads (five past the
+// scope's first registry) after one constant-initialised thread_local load, no lock. A whole request scope's life (a fresh
 // token, one value, the guard left) takes no process-wide lock: the scope's record comes
 // from a per-thread cache of ended records (its token key stored inline when it fits in
 // 64 bytes), its first value sits inline in the record (no slot array), and its end takes

@@ -23,8 +23,8 @@
 // thread's value, not the one it used before. Use CoroutineScope (coroutine_scope.h,
 // scopereg/asio.h) for per-task values.
 // Thread safety: all static members may be called from any thread.
-// Cost: a hit is one constant-initialised thread_local load plus two or three loads (no
-// lock, no hashing); a thread's first access allocates its scope state (its first value
+// Cost: a hit is one constant-initialised thread_local load plus two loads for a thread's
+// first registry, four for others (no lock, no hashing); a thread's first access allocates its scope state (its first value
 // sits inline; a slot array follows when a second registry's value arrives) and registers
 // its exit hook.
 // Fibers: a fiber resumed on another thread sees that thread's value here; use FiberScope

@@ -6,8 +6,9 @@
 // * Every registry of a slot-based strategy owns a small integer index (`SlotRegistry`).
 // * Every live scope (a thread, a fiber, an explicit token's life) owns a `ScopeState`: an
 //   array of slots indexed by registry index, each a pointer to that registry's value.
-// * A hit is: find the current ScopeState (a thread-local load), load one chunk pointer,
-//   load one slot. No hashing, no lock, no shared write.
+// * A hit is: find the current ScopeState (a thread-local load), compare the inline index
+//   and load the inline value (a scope's first registry), else load one chunk pointer and
+//   one slot. No hashing, no lock, no shared write.
 // * Creation, replacement and removal take the ScopeState's own mutex (never a
 //   registry-wide lock), through the shared creation protocol (creation.h).
 // * A scope's creation and end take its domain's mutex (registry_record.h: one of a fixed
@@ -92,8 +93,8 @@ class SlotRegistry final : public RegistryRecord {
 //
 // Storage: a scope's first value sits inline (`first_index_`/`first_node_`): a request
 // scope with one value allocates no slot array. Slot chunks are allocated when a second
-// registry's value arrives; the inline value is then mirrored in its chunk slot, so a
-// reader that finds a chunk reads only the chunk.
+// registry's value arrives; the inline value is then mirrored in its chunk slot, and
+// load() reads the inline value whenever the index matches.
 class ScopeState {
  public:
   explicit ScopeState(ScopeKind kind);
@@ -106,11 +107,13 @@ class ScopeState {
   ScopeToken token() const { return token_; }
 
   NodeBase* load(SlotId slot) const noexcept {
+    // The inline value first (store() keeps first_node_ current even once chunks exist):
+    // a scope's first registry -- most scopes have one -- is two loads.
+    if (first_index_.load(std::memory_order_acquire) == slot.index) [[likely]] {
+      return first_node_.load(std::memory_order_acquire);
+    }
     std::atomic<NodeBase*>* chunk = chunks_[slot.chunk].load(std::memory_order_acquire);
-    if (chunk != nullptr) [[likely]] return chunk[slot.offset].load(std::memory_order_acquire);
-    return first_index_.load(std::memory_order_acquire) == slot.index
-               ? first_node_.load(std::memory_order_acquire)
-               : nullptr;
+    return chunk != nullptr ? chunk[slot.offset].load(std::memory_order_acquire) : nullptr;
   }
 
   // Destroys every value of this scope, in rounds (a destructor may create values in the
