@@ -1447,6 +1447,22 @@ TEST(AsioExecutor, TrackedCopiesAreOutstandingWorkUntilTheLastGoes) {
     io.poll();  // the task runs to its end; nothing is left to run
     ASSERT_TRUE(tracked1 && tracked2 && plain);
     EXPECT_FALSE(io.stopped()) << "two tracked copies are outstanding work";
+    // They say what they are, and their inner executors are io_context's tracked ones.
+    using Tracked = scopereg::asio::TaskExecutor<decltype(net::prefer(
+        io.get_executor(), net::execution::outstanding_work.tracked))>;
+    using Untracked = scopereg::asio::TaskExecutor<net::io_context::executor_type>;
+    ASSERT_NE(tracked1->target<Tracked>(), nullptr);
+    ASSERT_NE(plain->target<Untracked>(), nullptr);
+    EXPECT_EQ(net::query(*tracked1->target<Tracked>(), net::execution::outstanding_work),
+              net::execution::outstanding_work.tracked);
+    EXPECT_EQ(net::query(*plain->target<Untracked>(), net::execution::outstanding_work),
+              net::execution::outstanding_work.untracked);
+    EXPECT_EQ(net::query(tracked1->target<Tracked>()->get_inner_executor(),
+                         net::execution::outstanding_work),
+              net::execution::outstanding_work.tracked);
+    EXPECT_EQ(&net::query(tracked1->target<Tracked>()->get_inner_executor(),
+                          net::execution::context),
+              &io);
     tracked1.reset();
     io.poll();
     EXPECT_FALSE(io.stopped()) << "one tracked copy is still outstanding work";

@@ -102,8 +102,8 @@
 // Cost: a TaskExecutor over io_context's or thread_pool's executors is two words (the
 // task record, which keeps the inner executor, and the task's generation) and fits
 // any_io_executor without an allocation; copying it counts nothing, except that a
-// work-tracking copy is one atomic operation on the record's one tracked copy of that
-// executor (as copying Asio's own tracked executor is one on the io_context). Over other
+// work-tracking copy counts its work on the io_context or thread_pool, one atomic
+// operation, as copying Asio's own tracked executor does. Over other
 // executors (a strand) it holds the executor by value, and any_io_executor allocates to
 // hold it. Each executed function pins the task while it runs (one compare-and-swap and
 // one decrement; none when run inline by a function of the task) and installs and removes
@@ -164,8 +164,9 @@ struct TaskExecutorAccess;
 // thread_pool's executors state it in their type) may be kept for the task's whole life,
 // in a list the task owns; a TaskExecutor then holds one pointer, small enough for
 // any_io_executor's buffer (no allocation when Asio wraps or rewraps it). Their
-// work-tracking variants are kept once per task too, engaged while copies exist
-// (TrackedBinding). Any other executor (one whose type does not say) is held by value in
+// work-tracking variants are kept once per task too, by their untracked form; each copy
+// counts its own work on the context, as Asio's own copies do (TrackedBinding). Any other
+// executor (one whose type does not say) is held by value in
 // each TaskExecutor, so that what it tracks lasts exactly as long as that copy.
 enum class StaticWork { kUnknown, kUntracked, kTracked };
 
@@ -222,9 +223,9 @@ struct PreferOp {
 // Whether a require/prefer (`Op`) giving a tracked Result can find the record's tracked
 // binding from the untracked form alone -- the inner executor itself when it is untracked
 // and the property is outstanding_work.tracked, else Op applied to the inner executor's
-// untracked form -- and so make the tracked executor only when it engages the copy (no
-// work counted and uncounted on the io_context per rewrap: Asio rewraps several times per
-// operation).
+// untracked form -- and so never make the tracked executor itself: the new TaskExecutor
+// counts its one unit of work on the key's context (no extra work counted and uncounted
+// per rewrap: Asio rewraps several times per operation).
 template <typename Op, typename Inner, typename Property, typename Result>
 consteval bool keys_lazily() {
   if constexpr (hold_kind<Result>() != HoldKind::kKeptTracked) {
@@ -270,9 +271,14 @@ consteval HoldKind hold_kind() {
     return HoldKind::kByValue;
   } else if constexpr (static_work<E>() == StaticWork::kUntracked) {
     return HoldKind::kKeptUntracked;
-  } else if constexpr (static_work<E>() == StaticWork::kTracked) {
+  } else if constexpr (static_work<E>() == StaticWork::kTracked &&
+                       requires(const untracked_t<E>& key) {
+                         key.on_work_started();
+                         key.on_work_finished();
+                       }) {
     // Its untracked form (prefer(outstanding_work.untracked)), the same executor without
-    // the work bit, is the tracked binding's key (see TrackedBinding).
+    // the work bit, is the tracked binding's key; the work is counted on the key's
+    // context directly (see TrackedBinding; without BOOST_ASIO_NO_TS_EXECUTORS).
     return HoldKind::kKeptTracked;
   } else {
     return HoldKind::kByValue;
@@ -297,12 +303,10 @@ struct Binding final : BindingBase {
   const E inner;
 };
 
-// The record's one tracked copy of a work-tracking executor E, shared by every
-// TaskExecutor<E> on the same executor (`key`, E without its work). `copies` counts them;
-// while it is above zero the copy is engaged: the io_context sees one unit of outstanding
-// work, as it would for one copy of E. Engaging and releasing the copy take `mu`; every
-// other copy and release is one atomic operation (as copying and destroying E itself is,
-// for Asio's executors).
+// The record's binding of a work-tracking executor E: kept as `key` (E without its work).
+// Each TaskExecutor<E> counts one unit of outstanding work on the key's context for as long
+// as it exists (on_work_started / on_work_finished), exactly as a copy of E itself does,
+// with the same one atomic operation per copy and per release.
 template <typename E>
 struct TrackedBinding final : BindingBase {
   using Key = untracked_t<E>;
@@ -311,44 +315,14 @@ struct TrackedBinding final : BindingBase {
   TrackedBinding(AsioTask* t, Key k) : BindingBase{&kTag, nullptr, t}, key_(std::move(k)) {}
   const Key& key() const noexcept { return key_; }
 
-  // A new holder; `make()` returns the executor, called only if no copy is engaged.
-  template <typename Make>
-  void acquire(Make&& make) noexcept {
-    for (long c = copies.load(std::memory_order_acquire); c > 0;) {
-      if (copies.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) return;
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    if (!engaged) {  // `engaged` only changes under `mu`, and only while `copies` is 0
-      ::new (static_cast<void*>(&storage)) E(make());
-      engaged = true;
-    }
-    copies.fetch_add(1, std::memory_order_release);
-  }
-  // A copy of a holder: the count is above zero, the copy engaged.
-  void acquire_copy() noexcept { copies.fetch_add(1, std::memory_order_relaxed); }
-  // A holder's end; the last one releases the copy (its work).
-  void release() noexcept {
-    for (long c = copies.load(std::memory_order_relaxed); c > 1;) {
-      if (copies.compare_exchange_weak(c, c - 1, std::memory_order_release,
-                                       std::memory_order_relaxed)) {
-        return;
-      }
-    }
-    // Possibly the last holder: decrement under `mu`, still counted while waiting for it.
-    std::lock_guard<std::mutex> lock(mu);
-    if (copies.fetch_sub(1, std::memory_order_acq_rel) != 1) return;  // a new holder came
-    std::launder(reinterpret_cast<E*>(&storage))->~E();
-    engaged = false;
-  }
-  const E& inner() const noexcept {
-    return *std::launder(reinterpret_cast<const E*>(&storage));
+  void acquire() const noexcept { key_.on_work_started(); }
+  void release() const noexcept { key_.on_work_finished(); }
+  // A copy of E (it counts its own work while it exists).
+  E inner() const noexcept {
+    return boost::asio::prefer(key_, boost::asio::execution::outstanding_work.tracked);
   }
 
   const Key key_;
-  std::atomic<long> copies{0};
-  std::mutex mu;
-  bool engaged = false;  // guarded by mu
-  alignas(E) unsigned char storage[sizeof(E)];
 };
 
 // A task record: one spawned task at a time, reused (never freed) after the task ends, so
@@ -551,6 +525,7 @@ class TaskPin {
 // a tracked copy's work.
 template <typename E, HoldKind Kind = hold_kind<E>()>
 class TaskHold;
+struct FromKey {};
 
 template <typename E>
 class TaskHold<E, HoldKind::kKeptUntracked> {
@@ -558,6 +533,8 @@ class TaskHold<E, HoldKind::kKeptUntracked> {
   TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
       : binding_(task->bind<Binding<E>>(inner)), gen_(gen) {}
   const E& inner() const noexcept { return binding_->inner; }
+  // What functions are executed on and queries asked of.
+  const E& runner() const noexcept { return binding_->inner; }
   AsioTask* task() const noexcept { return binding_->task; }
   std::uint64_t generation() const noexcept { return gen_; }
 
@@ -570,20 +547,16 @@ template <typename E>
 class TaskHold<E, HoldKind::kKeptTracked> {
  public:
   TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
-      : TaskHold(task, gen,
-                 boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked),
-                 [&inner]() noexcept { return inner; }) {}
-  // The tracked form of `key` (an untracked executor), made by `make()` only if the record
-  // has no engaged copy of it: no work is counted and uncounted on the io_context for a
-  // TaskExecutor that finds the copy engaged (Asio's post and work guards make one per
-  // operation).
-  template <typename Make>
-  TaskHold(AsioTask* task, std::uint64_t gen, const untracked_t<E>& key, Make&& make)
+      : TaskHold(task, gen, FromKey{},
+                 boost::asio::prefer(inner, boost::asio::execution::outstanding_work.untracked)) {}
+  // From `key`, E without its work (no E is made: Asio's post and work guards rewrap an
+  // executor to its tracked form once per operation).
+  TaskHold(AsioTask* task, std::uint64_t gen, FromKey, const untracked_t<E>& key)
       : binding_(task->bind<TrackedBinding<E>>(key)), gen_(gen) {
-    binding_->acquire(std::forward<Make>(make));
+    binding_->acquire();
   }
   TaskHold(const TaskHold& other) noexcept : binding_(other.binding_), gen_(other.gen_) {
-    binding_->acquire_copy();
+    binding_->acquire();
   }
   TaskHold(TaskHold&& other) noexcept
       : binding_(std::exchange(other.binding_, nullptr)), gen_(other.gen_) {}
@@ -595,9 +568,11 @@ class TaskHold<E, HoldKind::kKeptTracked> {
   ~TaskHold() {
     if (binding_ != nullptr) binding_->release();
   }
-  const E& inner() const noexcept { return binding_->inner(); }
-  // E without its work (io_context's untracked executor): makes none.
+  // A new copy of E (it counts its own work while it lives).
+  E inner() const noexcept { return binding_->inner(); }
+  // E without its work: executes as E does (the work bit changes only what a copy counts).
   const untracked_t<E>& key() const noexcept { return binding_->key(); }
+  const untracked_t<E>& runner() const noexcept { return binding_->key(); }
   AsioTask* task() const noexcept { return binding_->task; }
   std::uint64_t generation() const noexcept { return gen_; }
 
@@ -612,6 +587,7 @@ class TaskHold<E, HoldKind::kByValue> {
   TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
       : inner_(inner), task_(task), gen_(gen) {}
   const E& inner() const noexcept { return inner_; }
+  const E& runner() const noexcept { return inner_; }
   AsioTask* task() const noexcept { return task_; }
   std::uint64_t generation() const noexcept { return gen_; }
 
@@ -657,7 +633,9 @@ class TaskExecutor {
       : hold_(other.hold_.task(), other.hold_.generation(),
               Executor(other.get_inner_executor())) {}
 
-  const Executor& get_inner_executor() const noexcept { return hold_.inner(); }
+  // The inner executor: a reference, or for a work-tracking io_context or thread_pool
+  // executor a new copy (as strand's get_inner_executor() returns one).
+  decltype(auto) get_inner_executor() const noexcept { return hold_.inner(); }
   // Whether the task still runs (its coroutine has not finished, or a function of it is
   // running). A copy of an ended task's executor runs functions as its inner executor
   // would, outside the task.
@@ -677,7 +655,7 @@ class TaskExecutor {
   template <typename F>
   void execute(F&& f) const {
     boost::asio::execution::execute(
-        hold_.inner(),
+        hold_.runner(),
         Resume<std::decay_t<F>>{hold_.task(), hold_.generation(), std::forward<F>(f)});
   }
 
@@ -685,7 +663,11 @@ class TaskExecutor {
     requires boost::asio::can_query<const Executor&, Property>::value
   decltype(auto) query(const Property& p) const
       noexcept(boost::asio::is_nothrow_query<const Executor&, Property>::value) {
-    return boost::asio::query(hold_.inner(), p);
+    if constexpr (std::is_same_v<Property, boost::asio::execution::outstanding_work_t>) {
+      return boost::asio::query(hold_.inner(), p);
+    } else {
+      return boost::asio::query(hold_.runner(), p);  // the same answer, no copy made
+    }
   }
 
   template <typename Property>
@@ -702,7 +684,7 @@ class TaskExecutor {
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
     return a.hold_.task() == b.hold_.task() && a.hold_.generation() == b.hold_.generation() &&
-           a.hold_.inner() == b.hold_.inner();
+           a.hold_.runner() == b.hold_.runner();
   }
   friend bool operator!=(const TaskExecutor& a, const TaskExecutor& b) noexcept {
     return !(a == b);
@@ -715,21 +697,20 @@ class TaskExecutor {
 
   TaskExecutor(internal::AsioTask* task, std::uint64_t gen, const Executor& inner)
       : hold_(task, gen, inner) {}
-  template <typename Key, typename Make>
-  TaskExecutor(internal::AsioTask* task, std::uint64_t gen, const Key& key, Make&& make)
-      : hold_(task, gen, key, std::forward<Make>(make)) {}
+  template <typename Key>
+  TaskExecutor(internal::AsioTask* task, std::uint64_t gen, internal::FromKey, const Key& key)
+      : hold_(task, gen, internal::FromKey{}, key) {}
 
   // The same task on Op(inner, p).
   template <typename Op, typename Result, typename Property>
   TaskExecutor<Result> rewrap(const Property& p) const {
     if constexpr (internal::keys_lazily<Op, Executor, Property, Result>()) {
-      const Executor& inner = hold_.inner();
-      auto make = [&inner, &p]() noexcept { return Result(Op::apply(inner, p)); };
       if constexpr (internal::hold_kind<Executor>() == internal::HoldKind::kKeptUntracked) {
-        return TaskExecutor<Result>(hold_.task(), hold_.generation(), inner, make);
+        return TaskExecutor<Result>(hold_.task(), hold_.generation(), internal::FromKey{},
+                                    hold_.inner());
       } else {
-        return TaskExecutor<Result>(hold_.task(), hold_.generation(), Op::apply(hold_.key(), p),
-                                    make);
+        return TaskExecutor<Result>(hold_.task(), hold_.generation(), internal::FromKey{},
+                                    Op::apply(hold_.key(), p));
       }
     } else {
       return TaskExecutor<Result>(hold_.task(), hold_.generation(), Op::apply(hold_.inner(), p));
