@@ -814,7 +814,8 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
 // The task's coroutine: `pin` (a parameter, so it lives in the frame from the moment
 // co_spawn makes it) keeps the task running until the frame ends.
 template <typename T, typename AwEx, typename Teardown>
-boost::asio::awaitable<T, AwEx> run_task(TaskPin pin, boost::asio::awaitable<T, AwEx> body,
+boost::asio::awaitable<T, AwEx> run_task([[maybe_unused]] TaskPin pin,
+                                         boost::asio::awaitable<T, AwEx> body,
                                          Teardown teardown) {
   std::exception_ptr error;
   if constexpr (std::is_void_v<T>) {
