@@ -246,7 +246,9 @@ TEST(ExplicitScope, LiveTokensWithOneHashEachKeepTheirScope) {
 TEST(ExplicitScope, ThreadsEnteringTokensOfOneHashShareOnlyEqualTokens) {
   // Four threads enter the same 8 colliding tokens (all in one shard) over and over: each
   // token's value is made once per life and never seen under another token.
-  ScopedRegistry<int, ExplicitScope> reg([] { return -1; });
+  // The value is shared by every thread in the token's scope: it is claimed atomically.
+  using Claim = std::shared_ptr<std::atomic<int>>;
+  ScopedRegistry<Claim, ExplicitScope> reg([] { return std::make_shared<std::atomic<int>>(-1); });
   std::atomic<int> wrong{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
@@ -254,9 +256,10 @@ TEST(ExplicitScope, ThreadsEnteringTokensOfOneHashShareOnlyEqualTokens) {
       for (int round = 0; round < 2000; ++round) {
         const int id = (round + t) % 8;
         ScopeGuard g(SameHash{id}, ScopeLifetime::kUntilEnded);
-        int& v = reg();
-        if (v == -1) v = id;
-        if (v != id) wrong.fetch_add(1);
+        std::atomic<int>& v = *reg();
+        int unclaimed = -1;
+        v.compare_exchange_strong(unclaimed, id);
+        if (v.load() != id) wrong.fetch_add(1);
       }
     });
   }
