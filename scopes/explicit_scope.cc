@@ -215,9 +215,16 @@ ScopeRecord* take_record() {
   return record;
 }
 
+void end_record(ScopeRecord* record) noexcept;
+
 ScopeRecord* new_record(const TokenProbe& probe, Shard& shard) {
   ScopeRecord* record = take_record();
-  record->set_key(probe);
+  try {
+    record->set_key(probe);  // copies the user's token: may throw
+  } catch (...) {
+    end_record(record);  // no value, no key: back to this thread's cache
+    throw;
+  }
   record->shard_ = &shard;
   record->private_ = false;
   return record;
