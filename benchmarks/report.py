@@ -118,6 +118,7 @@ SCALING = [
     ("folly-style request context life (anchor)", "BM_ScopeLife_FollyStyleContext"),
     ("ExplicitScope request scope life (token)", "BM_ScopeLife_ExplicitScope"),
     ("ExplicitScope request scope life (fresh_scope)", "BM_ScopeLife_FreshScope"),
+    ("FuncScope over ExplicitScope::func(), scope life (token)", "BM_ScopeLife_FuncScopeToken"),
     ("ExplicitScope churn (a registry per thread)", "BM_Churn_ExplicitScope"),
     ("wrap() + call", "BM_WrapAndCall"),
     ("ScopeGuard enter/leave", "BM_EnterLeave_ScopeGuard"),

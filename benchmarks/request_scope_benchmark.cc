@@ -11,6 +11,9 @@
 //   BM_ScopeLife_FreshScope            the same with ScopeGuard(scopereg::fresh_scope): a
 //                                      scope no token names (carried by wrap, as folly's)
 //   BM_ScopeLife_FuncScopeAlive/N      the same with N empty FuncScope registries alive
+//   BM_ScopeLife_FuncScopeToken        the same with the value in a FuncScope registry over
+//                                      ExplicitScope::func() (a token-keyed store, found
+//                                      again at scope end through the binding index)
 //   BM_Get_FuncScope_Registries/N      FuncScope hits on N registries used alternately
 //   BM_CopyRun_FollyStyleShallowCopy/N anchor: a child context made by copying the parent's
 //                                      flat_hash_map of N shared_ptr entries, made current,
@@ -102,6 +105,19 @@ void BM_ScopeLife_FuncScopeAlive(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_ScopeLife_FuncScopeAlive)->Arg(0)->Arg(100)->Arg(10000);
+
+// A token-keyed registry (FuncScope over ExplicitScope::func()): its values live in the
+// registry's own map, found again through the process's binding index at scope end.
+void BM_ScopeLife_FuncScopeToken(benchmark::State& state) {
+  static auto* reg = new ScopedRegistry<Payload, FuncScope>([] { return Payload{1}; },
+                                                             ExplicitScope::func());
+  std::uint64_t token = first_token(state);
+  for (auto _ : state) {
+    ScopeGuard guard(token++);
+    benchmark::DoNotOptimize((*reg)());
+  }
+}
+BENCHMARK(BM_ScopeLife_FuncScopeToken)->ThreadRange(1, 16);
 
 void BM_Get_FuncScope_Registries(benchmark::State& state) {
   const auto n = static_cast<std::size_t>(state.range(0));

@@ -32,13 +32,17 @@ struct alignas(64) BindingShard {
       map ABSL_GUARDED_BY(mu);
   std::atomic<std::size_t> size{0};  // map.size(), for a lock-free "nothing bound here"
 };
-constexpr std::size_t kBindingShards = 64;
+constexpr int kBindingShardBits = 6;
+constexpr std::size_t kBindingShards = std::size_t{1} << kBindingShardBits;
 BindingShard* binding_shards() {
   static BindingShard* const shards = new BindingShard[kBindingShards];  // never destroyed
   return shards;
 }
 BindingShard& binding_shard(const TokenRef& token) {
-  return binding_shards()[(token.hash >> 13) % kBindingShards];
+  // The top bits of the remixed placement (placement_of in token_ref.h; nearby tokens'
+  // absl::Hash bits move together, hence the remix).
+  const std::uint64_t h = static_cast<std::uint64_t>(token.place) * 0x9E3779B97F4A7C15u;
+  return binding_shards()[h >> (64 - kBindingShardBits)];
 }
 
 }  // namespace

@@ -192,7 +192,7 @@ void ScopeState::take_values(F&& take) {
     const SlotId first_slot = slot_id_for(first);
     if (NodeBase* node = load(first_slot)) {
       store(first_slot, nullptr);
-      take(registry_at(first), node);
+      take(first, node);
     }
   }
   for (std::uint32_t c = 0; c < chunk_limit_ && values_.load(std::memory_order_relaxed) != 0;
@@ -206,7 +206,7 @@ void ScopeState::take_values(F&& take) {
       if (node == nullptr) continue;
       chunk[o].store(nullptr, std::memory_order_relaxed);
       values_.store(values_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
-      take(registry_at(base + o), node);
+      take(base + o, node);
     }
   }
   hooked_values_.store(0, std::memory_order_relaxed);
@@ -258,7 +258,11 @@ void ScopeState::share_from(ScopeState& from) {
     MutexLock second_lock(second->mu_);
     from.assert_held();
     assert_held();
-    if (!closing_) {
+    if (closing_) {
+      // Takes no values.
+    } else if (values_.load(std::memory_order_relaxed) == 0) {
+      share_all_from(from);  // a new copy (the common case): chunk by chunk
+    } else {
       from.for_each_value([this](std::uint32_t index, NodeBase* node)
                               ABSL_NO_THREAD_SAFETY_ANALYSIS {
         const SlotId slot = slot_id_for(index);
@@ -270,6 +274,59 @@ void ScopeState::share_from(ScopeState& from) {
     }
   }
   if (any_keyed_registry()) copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
+}
+
+void ScopeState::share_all_from(const ScopeState& from) {
+  // What store() would leave after storing each of `from`'s values in turn, written
+  // directly: the inline value (if its registry takes shared values) and every chunk,
+  // each value bound once even where `from` mirrors its inline value in a chunk.
+  std::uint32_t count = 0;
+  std::uint32_t hooked = 0;
+  first_index_.store(kNoIndex, std::memory_order_relaxed);  // no value here: free
+  const std::uint32_t first = from.first_index_.load(std::memory_order_relaxed);
+  NodeBase* const first_node =
+      first != kNoIndex ? from.first_node_.load(std::memory_order_relaxed) : nullptr;
+  const bool take_first = first_node != nullptr && accepts_sharing(first);
+  if (take_first) {
+    share(first_node);
+    ++count;
+    hooked += first_node->hooked;
+    first_node_.store(first_node, std::memory_order_release);
+    first_index_.store(first, std::memory_order_release);
+  }
+  for (std::uint32_t c = 0; c < from.chunk_limit_; ++c) {
+    std::atomic<NodeBase*>* src = from.chunks_[c].load(std::memory_order_relaxed);
+    if (src == nullptr) continue;
+    const std::uint32_t n = kFirstChunkSlots << c;
+    const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
+    std::atomic<NodeBase*>* dst = chunks_[c].load(std::memory_order_relaxed);
+    const bool made = dst == nullptr;
+    for (std::uint32_t o = 0; o < n; ++o) {
+      NodeBase* node = src[o].load(std::memory_order_relaxed);
+      if (node == nullptr) continue;
+      if (!(take_first && base + o == first)) {  // the inline value's mirror: bound above
+        if (!accepts_sharing(base + o)) continue;
+        share(node);
+        ++count;
+        hooked += node->hooked;
+      }
+      if (dst == nullptr) dst = new std::atomic<NodeBase*>[n]();
+      dst[o].store(node, std::memory_order_release);  // (a constant order: a run-time one
+                                                      // compiles to a full-barrier store)
+    }
+    if (made && dst != nullptr) {
+      chunks_[c].store(dst, std::memory_order_release);
+      if (c >= chunk_limit_) chunk_limit_ = c + 1;
+    }
+  }
+  if (take_first) {  // mirrored in its chunk whenever that exists (as store() keeps it)
+    const SlotId slot = slot_id_for(first);
+    if (std::atomic<NodeBase*>* chunk = chunks_[slot.chunk].load(std::memory_order_relaxed)) {
+      chunk[slot.offset].store(first_node, std::memory_order_release);
+    }
+  }
+  values_.store(count, std::memory_order_relaxed);
+  hooked_values_.store(hooked, std::memory_order_relaxed);
 }
 
 // ---- fork ---------------------------------------------------------------------------
@@ -322,7 +379,7 @@ void abandon_other_threads_in_child() noexcept {
       {
         MutexLock scope_lock(scope->mu_);
         scope->closing_ = true;
-        scope->take_values([](SlotRegistry*, NodeBase*) {});  // abandoned, not destroyed
+        scope->take_values([](std::uint32_t, NodeBase*) {});  // abandoned, not destroyed
       }
       abandon_everywhere(TokenRef::of(scope->token_));
       scope->unlink();  // the ScopeState itself is left: its thread's exit never comes
@@ -410,10 +467,13 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
         assert_held();
         if (!reachable || round >= kMaxRounds) closing_ = true;
         if (round < kHardRounds) {
-          take_values([this](SlotRegistry* reg, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            assert(reg != nullptr);  // a registry empties its slots before it goes
+          take_values([this](std::uint32_t index, NodeBase* node)
+                          ABSL_NO_THREAD_SAFETY_ANALYSIS {
             // A value another scope still binds (a copy's) only loses this binding.
-            if (!release_if_shared(node)) dying_add(reg, node);  // domain mutex held here
+            if (release_if_shared(node)) return;
+            SlotRegistry* reg = registry_at(index);
+            assert(reg != nullptr);  // a registry empties its slots before it goes
+            dying_add(reg, node);  // domain mutex held here
           });
         }
         // Unreachable: nothing can add values now; reachable: stop once a round found

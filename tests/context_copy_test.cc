@@ -671,6 +671,66 @@ TEST(ContextCopy, TheLastBindingDestroysASharedValueWhicheverItIs) {
   EXPECT_EQ(g_tracked_destroyed.load(), 2);
 }
 
+// A copy of a scope with values in 40 registries (the inline value and two slot chunks,
+// the inline value mirrored in its chunk): each value is bound once by the copy (the
+// copy's end destroys none, the last binding destroys each once), each registry sees
+// exactly its own value in the copy, and changes on either side stay on that side. Run
+// three times, so later copies reuse this thread's recycled scopes (whose slot chunks
+// exist, empty), and once with the parent's inline value cleared first.
+TEST(ContextCopy, ACopyOfManyRegistriesBindsEachValueOnceAndKeepsItsOwnChanges) {
+  constexpr int kRegistries = 40;
+  Counts counts;
+  std::vector<std::unique_ptr<Var<Counted>>> regs;
+  for (int i = 0; i < kRegistries; ++i) {
+    regs.push_back(std::make_unique<Var<Counted>>([&counts, i] { return Counted(counts, i); }));
+  }
+  for (int round = 0; round < 4; ++round) {
+    const bool clear_inline = round == 3;
+    std::optional<CapturedScope> copy;
+    {
+      ScopeGuard parent(RequestId{static_cast<std::uint64_t>(900 + round)});
+      (*regs[7])();  // the parent's inline value
+      for (int i = 0; i < kRegistries; ++i) (*regs[i])();
+      if (clear_inline) regs[7]->clear();
+      const int parent_values = kRegistries - (clear_inline ? 1 : 0);
+      ASSERT_EQ(counts.alive(), parent_values);
+      copy = copy_context();
+      copy->run([&] {
+        for (int i = 0; i < kRegistries; ++i) {
+          if (clear_inline && i == 7) {
+            EXPECT_EQ(regs[i]->find(), nullptr);
+          } else {
+            ASSERT_NE(regs[i]->find(), nullptr) << "registry " << i;
+            EXPECT_EQ(regs[i]->find()->id(), i);
+          }
+        }
+        int visited = 0;
+        regs[20]->for_each([&](const auto&, const Counted& v) {
+          EXPECT_EQ(v.id(), 20);
+          ++visited;
+        });
+        EXPECT_EQ(visited, 2);  // the parent's binding and the copy's
+        regs[3]->clear();       // in the copy only
+        regs[30]->clear();
+      });
+      EXPECT_EQ(counts.alive(), parent_values);  // shared: cleared in the copy, kept here
+      ASSERT_NE(regs[3]->find(), nullptr);
+      ASSERT_NE(regs[30]->find(), nullptr);
+      regs[12]->clear();  // in the parent only
+    }  // the parent's end: every value the copy binds stays
+    EXPECT_EQ(counts.alive(), kRegistries - (clear_inline ? 1 : 0) - 2);
+    copy->run([&] {
+      EXPECT_EQ(regs[3]->find(), nullptr);
+      ASSERT_NE(regs[12]->find(), nullptr);
+      EXPECT_EQ(regs[12]->find()->id(), 12);
+    });
+    copy.reset();
+    EXPECT_EQ(counts.alive(), 0);
+    EXPECT_EQ(counts.made.load(), counts.destroyed.load());
+  }
+  EXPECT_EQ(counts.made.load(), 4 * kRegistries);
+}
+
 // A registry destroyed while copies still bind its values: its destructor destroys every
 // one exactly once; the copies keep running and see no value of a later registry.
 TEST(ContextCopy, ARegistryDestroyedWhileCopiesBindItsValues) {

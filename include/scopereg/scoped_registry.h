@@ -197,10 +197,11 @@ class ScopedRegistry {
 
   // Number of values bound across all scopes (a value shared by a scope and its copies,
   // copy_context() / inherit, counts once per scope). Exact when nothing runs concurrently;
-  // otherwise a value that was true at some moment during the call. Cost: one load for
-  // token-keyed strategies; for slot-based ones (thread, fiber, explicit) a walk over every
-  // live scope under its domain's lock (no shared counter is written on creation, so that
-  // scopes on different threads never share a cache line): a diagnostic, not a hot path.
+  // otherwise a value that was true at some moment during the call. Cost: 16 loads (one
+  // per shard) for token-keyed strategies; for slot-based ones (thread, fiber, explicit) a
+  // walk over every live scope under its domain's lock (no shared counter is written on
+  // creation, so that scopes on different threads never share a cache line): a
+  // diagnostic, not a hot path.
   std::int64_t size() const { return backend_.size(); }
 
   // Calls visit(token, value) for each live value in every scope. A value created or

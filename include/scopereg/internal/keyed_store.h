@@ -6,9 +6,13 @@
 // takes no lock and writes no shared cache line. Creation goes through the shared
 // protocol (creation.h) with a KeyedCell.
 //
-// Cache validity: every removal bumps the store's epoch (under the shard lock, after the
-// erase); a cache entry records the epoch it saw under the same lock, so an entry whose
-// epoch still matches points at a live value. Store ids are never reused.
+// Cache validity: a cache entry records the store's epoch as it saw it under the token's
+// shard lock, so an entry whose epoch still matches points at a live value. Every removal
+// of a value some thread may have cached bumps the epoch (under the shard lock, before the
+// node goes); a value only its remover's thread cached is instead dropped from that
+// thread's own cache, so a thread ending its own scopes writes no line every thread reads
+// (each value records which thread cached it, or that several did). Store ids are never
+// reused.
 //
 // Every value stored records a binding in the binding index (registry_record.h), dropped
 // when it goes: `end_scope(token)` and the end of a built-in scope find the stores holding
@@ -29,6 +33,7 @@
 #include "absl/functional/function_ref.h"
 #include "absl/hash/hash.h"
 #include "scopereg/internal/creation.h"
+#include "scopereg/internal/fork.h"
 #include "scopereg/internal/mutex.h"
 #include "scopereg/internal/node.h"
 #include "scopereg/internal/registry_record.h"
@@ -96,7 +101,11 @@ class KeyedStore final : public RegistryRecord {
 
   KeyedCell<Token> cell(Token token) { return KeyedCell<Token>(*this, std::move(token)); }
 
-  std::int64_t size() const { return live_.load(std::memory_order_relaxed); }
+  std::int64_t size() const {
+    std::int64_t n = 0;
+    for (const Shard& shard : shards_) n += shard.live.load(std::memory_order_relaxed);
+    return n;
+  }
 
   // Visits every value with its shard's lock held.
   void for_each(absl::FunctionRef<void(const Token&, NodeBase*)> visit) {
@@ -113,38 +122,77 @@ class KeyedStore final : public RegistryRecord {
   struct Entry {
     NodeBase* node;       // null while being created
     const void* creator;  // the context running the factory
+    std::uint64_t cached_by = 0;  // the thread whose cache may hold node, kManyThreads, or 0
   };
+  static constexpr std::uint64_t kManyThreads = ~std::uint64_t{0};
   struct alignas(64) Shard {
     Mutex mu;
     CondVar cv;
     absl::flat_hash_map<Token, Entry, absl::Hash<Token>> map ABSL_GUARDED_BY(mu);
+    std::atomic<std::int64_t> live{0};  // values in `map`; written under mu
   };
-  static constexpr std::size_t kShards = 16;
+  static constexpr int kShardBits = 4;
+  static constexpr std::size_t kShards = std::size_t{1} << kShardBits;
 
   Shard& shard_for(const Token& token) {
-    return shards_[(absl::Hash<Token>{}(token) >> 7) % kShards];
+    // The top bits of the remixed key: absl::Hash's bits for nearby integers (request
+    // counters) move together, so a plain modulus puts concurrent requests in one shard.
+    // For scopereg's own tokens, their run of serials (placement_of in token_ref.h).
+    std::uint64_t h;
+    if constexpr (std::is_same_v<Token, ScopeToken>) {
+      h = token.kind() != ScopeKind::kUser ? placement_of(token, 0)
+                                           : absl::Hash<Token>{}(token);
+    } else {
+      h = absl::Hash<Token>{}(token);
+    }
+    return shards_[(h * 0x9E3779B97F4A7C15u) >> (64 - kShardBits)];
   }
 
-  NodeBase* find_slow(const Token& token) {
+  // Out of line: keeps find(), and so a registry's hit, small enough to inline.
+  [[gnu::noinline]] NodeBase* find_slow(const Token& token) {
     Shard& shard = shard_for(token);
     MutexLock lock(shard.mu);
     auto it = shard.map.find(token);
     if (it == shard.map.end() || it->second.node == nullptr) return nullptr;
-    remember(token, it->second.node);
+    remember(it->second, token);
     return it->second.node;
   }
 
-  // Called with the token's shard lock held.
-  void remember(const Token& token, NodeBase* node) {
+  // Called with the token's shard lock held: caches `entry` for `token` on this thread.
+  void remember(Entry& entry, const Token& token) {
     if constexpr (kCached) {
       t_key_cache[id_ % kKeyCacheSize] =
-          KeyCacheEntry{id_, epoch_.load(std::memory_order_relaxed), token, node};
+          KeyCacheEntry{id_, epoch_.load(std::memory_order_relaxed), token, entry.node};
+      const std::uint64_t me = current_thread_serial();
+      if (entry.cached_by == 0) {
+        entry.cached_by = me;
+      } else if (entry.cached_by != me) {
+        entry.cached_by = kManyThreads;
+      }
     }
   }
 
-  // Called with the token's shard lock held, after a value was removed.
-  void removed(NodeBase* old) {
-    if (old != nullptr) epoch_.fetch_add(1, std::memory_order_release);
+  // Called with the token's shard lock held, before `entry`'s value is removed or replaced:
+  // no cache may keep pointing at it.
+  void forget(Entry& entry) {
+    if constexpr (kCached) {
+      if (entry.cached_by == 0) return;
+      if (entry.cached_by == current_thread_serial()) {
+        KeyCacheEntry& c = t_key_cache[id_ % kKeyCacheSize];
+        if (c.store == id_ && c.node == entry.node) c.store = 0;
+      } else {
+        epoch_.fetch_add(1, std::memory_order_release);
+      }
+      entry.cached_by = 0;
+    }
+  }
+
+  // Called with a shard's lock held: `live_delta` values more (or fewer) in its map.
+  static void count(Shard& shard, int live_delta) {
+    if (live_delta != 0) {
+      shard.live.store(shard.live.load(std::memory_order_relaxed) + live_delta,
+                       std::memory_order_relaxed);
+    }
   }
 
   // Called with the token's binding shard held (registry_record.h): never waits, never
@@ -158,9 +206,9 @@ class KeyedStore final : public RegistryRecord {
     auto it = shard.map.find(*token);
     if (it == shard.map.end() || it->second.node == nullptr) return nullptr;
     NodeBase* node = it->second.node;
+    forget(it->second);
     shard.map.erase(it);
-    removed(node);
-    live_.fetch_sub(1, std::memory_order_relaxed);
+    count(shard, -1);
     return node;
   }
 
@@ -188,7 +236,7 @@ class KeyedStore final : public RegistryRecord {
       MutexLock lock(shard.mu);
       if (shard.map.find(*to) == shard.map.end()) {
         shard.map.emplace(*to, Entry{node, nullptr});
-        live_.fetch_add(1, std::memory_order_relaxed);
+        count(shard, +1);
         node = nullptr;
       }
     }
@@ -206,7 +254,6 @@ class KeyedStore final : public RegistryRecord {
 
   const std::uint64_t id_ = next_store_id();
   alignas(64) std::atomic<std::uint64_t> epoch_{1};
-  std::atomic<std::int64_t> live_{0};
   Shard shards_[kShards];
 };
 
@@ -232,7 +279,7 @@ class KeyedCell {
   NodeBase* load() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
     auto it = shard_.map.find(token_);
     if (it == shard_.map.end() || it->second.node == nullptr) return nullptr;
-    store_.remember(token_, it->second.node);
+    store_.remember(it->second, token_);
     return it->second.node;
   }
   const void* creator() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
@@ -246,9 +293,10 @@ class KeyedCell {
   }
   void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.map.erase(token_); }
   void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
-    shard_.map[token_] = typename Store::Entry{node, nullptr};
-    store_.live_.fetch_add(1, std::memory_order_relaxed);
-    store_.remember(token_, node);
+    typename Store::Entry& entry = shard_.map[token_];
+    entry = typename Store::Entry{node, nullptr};
+    Store::count(shard_, +1);
+    store_.remember(entry, token_);
     ++bound_;
   }
   NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
@@ -256,6 +304,7 @@ class KeyedCell {
     auto it = shard_.map.find(token_);
     if (it != shard_.map.end()) {
       old = it->second.node;
+      store_.forget(it->second);
       if (node != nullptr) {
         it->second.node = node;
       } else {
@@ -264,9 +313,8 @@ class KeyedCell {
     } else if (node != nullptr) {
       shard_.map.emplace(token_, typename Store::Entry{node, nullptr});
     }
-    store_.removed(old);
     const int delta = (node != nullptr) - (old != nullptr);
-    store_.live_.fetch_add(delta, std::memory_order_relaxed);
+    Store::count(shard_, delta);
     bound_ += delta;
     return old;
   }

@@ -25,11 +25,27 @@ class ABSL_LOCKABLE Mutex {
   Mutex(const Mutex&) = delete;
   Mutex& operator=(const Mutex&) = delete;
 
-  void lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_.lock(); }
+  // Uncontended: one try_lock. Held by another thread: a short spin before sleeping. The
+  // critical sections scopereg takes are a few loads and stores, and glibc's default
+  // mutex sleeps at once: two threads meeting on one shard paid two system calls
+  // (futex wait and wake) for a wait of tens of nanoseconds.
+  void lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() {
+    if (mu_.try_lock()) [[likely]] return;
+    lock_slow();
+  }
   void unlock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
 
  private:
   friend class CondVar;
+  [[gnu::noinline]] void lock_slow() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    for (int spin = 0; spin < 64; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (mu_.try_lock()) return;
+    }
+    mu_.lock();
+  }
   std::mutex mu_;
 };
 

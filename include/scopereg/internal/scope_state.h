@@ -164,10 +164,13 @@ class ScopeState {
   };
   static constexpr std::uint32_t kNoIndex = ~std::uint32_t{0};
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // share_from() into a scope holding no value (both mutexes held).
+  void share_all_from(const ScopeState& from) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, from.mu_);
   // Calls visit(index, value) for every value. In scope_state.cc.
   template <typename F>
   void for_each_value(F&& visit) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Empties every slot, handing `take(registry, value)` each value. In scope_state.cc.
+  // Empties every slot, handing `take(registry index, value)` each value. In
+  // scope_state.cc.
   template <typename F>
   void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void unlink() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);

@@ -7,6 +7,7 @@
 #define SCOPEREG_INTERNAL_TOKEN_REF_H_
 
 #include <cstddef>
+#include <type_traits>
 
 #include "absl/hash/hash.h"
 
@@ -30,14 +31,30 @@ const void* token_type_tag() noexcept {
 template <>
 const void* token_type_tag<ScopeToken>() noexcept;
 
+// Where sharded tables (the binding index, a keyed store's shards) put a token with hash
+// `hash`: the hash, except for the tokens scopereg mints itself (every ScopeToken kind but
+// kUser). Those come to each thread in blocks of consecutive serials (scope.cc), and a
+// scope is mostly used on the thread that made it, so a run of 64 serials shares a place:
+// two threads ending their own scopes then write their own shards, not each other's.
+template <typename K>
+std::size_t placement_of(const K& token, std::size_t hash) {
+  if constexpr (std::is_same_v<K, ScopeToken>) {
+    using Kind = decltype(token.kind());
+    if (token.kind() != Kind::kUser) return static_cast<std::size_t>(token.id() >> 6);
+  }
+  return hash;
+}
+
 struct TokenRef {
   const void* type;   // token_type_tag<K>()
   const void* value;  // a K
   std::size_t hash;   // absl::Hash<K>
+  std::size_t place;  // placement_of(): the shard key
 
   template <typename K>
   static TokenRef of(const K& token) {
-    return TokenRef{token_type_tag<K>(), &token, absl::Hash<K>{}(token)};
+    const std::size_t hash = absl::Hash<K>{}(token);
+    return TokenRef{token_type_tag<K>(), &token, hash, placement_of(token, hash)};
   }
   // The token as a K, or null when it is of another type.
   template <typename K>
