@@ -108,14 +108,22 @@ BENCHMARK(BM_ScopeLife_FuncScopeAlive)->Arg(0)->Arg(100)->Arg(10000);
 
 // A token-keyed registry (FuncScope over ExplicitScope::func()): its values live in the
 // registry's own map, found again through the process's binding index at scope end.
+// One registry shared by the benchmark's threads, made and destroyed by thread 0 (the
+// loop starts and ends with a barrier): a token-keyed registry left alive would make every
+// later benchmark's scope ends look in the binding index.
+std::unique_ptr<ScopedRegistry<Payload, FuncScope>> g_token_keyed;
+
 void BM_ScopeLife_FuncScopeToken(benchmark::State& state) {
-  static auto* reg = new ScopedRegistry<Payload, FuncScope>([] { return Payload{1}; },
-                                                             ExplicitScope::func());
+  if (state.thread_index() == 0) {
+    g_token_keyed = std::make_unique<ScopedRegistry<Payload, FuncScope>>(
+        [] { return Payload{1}; }, ExplicitScope::func());
+  }
   std::uint64_t token = first_token(state);
   for (auto _ : state) {
     ScopeGuard guard(token++);
-    benchmark::DoNotOptimize((*reg)());
+    benchmark::DoNotOptimize((*g_token_keyed)());
   }
+  if (state.thread_index() == 0) g_token_keyed.reset();
 }
 BENCHMARK(BM_ScopeLife_FuncScopeToken)->ThreadRange(1, 16);
 

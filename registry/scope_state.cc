@@ -273,7 +273,9 @@ void ScopeState::share_from(ScopeState& from) {
       });
     }
   }
-  if (any_keyed_registry()) copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
+  if (any_keyed_registry() && has_bound_at(placement_of(from.token_))) {
+    copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
+  }
 }
 
 void ScopeState::share_all_from(const ScopeState& from) {
@@ -440,7 +442,7 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
   // values from its own values' destructors, hence the rounds.
   const bool reachable = !for_reuse;
   if (for_reuse && values_.load(std::memory_order_relaxed) == 0 &&
-      (!any_keyed_registry() || !has_bound(TokenRef::of(token_)))) {
+      (!any_keyed_registry() || !has_bound_at(placement_of(token_)))) {
     // The common request scope with no value left: nothing to take, no lock. Unreachable,
     // so only a registry's destructor can change values_ now, and only downwards.
     // (closing_ stays as it is: no creator can reach this scope any more.)

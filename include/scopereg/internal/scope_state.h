@@ -202,7 +202,9 @@ class ScopeState {
     dying_.unregister();
   }
   void collect_keyed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    if (any_keyed_registry()) collect_ended_locked(TokenRef::of(token_), dying_);
+    if (any_keyed_registry() && has_bound_at(placement_of(token_))) {
+      collect_ended_locked(TokenRef::of(token_), dying_);
+    }
   }
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};

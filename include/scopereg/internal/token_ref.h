@@ -45,6 +45,16 @@ std::size_t placement_of(const K& token, std::size_t hash) {
   return hash;
 }
 
+// The same, computing the hash only when the placement needs it.
+template <typename K>
+std::size_t placement_of(const K& token) {
+  if constexpr (std::is_same_v<K, ScopeToken>) {
+    using Kind = decltype(token.kind());
+    if (token.kind() != Kind::kUser) return static_cast<std::size_t>(token.id() >> 6);
+  }
+  return absl::Hash<K>{}(token);
+}
+
 struct TokenRef {
   const void* type;   // token_type_tag<K>()
   const void* value;  // a K
