@@ -4,6 +4,8 @@ namespace scopereg::internal {
 
 thread_local constinit ContextState t_context;
 
+ContextState* context_state_address() noexcept { return &t_context; }
+
 namespace {
 thread_local constinit char t_thread_identity = 0;
 }  // namespace

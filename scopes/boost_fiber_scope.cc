@@ -10,6 +10,8 @@
 namespace scopereg {
 namespace internal {
 thread_local constinit BoostFiberCache t_boost_fiber_cache;
+
+const BoostFiberCache* boost_fiber_cache_address() noexcept { return &t_boost_fiber_cache; }
 constinit std::atomic<std::uint64_t> g_boost_fiber_ends{1};
 }  // namespace internal
 

@@ -9,6 +9,8 @@ namespace internal {
 
 thread_local constinit ScopeState* t_thread_state = nullptr;
 
+ScopeState* thread_state_via_call() noexcept { return t_thread_state; }
+
 namespace {
 
 void end_thread_state(ScopeState* state) {

@@ -26,6 +26,7 @@
 #include "scopereg/explicit_scope.h"
 #include "scopereg/fiber_scope.h"
 #include "scopereg/func_scope.h"
+#include "scopereg/internal/sanitizers.h"
 #include "scopereg/scope.h"
 #include "scopereg/scoped_registry.h"
 #include "scopereg/thread_scope.h"
@@ -1361,6 +1362,60 @@ TEST(BoostFiberCache, FibersOnSeveralThreadsKeepTheirValues) {
   EXPECT_EQ(wrong, 0);
   EXPECT_EQ(ledger.made(), 3 + 60);
   EXPECT_EQ(ledger.destroyed(), 3 + 60);
+}
+
+// Fibers under Boost.Fiber's shared_work scheduler, on two threads, migrate between them
+// at their yields: after every yield each fiber still sees its own value, at every depth
+// and call site (the per-thread cache is looked up afresh on each access, never through
+// the thread it ran on before).
+TEST(BoostFiberCache, FibersMigratingBetweenThreadsKeepTheirValues) {
+#ifdef SCOPEREG_TSAN
+  GTEST_SKIP() << "Boost.Fiber's libraries are not built for ThreadSanitizer: its "
+                  "switches and its mutex's spinlock are invisible to it, so fibers moving "
+                  "between threads are reported as races (and crash it); run without TSan";
+#endif
+  constexpr int kFibers = 16;
+  constexpr int kYields = 200;
+  Ledger ledger;
+  std::atomic<int> next{0};
+  BoostReg reg([&] { return Tracked(ledger, ++next); });
+  std::atomic<int> wrong{0};
+  std::atomic<int> migrations{0};
+  boost::fibers::mutex mu;
+  boost::fibers::condition_variable_any cv;
+  int finished = 0;  // guarded by mu
+  auto run_fibers = [&](bool launch) {
+    boost::fibers::use_scheduling_algorithm<boost::fibers::algo::shared_work>();
+    if (launch) {
+      for (int i = 0; i < kFibers; ++i) {
+        boost::fibers::fiber([&] {
+          const Tracked* mine = &reg();
+          std::thread::id on = std::this_thread::get_id();
+          for (int k = 0; k < kYields; ++k) {
+            boost::this_fiber::yield();
+            if (std::this_thread::get_id() != on) {
+              ++migrations;
+              on = std::this_thread::get_id();
+            }
+            wrong += boost_mismatches(reg, mine);
+          }
+          std::unique_lock<boost::fibers::mutex> lock(mu);
+          ++finished;
+          cv.notify_all();
+        }).detach();
+      }
+    }
+    std::unique_lock<boost::fibers::mutex> lock(mu);
+    cv.wait(lock, [&] { return finished == kFibers; });
+  };
+  std::thread a(run_fibers, true);
+  std::thread b(run_fibers, false);
+  a.join();
+  b.join();
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(ledger.made(), kFibers);
+  EXPECT_EQ(ledger.destroyed(), kFibers);
+  if (migrations == 0) GTEST_SKIP() << "no fiber moved to the other thread in this run";
 }
 
 // A stack allocator handing out one fixed memory region (for both kinds of

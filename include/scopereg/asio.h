@@ -374,7 +374,7 @@ class AsioTask {
   // Whether generation `gen` is installed on the calling thread (an enclosing function of
   // this thread pins it).
   bool installed_here(std::uint64_t gen) const noexcept {
-    return scopereg::internal::t_context.task == installation_ &&
+    return scopereg::internal::this_context().task == installation_ &&
            (word_.load(std::memory_order_relaxed) >> kPinBits) == gen;
   }
   // The running task's scope: only while pinned.

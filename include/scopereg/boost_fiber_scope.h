@@ -26,9 +26,9 @@
 //
 // Inside C++20 coroutines: coroutines running on one Boost.Fiber fiber share its value
 // across co_await, as with FiberScope. Use CoroutineScope (coroutine_scope.h) per task.
-// Thread safety: any thread. Cost: a hit is a per-thread cache check (was this frame
-// address seen in the fiber seen last, and has no fiber ended since) plus two loads, about
-// 1 ns here; on a miss (the first access after a switch to another fiber, after any fiber
+// Thread safety: any thread; fibers may migrate between threads (work_stealing,
+// shared_work). Cost: a hit is a per-thread cache check (was this frame address seen in
+// the fiber seen last, and has no fiber ended since) plus two loads, about 1 ns here; on a miss (the first access after a switch to another fiber, after any fiber
 // ended, from a call site not among the last four seen or deeper into the fiber's stack
 // than half of Boost's stack_traits::minimum_size() (at most 8 KiB), or with a Boost other
 // than 1.74) Boost.Fiber's context::active() and, when the fiber changed, a
@@ -37,8 +37,9 @@
 // documented minimum, boost::context::stack_traits::minimum_size(), plus the size of the
 // fiber's function object, while it runs another stack (a scopereg Fiber, a generator)
 // placed right below its own, can make a later fiber on that memory get its value. Give
-// fibers at least the minimum stack (Boost's allocators' defaults do). On a thread's main context every access takes the
-// miss path. The first access in a fiber allocates its slots.
+// fibers at least the minimum stack (Boost's allocators' defaults do). On a thread's main
+// context every access takes the miss path. The first access in a fiber allocates its
+// slots.
 
 #ifndef SCOPEREG_BOOST_FIBER_SCOPE_H_
 #define SCOPEREG_BOOST_FIBER_SCOPE_H_
@@ -80,6 +81,11 @@ struct BoostFiberCache {
 // Boost's stack_traits::minimum_size(), at most 8 KiB (0 with an unverified Boost).
 std::uintptr_t boost_fiber_own_stack_window() noexcept;
 extern thread_local constinit BoostFiberCache t_boost_fiber_cache;
+// &t_boost_fiber_cache, never inlined: a shared library's code reads the cache through it
+// (SCOPEREG_TLS_VIA_CALL in context_state.h), so a fiber that a migrating scheduler
+// (work_stealing, shared_work) resumed on another thread reads that thread's cache, never
+// the old thread's through an address kept across the switch.
+const BoostFiberCache* boost_fiber_cache_address() noexcept;
 extern constinit std::atomic<std::uint64_t> g_boost_fiber_ends;
 ScopeState* boost_fiber_state_slow(std::uintptr_t frame);
 
@@ -99,7 +105,11 @@ class BoostFiberScope {
   friend struct internal::StrategyAccess;
   static internal::ScopeState* current_state() {
     const auto frame = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
+#if SCOPEREG_TLS_VIA_CALL
+    const internal::BoostFiberCache& cache = *internal::boost_fiber_cache_address();
+#else
     const internal::BoostFiberCache& cache = internal::t_boost_fiber_cache;
+#endif
     if ((frame == cache.frames[0] || frame == cache.frames[1] || frame == cache.frames[2] ||
          frame == cache.frames[3]) &&
         cache.ends == internal::g_boost_fiber_ends.load(std::memory_order_acquire)) [[likely]] {

@@ -188,12 +188,12 @@ class TaskScope {
     return prev;
   }
   [[gnu::always_inline]] void uninstall(const internal::ContextState& prev) noexcept {
-    if (internal::t_context.task != &head_) [[unlikely]] misplaced_leave();
+    if (internal::this_context().task != &head_) [[unlikely]] misplaced_leave();
     if (internal::switch_hooks_active()) [[unlikely]] {
-      internal::notify_switch(internal::frame_state(internal::t_context.explicit_top),
+      internal::notify_switch(internal::frame_state(internal::this_context().explicit_top),
                               internal::frame_state(prev.explicit_top));
     }
-    internal::t_context = prev;
+    internal::this_context() = prev;
   }
   [[noreturn]] static void misplaced_leave() noexcept;
 
@@ -225,7 +225,7 @@ class CoroutineScope {
  private:
   friend struct internal::StrategyAccess;
   static internal::ScopeState* current_state() {
-    internal::TaskHead* task = internal::t_context.task;
+    internal::TaskHead* task = internal::this_context().task;
     return task != nullptr ? task->scope : nullptr;
   }
 };

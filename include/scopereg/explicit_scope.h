@@ -186,7 +186,7 @@ class ExplicitScope {
   }
 
   // Whether the calling context has an active scope.
-  static bool active() { return internal::t_context.explicit_top != nullptr; }
+  static bool active() { return internal::this_context().explicit_top != nullptr; }
 
   // A ScopeFunc returning current(): for ScopedRegistry<T, FuncScope>. Values there end
   // with the scope too.
@@ -204,7 +204,7 @@ class ExplicitScope {
  private:
   friend struct internal::StrategyAccess;
   static internal::ScopeState* current_state() {
-    return internal::frame_state(internal::t_context.explicit_top);
+    return internal::frame_state(internal::this_context().explicit_top);
   }
 };
 
@@ -385,23 +385,23 @@ class CapturedScope {
     // In a coroutine task (coroutine_scope.h) the task stays current (CoroutineScope sees
     // it); only its explicit stack is replaced for the call, and put back afterwards.
     explicit Installed(const CapturedScope& scope) noexcept
-        : saved_(internal::t_context.explicit_top) {
-      internal::t_context.explicit_top =
+        : saved_(internal::this_context().explicit_top) {
+      internal::this_context().explicit_top =
           scope.frames_.empty() ? nullptr
                                 : const_cast<internal::ExplicitFrame*>(&scope.frames_.back());
       if (internal::switch_hooks_active()) [[unlikely]] {
         internal::notify_switch(internal::frame_state(saved_),
-                                internal::frame_state(internal::t_context.explicit_top));
+                                internal::frame_state(internal::this_context().explicit_top));
       }
     }
     Installed(const Installed&) = delete;
     Installed& operator=(const Installed&) = delete;
     ~Installed() {
       if (internal::switch_hooks_active()) [[unlikely]] {
-        internal::notify_switch(internal::frame_state(internal::t_context.explicit_top),
+        internal::notify_switch(internal::frame_state(internal::this_context().explicit_top),
                                 internal::frame_state(saved_));
       }
-      internal::t_context.explicit_top = saved_;
+      internal::this_context().explicit_top = saved_;
       internal::publish_task_top();  // guards entered inside wrote the task's top
     }
 

@@ -28,10 +28,11 @@
 // sits inline; a slot array follows when a second registry's value arrives) and registers
 // its exit hook.
 // Fibers: a fiber resumed on another thread sees that thread's value here; use FiberScope
-// for one value per fiber. The hit reads a thread_local inline: a compiler that keeps a
-// thread_local's address across a call that switches fibers (llvm/llvm-project#98479) could
-// read the old thread's slots after a migration in the same function; FiberScope never
-// inlines that read. g++ 12 re-reads %fs each time (checked in fiber_scope_test).
+// for one value per fiber. The hit reads a thread_local inline in executables (g++ 12
+// re-reads it relative to the thread register at every access: checked in
+// fiber_scope_test) and through a call in a shared library's code, where compilers keep
+// the variable's address across calls (internal/context_state.h). Known limit: clang may
+// keep a thread_local's address across a coroutine's suspension (llvm/llvm-project#98479).
 
 #ifndef SCOPEREG_THREAD_SCOPE_H_
 #define SCOPEREG_THREAD_SCOPE_H_
@@ -42,11 +43,16 @@
 namespace scopereg {
 namespace internal {
 extern thread_local constinit ScopeState* t_thread_state;
+ScopeState* thread_state_via_call() noexcept;  // t_thread_state (SCOPEREG_TLS_VIA_CALL)
 ScopeState* make_thread_state();
 // The calling thread's slots, created on first use (also used by the fiber strategies
 // for code on a thread's main context).
 inline ScopeState* thread_state() {
+#if SCOPEREG_TLS_VIA_CALL
+  ScopeState* state = thread_state_via_call();
+#else
   ScopeState* state = t_thread_state;
+#endif
   if (state != nullptr) [[likely]] return state;
   return make_thread_state();
 }

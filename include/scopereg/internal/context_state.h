@@ -56,29 +56,54 @@ struct ContextState {
   TaskHead* task = nullptr;
 };
 
+// The thread_locals that headers read inline are read through a call into the library
+// in position-independent code that is not an executable (a shared library: __PIC__
+// without __PIE__). There, g++ and clang call __tls_get_addr once per function and keep
+// the *address* across calls (checked with g++ 12 -fPIC -O2): code that reads a value,
+// yields its fiber (which may be resumed on another thread) and reads again would read
+// the first thread's variable. Executables (PIE or not) read them relative to the thread
+// register, afresh at every access. (The initial-exec TLS model would fix it too, but it
+// puts the library's whole TLS block in static TLS, and a shared scopereg then fails to
+// dlopen: "cannot allocate memory in static TLS block".)
+#if defined(__PIC__) && !defined(__PIE__)
+#define SCOPEREG_TLS_VIA_CALL 1
+#else
+#define SCOPEREG_TLS_VIA_CALL 0
+#endif
+
 // The running context's state. Defined in registry/context_state.cc.
 extern thread_local constinit ContextState t_context;
+// &t_context, never inlined (see SCOPEREG_TLS_VIA_CALL).
+ContextState* context_state_address() noexcept;
+// The running context's state, for code in headers.
+inline ContextState& this_context() noexcept {
+#if SCOPEREG_TLS_VIA_CALL
+  return *context_state_address();
+#else
+  return t_context;
+#endif
+}
 
 // Makes `next` the running context's state and returns the state it replaces.
 [[gnu::always_inline]] inline ContextState enter_context(const ContextState& next) noexcept {
-  const ContextState prev = t_context;
-  t_context = next;
+  const ContextState prev = this_context();
+  this_context() = next;
   return prev;
 }
 
 // Restores `prev` (what enter_context returned) and returns the leaving context's state,
 // for it to keep while suspended.
 [[gnu::always_inline]] inline ContextState leave_context(const ContextState& prev) noexcept {
-  const ContextState mine = t_context;
-  t_context = prev;
+  const ContextState mine = this_context();
+  this_context() = prev;
   return mine;
 }
 
 // Called after the running context's explicit stack changed: a coroutine task installed
 // here keeps its own copy of the top (see TaskHead), written through at once.
 [[gnu::always_inline]] inline void publish_task_top() noexcept {
-  if (TaskHead* task = t_context.task) [[unlikely]] {
-    task->top.store(t_context.explicit_top, std::memory_order_relaxed);
+  if (TaskHead* task = this_context().task) [[unlikely]] {
+    task->top.store(this_context().explicit_top, std::memory_order_relaxed);
   }
 }
 

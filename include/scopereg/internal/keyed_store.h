@@ -53,6 +53,16 @@ struct KeyCacheEntry {
 inline constexpr std::size_t kKeyCacheSize = 128;
 // Trivially destructible and constant-initialised: no TLS init guard on a hit.
 extern thread_local constinit KeyCacheEntry t_key_cache[kKeyCacheSize];
+KeyCacheEntry* key_cache_address() noexcept;  // t_key_cache, never inlined
+// This thread's cache (through a call in a shared library's code: SCOPEREG_TLS_VIA_CALL in
+// context_state.h).
+inline KeyCacheEntry* key_cache() noexcept {
+#if SCOPEREG_TLS_VIA_CALL
+  return key_cache_address();
+#else
+  return t_key_cache;
+#endif
+}
 
 std::uint64_t next_store_id() noexcept;
 
@@ -90,7 +100,7 @@ class KeyedStore final : public RegistryRecord {
   // Lock-free for ScopeToken keys on a cache hit; otherwise one shard lock.
   NodeBase* find(const Token& token) {
     if constexpr (kCached) {
-      const KeyCacheEntry& c = t_key_cache[id_ % kKeyCacheSize];
+      const KeyCacheEntry& c = key_cache()[id_ % kKeyCacheSize];
       if (c.store == id_ && c.token == token &&
           c.epoch == epoch_.load(std::memory_order_acquire)) {
         return c.node;
@@ -161,7 +171,7 @@ class KeyedStore final : public RegistryRecord {
   // Called with the token's shard lock held: caches `entry` for `token` on this thread.
   void remember(Entry& entry, const Token& token) {
     if constexpr (kCached) {
-      t_key_cache[id_ % kKeyCacheSize] =
+      key_cache()[id_ % kKeyCacheSize] =
           KeyCacheEntry{id_, epoch_.load(std::memory_order_relaxed), token, entry.node};
       const std::uint64_t me = current_thread_serial();
       if (entry.cached_by == 0) {
@@ -178,7 +188,7 @@ class KeyedStore final : public RegistryRecord {
     if constexpr (kCached) {
       if (entry.cached_by == 0) return;
       if (entry.cached_by == current_thread_serial()) {
-        KeyCacheEntry& c = t_key_cache[id_ % kKeyCacheSize];
+        KeyCacheEntry& c = key_cache()[id_ % kKeyCacheSize];
         if (c.store == id_ && c.node == entry.node) c.store = 0;
       } else {
         epoch_.fetch_add(1, std::memory_order_release);
