@@ -65,7 +65,11 @@ struct ContextState {
 // register, afresh at every access. (The initial-exec TLS model would fix it too, but it
 // puts the library's whole TLS block in static TLS, and a shared scopereg then fails to
 // dlopen: "cannot allocate memory in static TLS block".)
-#if defined(__PIC__) && !defined(__PIE__)
+// scopereg's own sources are built with SCOPEREG_LIBRARY_SOURCE and read them directly:
+// none of their functions reads one, runs code that may switch fibers, and reads it
+// again. (Either form of these inline helpers reads the calling thread's variable when it
+// is not inlined, so a copy of one form used by code built for the other stays correct.)
+#if defined(__PIC__) && !defined(__PIE__) && !defined(SCOPEREG_LIBRARY_SOURCE)
 #define SCOPEREG_TLS_VIA_CALL 1
 #else
 #define SCOPEREG_TLS_VIA_CALL 0
