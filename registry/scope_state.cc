@@ -260,8 +260,13 @@ void ScopeState::share_from(ScopeState& from) {
     assert_held();
     if (closing_) {
       // Takes no values.
-    } else if (values_.load(std::memory_order_relaxed) == 0) {
-      share_all_from(from);  // a new copy (the common case): chunk by chunk
+    } else if (values_.load(std::memory_order_relaxed) == 0 &&
+               first_index_.load(std::memory_order_relaxed) == kNoIndex) {
+      // A new copy (the common case: a fresh or recycled scope): chunk by chunk. Not a
+      // scope whose inline index still names a registry whose value went: a reader of
+      // that registry, on a thread running in this scope, could then see another
+      // registry's value through it.
+      share_all_from(from);
     } else {
       from.for_each_value([this](std::uint32_t index, NodeBase* node)
                               ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -284,7 +289,7 @@ void ScopeState::share_all_from(const ScopeState& from) {
   // each value bound once even where `from` mirrors its inline value in a chunk.
   std::uint32_t count = 0;
   std::uint32_t hooked = 0;
-  first_index_.store(kNoIndex, std::memory_order_relaxed);  // no value here: free
+  assert(first_index_.load(std::memory_order_relaxed) == kNoIndex);
   const std::uint32_t first = from.first_index_.load(std::memory_order_relaxed);
   NodeBase* const first_node =
       first != kNoIndex ? from.first_node_.load(std::memory_order_relaxed) : nullptr;

@@ -13,7 +13,11 @@ void TaskScope::misplaced_leave() noexcept {
 }
 
 ScopeFunc CoroutineScope::func() {
-  return [] { return CoroutineScope::current(); };
+  return [] {  // t_context by name: never through a call (context_state.h)
+    internal::TaskHead* task = internal::t_context.task;
+    internal::ScopeState* state = task != nullptr ? task->scope : nullptr;
+    return state != nullptr ? state->token() : ScopeToken();
+  };
 }
 
 }  // namespace scopereg

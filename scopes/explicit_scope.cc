@@ -364,10 +364,19 @@ void end_token(const TokenProbe& probe) {
   if (to_end != nullptr) end_record(to_end);
 }
 
+namespace {
+// publish_task_top() (context_state.h) reading t_context by name: never through a call.
+void publish_top_here() noexcept {
+  if (TaskHead* task = t_context.task) [[unlikely]] {
+    task->top.store(t_context.explicit_top, std::memory_order_relaxed);
+  }
+}
+}  // namespace
+
 void push_frame(ExplicitFrame* frame) noexcept {
   frame->prev = t_context.explicit_top;
   t_context.explicit_top = frame;
-  publish_task_top();
+  publish_top_here();
 }
 
 namespace {
@@ -408,7 +417,7 @@ void pop_frame(ExplicitFrame* frame, const void* owner, TaskHead* task) noexcept
         "their guards follow them across co_await");
   }
   if (unlink_frame(t_context.explicit_top, frame)) {
-    publish_task_top();
+    publish_top_here();
     return;
   }
   die_of_misuse(
@@ -419,7 +428,10 @@ void pop_frame(ExplicitFrame* frame, const void* owner, TaskHead* task) noexcept
 }  // namespace internal
 
 ScopeFunc ExplicitScope::func() {
-  return [] { return ExplicitScope::current(); };
+  return [] {  // t_context by name: never through a call (context_state.h)
+    internal::ScopeState* state = internal::frame_state(internal::t_context.explicit_top);
+    return state != nullptr ? state->token() : ScopeToken();
+  };
 }
 
 ScopeGuard::ScopeGuard(internal::ScopeRecord* record, bool inherit)

@@ -18,6 +18,8 @@ namespace internal {
 
 thread_local constinit FiberCore* t_current_fiber = nullptr;
 
+FiberCore** current_fiber_address() noexcept { return &t_current_fiber; }
+
 struct FiberContext : FiberCore {
   FiberContext() { saved.id = static_cast<FiberCore*>(this); }
   ~FiberContext() {

@@ -65,7 +65,10 @@ ScopeState* make_thread_state() {
 }  // namespace internal
 
 ScopeFunc ThreadScope::func() {
-  return [] { return ThreadScope::current(); };
+  return [] {  // t_thread_state by name: never through a call (context_state.h)
+    internal::ScopeState* state = internal::t_thread_state;
+    return (state != nullptr ? state : internal::make_thread_state())->token();
+  };
 }
 
 }  // namespace scopereg

@@ -120,7 +120,7 @@ class Fiber {
   // From inside a Fiber: switches back to the context that resumed it; returns when the
   // fiber is resumed again (possibly on another thread). Throws ScopeError outside a Fiber.
   static void yield() {
-    internal::FiberCore* c = internal::t_current_fiber;
+    internal::FiberCore* c = internal::running_fiber_core();
     if (c != nullptr) [[likely]] {
       internal::jump_out(c);
       // Possibly on another thread now: no thread_local is touched below.

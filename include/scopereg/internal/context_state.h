@@ -65,11 +65,13 @@ struct ContextState {
 // register, afresh at every access. (The initial-exec TLS model would fix it too, but it
 // puts the library's whole TLS block in static TLS, and a shared scopereg then fails to
 // dlopen: "cannot allocate memory in static TLS block".)
-// scopereg's own sources are built with SCOPEREG_LIBRARY_SOURCE and read them directly:
-// none of their functions reads one, runs code that may switch fibers, and reads it
-// again. (Either form of these inline helpers reads the calling thread's variable when it
-// is not inlined, so a copy of one form used by code built for the other stays correct.)
-#if defined(__PIC__) && !defined(__PIE__) && !defined(SCOPEREG_LIBRARY_SOURCE)
+// scopereg's own hot paths (its ScopeFuncs, a guard's frame push and pop) read the
+// variables by name in its .cc files instead: none of those functions reads one, runs code
+// that may switch fibers, and reads it again. Known limit: an inline helper compiled both
+// ways (an executable's and a shared library's code) is formally two definitions of one
+// inline function; each is correct when not inlined, but link-time optimisation across
+// both could inline the executable's form into the library's code.
+#if defined(__PIC__) && !defined(__PIE__)
 #define SCOPEREG_TLS_VIA_CALL 1
 #else
 #define SCOPEREG_TLS_VIA_CALL 0

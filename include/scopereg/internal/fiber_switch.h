@@ -61,6 +61,18 @@ struct FiberCore {
 
 // The running scopereg fiber on this thread, or null. Defined in fiber.cc.
 extern thread_local constinit FiberCore* t_current_fiber;
+FiberCore** current_fiber_address() noexcept;  // &t_current_fiber, never inlined
+// t_current_fiber for code in headers: through a call in a shared library's code, where a
+// compiler keeps a thread_local's address across calls (SCOPEREG_TLS_VIA_CALL in
+// context_state.h): a fiber that yields in a loop and is resumed on another thread must
+// find that thread's running fiber, not the old thread's.
+inline FiberCore*& running_fiber_core() noexcept {
+#if SCOPEREG_TLS_VIA_CALL
+  return *current_fiber_address();
+#else
+  return t_current_fiber;
+#endif
+}
 
 // Resuming side: switches into `c` until it yields (returns true) or finishes (false).
 SCOPEREG_SWITCH inline bool jump_into(FiberCore* c) {
@@ -106,14 +118,14 @@ void notify_fiber_switch(FiberCore* from, const ContextState& from_context, Fibe
                          const ContextState& to_context) noexcept;
 
 [[gnu::always_inline]] inline bool switch_in(FiberCore* c) {
-  FiberCore* const prev = t_current_fiber;
+  FiberCore* const prev = running_fiber_core();
   const ContextState resumer = enter_context(c->saved);
-  t_current_fiber = c;
+  running_fiber_core() = c;
   if (switch_hooks_active()) [[unlikely]] notify_fiber_switch(prev, resumer, c, c->saved);
   c->running = true;
   const bool suspended = jump_into(c);
   c->running = false;
-  t_current_fiber = prev;
+  running_fiber_core() = prev;
   c->saved = leave_context(resumer);
   if (switch_hooks_active()) [[unlikely]] notify_fiber_switch(c, c->saved, prev, resumer);
   return suspended;

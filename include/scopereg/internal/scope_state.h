@@ -164,7 +164,8 @@ class ScopeState {
   };
   static constexpr std::uint32_t kNoIndex = ~std::uint32_t{0};
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // share_from() into a scope holding no value (both mutexes held).
+  // share_from() into a scope holding no value whose inline place is free (both mutexes
+  // held).
   void share_all_from(const ScopeState& from) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, from.mu_);
   // Calls visit(index, value) for every value. In scope_state.cc.
   template <typename F>
