@@ -39,10 +39,7 @@ BindingShard* binding_shards() {
   return shards;
 }
 BindingShard& binding_shard_at(std::size_t place) {
-  // The top bits of the remixed placement (placement_of in token_ref.h; nearby tokens'
-  // absl::Hash bits move together, hence the remix).
-  const std::uint64_t h = static_cast<std::uint64_t>(place) * 0x9E3779B97F4A7C15u;
-  return binding_shards()[h >> (64 - kBindingShardBits)];
+  return binding_shards()[shard_index(place, kBindingShardBits)];
 }
 BindingShard& binding_shard(const TokenRef& token) { return binding_shard_at(token.place); }
 
@@ -261,8 +258,6 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
   }
   shard.size.store(shard.map.size(), std::memory_order_relaxed);
 }
-
-bool has_bound(TokenRef token) noexcept { return has_bound_at(token.place); }
 
 bool has_bound_at(std::size_t place) noexcept {
   return binding_shard_at(place).size.load(std::memory_order_acquire) != 0;

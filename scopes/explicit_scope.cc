@@ -49,15 +49,10 @@ class ABSL_LOCKABLE WordMutex {
           word_.compare_exchange_weak(expected, 1, std::memory_order_acquire)) {
         return;
       }
-      pause();
+      cpu_pause();
     }
     // 2: locked, and someone may be waiting (unlock() then wakes one).
     while (word_.exchange(2, std::memory_order_acquire) != 0) wait();
-  }
-  static void pause() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
   }
   void wait() noexcept {
 #if defined(__linux__)
@@ -143,12 +138,10 @@ Shard* all_shards() {
   return shards;
 }
 
-// The hash is remixed before its top bits pick the shard: absl::Hash's middle bits for
-// nearby integers (two threads' request counters) move together, which sent two threads
-// to the same shards at the same moments.
+// The remixed hash's top bits pick the shard (shard_index in token_ref.h).
 Shard& shard_for(std::size_t hash) {
   static_assert(kShards == std::size_t{1} << 11);
-  return all_shards()[(std::uint64_t{hash} * 0x9E3779B97F4A7C15u) >> 53];
+  return all_shards()[shard_index(hash, 11)];
 }
 
 bool names(const ScopeRecord* record, const TokenProbe& probe) {

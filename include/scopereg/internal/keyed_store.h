@@ -145,17 +145,8 @@ class KeyedStore final : public RegistryRecord {
   static constexpr std::size_t kShards = std::size_t{1} << kShardBits;
 
   Shard& shard_for(const Token& token) {
-    // The top bits of the remixed key: absl::Hash's bits for nearby integers (request
-    // counters) move together, so a plain modulus puts concurrent requests in one shard.
     // For scopereg's own tokens, their run of serials (placement_of in token_ref.h).
-    std::uint64_t h;
-    if constexpr (std::is_same_v<Token, ScopeToken>) {
-      h = token.kind() != ScopeKind::kUser ? placement_of(token, 0)
-                                           : absl::Hash<Token>{}(token);
-    } else {
-      h = absl::Hash<Token>{}(token);
-    }
-    return shards_[(h * 0x9E3779B97F4A7C15u) >> (64 - kShardBits)];
+    return shards_[shard_index(placement_of(token), kShardBits)];
   }
 
   // Out of line: keeps find(), and so a registry's hit, small enough to inline.

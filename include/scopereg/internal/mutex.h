@@ -17,6 +17,13 @@
 
 namespace scopereg::internal {
 
+// A pause between two attempts at a lock held by another thread (tells the CPU it spins).
+inline void cpu_pause() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // A std::mutex the analysis knows about. Constant-initialised and trivially destructible,
 // so a namespace-scope Mutex is usable during static initialisation and process exit.
 class ABSL_LOCKABLE Mutex {
@@ -39,9 +46,7 @@ class ABSL_LOCKABLE Mutex {
   friend class CondVar;
   [[gnu::noinline]] void lock_slow() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     for (int spin = 0; spin < 64; ++spin) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
+      cpu_pause();
       if (mu_.try_lock()) return;
     }
     mu_.lock();

@@ -207,11 +207,9 @@ void collect_ended(TokenRef token, DyingList& out);
 void collect_ended_locked(TokenRef token, DyingList& out)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(out.domain_.mu);
 
-// Whether some token-keyed registry may hold a value for `token` (false: none does). No
-// lock: a look at the size of the binding index's shard for `token`.
-bool has_bound(TokenRef token) noexcept;
-// The same for a token with placement `place` (placement_of in token_ref.h): for a
-// scope's own ScopeToken, no hash is computed.
+// Whether some token-keyed registry may hold a value for a token whose placement is
+// `place` (placement_of in token_ref.h; false: none does). No lock: a look at the size of
+// the binding index's shard for it. For a scope's own ScopeToken no hash is computed.
 bool has_bound_at(std::size_t place) noexcept;
 
 // Binds for `to`, in every token-keyed registry holding a value for `from` and none for

@@ -7,6 +7,7 @@
 #define SCOPEREG_INTERNAL_TOKEN_REF_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "absl/hash/hash.h"
@@ -50,9 +51,16 @@ template <typename K>
 std::size_t placement_of(const K& token) {
   if constexpr (std::is_same_v<K, ScopeToken>) {
     using Kind = decltype(token.kind());
-    if (token.kind() != Kind::kUser) return static_cast<std::size_t>(token.id() >> 6);
+    if (token.kind() != Kind::kUser) return placement_of(token, 0);
   }
   return absl::Hash<K>{}(token);
+}
+
+// Which of 2^bits shards a placement (or hash) picks: the top bits of the key remixed.
+// absl::Hash's bits for nearby integers (two threads' request counters) move together, so
+// taking them directly sent concurrent requests to the same shards at the same moments.
+constexpr std::size_t shard_index(std::uint64_t key, int bits) noexcept {
+  return static_cast<std::size_t>((key * 0x9E3779B97F4A7C15u) >> (64 - bits));
 }
 
 struct TokenRef {
