@@ -30,7 +30,6 @@ struct FiberContext : FiberCore {
   boost::context::stack_context stack{};
   std::function<void(boost::context::stack_context&)> deallocate;
   ScopeToken token = new_scope_token(ScopeKind::kFiber);
-  ScopeState* state = nullptr;  // created on first FiberScope access
   bool state_ended = false;  // values destroyed; FiberScope has no scope here any more
   bool token_used = false;   // getcurrent() handed the token out (FuncScope registries)
 };
@@ -163,23 +162,12 @@ void start_fiber(FiberContext* c, boost::context::stack_context stack,
 #endif
 }
 
-namespace {
-// Everything but a fiber whose slots exist: kept out of running_fiber_state() so its hit
-// path saves no registers and tail-calls here.
-[[gnu::noinline]] ScopeState* running_fiber_state_slow(FiberContext* c) {
-  if (c == nullptr) return thread_state();
+ScopeState* running_fiber_state_slow(FiberCore* core) {
+  if (core == nullptr) return thread_state();
+  auto* c = static_cast<FiberContext*>(core);
   if (c->state_ended) return nullptr;  // a destructor after the fiber's values were destroyed
-  c->state = new ScopeState(c->token);
+  if (c->state == nullptr) c->state = new ScopeState(c->token);
   return c->state;
-}
-}  // namespace
-
-ScopeState* running_fiber_state() {
-  FiberContext* c = current_fiber();
-  if (c != nullptr) [[likely]] {
-    if (ScopeState* state = c->state; state != nullptr) [[likely]] return state;
-  }
-  return running_fiber_state_slow(c);
 }
 
 }  // namespace internal

@@ -70,11 +70,22 @@ std::unique_ptr<FiberContext, void (*)(FiberContext*)> make_fiber_context(
 void start_fiber(FiberContext* context, boost::context::stack_context stack,
                  std::function<void(boost::context::stack_context&)> deallocate);
 
+// running_fiber_state() when the running fiber has no slots yet (creates them), has ended
+// them (null), or there is no running fiber (the thread's). Defined in fiber.cc.
+[[gnu::noinline]] ScopeState* running_fiber_state_slow(FiberCore* core);
+
 // The running fiber's scope slots (created on its first use), or, outside any Fiber, the
-// calling thread's; null after the fiber's values were destroyed. Never inlined: a fiber
-// resumed on another thread must not read the old thread's storage
-// (llvm/llvm-project#98479).
-[[gnu::noinline]] ScopeState* running_fiber_state();
+// calling thread's; null after the fiber's values were destroyed. The running fiber is
+// read through running_fiber_core(): afresh from the thread register at every call in an
+// executable, through a call into the library in a shared library's code (see
+// SCOPEREG_TLS_VIA_CALL), so a fiber resumed on another thread finds that thread's.
+inline ScopeState* running_fiber_state() {
+  FiberCore* c = running_fiber_core();
+  if (c != nullptr) [[likely]] {
+    if (ScopeState* state = c->state; state != nullptr) [[likely]] return state;
+  }
+  return running_fiber_state_slow(c);
+}
 
 }  // namespace internal
 

@@ -19,16 +19,17 @@
 // * a fiber's values are destroyed on its stack when it finishes (normally or by an
 //   exception) or is unwound by destruction; the main fiber's at thread exit;
 // * destroying the registry destroys its values in every fiber, running or suspended;
-// * a fiber resumed on another thread sees its own values: the current fiber is always
-//   read through a call into scopes/fiber.cc (never a thread_local address the compiler
-//   could keep across a switch, llvm/llvm-project#98479).
+// * a fiber resumed on another thread sees its own values: the running fiber is read
+//   afresh at every access (relative to the thread register in an executable, through a
+//   call into the library in a shared library's code, see SCOPEREG_TLS_VIA_CALL in
+//   internal/context_state.h), never from a thread_local address kept across a switch.
 //
 // Inside C++20 coroutines: a coroutine is not a fiber. Coroutines run on a fiber (or a
 // thread's main fiber) share its value, so coroutines interleaved there see each other's
 // values across co_await. Use CoroutineScope (coroutine_scope.h) for per-task values.
 // Thread safety: all members may be called from any thread.
-// Cost: a hit is one non-inlined call plus two loads (see
-// benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its
+// Cost: a hit is a thread-local load and two dependent loads, inlined (plus one call in a
+// shared library's code; see benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its
 // slot array.
 
 #ifndef SCOPEREG_FIBER_SCOPE_H_

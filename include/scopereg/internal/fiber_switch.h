@@ -49,6 +49,7 @@ struct FiberCore {
   bool running = false;
   bool done = false;
   bool cancel = false;  // destroyed unfinished: unwind at the next switch-in
+  ScopeState* state = nullptr;  // FiberScope's slots: created on first use, null once ended
   // The fiber's stack, and sanitizer bookkeeping.
   const void* stack_bottom = nullptr;
   std::size_t stack_size = 0;
