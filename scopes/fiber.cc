@@ -67,14 +67,17 @@ SCOPEREG_NO_TSAN void fiber_main(fctx::transfer_t in) {
 // Runs on the fiber's stack: destroys the fiber's values while it is still current, so
 // destructors that use FiberScope registries land in (and are cleaned with) this scope.
 void end_fiber_state(FiberContext* c) noexcept {
+  if (c->state == nullptr && c->token_used) {
+    // Values in FuncScope registries only. One of their destructors may still make a
+    // FiberScope value here (its slots are created then): ended just below.
+    end_scope(c->token);
+  }
   if (c->state != nullptr) {
     // Its values stop being current before they die (scope_switch.h).
     if (switch_hooks_active()) [[unlikely]] notify_switch(c->state, nullptr);
     c->state->end();  // also reaches token-keyed registries
     delete c->state;
     c->state = nullptr;
-  } else if (c->token_used) {
-    end_scope(c->token);  // values in FuncScope registries only
   }
   c->state_ended = true;
 }

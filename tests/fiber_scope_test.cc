@@ -5,6 +5,7 @@
 #include <set>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "boost/context/detail/exception.hpp"
@@ -182,6 +183,70 @@ TEST(FiberScope, AFiberResumedOnAnotherThreadSeesItsOwnValues) {
   EXPECT_NE(first_thread, second_thread);
   EXPECT_EQ(f.counts.made, 1);
   EXPECT_EQ(f.counts.alive(), 0);
+}
+
+TEST(FiberScope, AFiberMovingBetweenLiveThreadsSeesItsOwnValuesAfterEveryYield) {
+  // Both threads stay alive throughout: a thread started after another was joined often
+  // gets the same thread-local storage back, which would hide a read of the old thread's.
+  Fixture f;
+  ScopedRegistry<ScopeToken> thread_id([] { return ThreadScope::current(); });
+  constexpr int kRounds = 200;
+  std::vector<Counted*> values;
+  std::vector<ScopeToken> threads;
+  std::vector<ScopeToken> fibers;
+  Fiber fiber([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      values.push_back(&f.reg());
+      threads.push_back(thread_id());
+      fibers.push_back(getcurrent());
+      Fiber::yield();
+    }
+  });
+  std::atomic<int> turn{0};  // resumption i is thread i % 2's
+  auto resume_every_other = [&](int first) {
+    for (int i = first; i <= kRounds; i += 2) {
+      while (turn.load(std::memory_order_acquire) != i) std::this_thread::yield();
+      fiber.resume();
+      turn.store(i + 1, std::memory_order_release);
+    }
+  };
+  std::thread a(resume_every_other, 0);
+  std::thread b(resume_every_other, 1);
+  a.join();
+  b.join();
+  EXPECT_TRUE(fiber.done());
+  ASSERT_EQ(values.size(), static_cast<std::size_t>(kRounds));
+  for (int i = 0; i < kRounds; ++i) {
+    EXPECT_EQ(values[i], values[0]) << "round " << i;
+    EXPECT_EQ(fibers[i], fibers[0]) << "round " << i;
+    if (i > 0) EXPECT_NE(threads[i], threads[i - 1]) << "round " << i;
+  }
+  EXPECT_EQ(f.counts.made, 1);
+  EXPECT_EQ(f.counts.alive(), 0);
+}
+
+// A FuncScope value keyed by the fiber whose destructor uses a FiberScope registry.
+struct UsesFiberScopeWhenDestroyed {
+  explicit UsesFiberScopeWhenDestroyed(ScopedRegistry<Counted, FiberScope>* r) : reg(r) {}
+  UsesFiberScopeWhenDestroyed(UsesFiberScopeWhenDestroyed&& other) noexcept
+      : reg(std::exchange(other.reg, nullptr)) {}
+  ~UsesFiberScopeWhenDestroyed() {
+    if (reg != nullptr) (*reg)();
+  }
+  ScopedRegistry<Counted, FiberScope>* reg;
+};
+
+TEST(FiberScope, AValueMadeByAScopeFuncValuesDestructorAtFiberEndIsDestroyedToo) {
+  Counts counts;
+  ScopedRegistry<Counted, FiberScope> by_fiber([&] { return Counted(counts); });
+  ScopedRegistry<UsesFiberScopeWhenDestroyed, FuncScope> by_func(
+      [&] { return UsesFiberScopeWhenDestroyed(&by_fiber); }, FiberScope::func());
+  Fiber fiber([&] { by_func(); });  // no FiberScope value until the fiber ends
+  fiber.resume();
+  EXPECT_TRUE(fiber.done());
+  EXPECT_EQ(counts.made, 1);
+  EXPECT_EQ(counts.alive(), 0);  // ended with the fiber, not left to the registry
+  EXPECT_EQ(by_fiber.size(), 0);
 }
 
 TEST(FiberScope, DestroyingARegistryDestroysValuesOfSuspendedFibers) {
