@@ -219,7 +219,9 @@ TEST(FiberScope, AFiberMovingBetweenLiveThreadsSeesItsOwnValuesAfterEveryYield) 
   for (int i = 0; i < kRounds; ++i) {
     EXPECT_EQ(values[i], values[0]) << "round " << i;
     EXPECT_EQ(fibers[i], fibers[0]) << "round " << i;
-    if (i > 0) EXPECT_NE(threads[i], threads[i - 1]) << "round " << i;
+    if (i > 0) {
+      EXPECT_NE(threads[i], threads[i - 1]) << "round " << i;
+    }
   }
   EXPECT_EQ(f.counts.made, 1);
   EXPECT_EQ(f.counts.alive(), 0);

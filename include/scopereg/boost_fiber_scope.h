@@ -81,8 +81,9 @@ struct BoostFiberCache {
 // Boost's stack_traits::minimum_size(), at most 8 KiB (0 with an unverified Boost).
 std::uintptr_t boost_fiber_own_stack_window() noexcept;
 extern thread_local constinit BoostFiberCache t_boost_fiber_cache;
-// &t_boost_fiber_cache, never inlined: a shared library's code reads the cache through it
-// (SCOPEREG_TLS_VIA_CALL in context_state.h), so a fiber that a migrating scheduler
+// &t_boost_fiber_cache, never inlined: code that may keep a thread-local's address (a
+// shared library's, clang's: SCOPEREG_TLS_VIA_CALL in context_state.h) reads the cache
+// through it, so a fiber that a migrating scheduler
 // (work_stealing, shared_work) resumed on another thread reads that thread's cache, never
 // the old thread's through an address kept across the switch.
 const BoostFiberCache* boost_fiber_cache_address() noexcept;

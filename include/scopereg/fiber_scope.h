@@ -28,8 +28,9 @@
 // thread's main fiber) share its value, so coroutines interleaved there see each other's
 // values across co_await. Use CoroutineScope (coroutine_scope.h) for per-task values.
 // Thread safety: all members may be called from any thread.
-// Cost: a hit is a thread-local load and two dependent loads, inlined (plus one call in a
-// shared library's code; see benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its
+// Cost: inside a Fiber, a hit is a thread-local load and two dependent loads, inlined
+// (the thread-local through a call where SCOPEREG_TLS_VIA_CALL is set: clang, shared-
+// library code); outside any Fiber, one call more (see benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its
 // slot array.
 
 #ifndef SCOPEREG_FIBER_SCOPE_H_

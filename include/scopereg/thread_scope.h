@@ -24,15 +24,16 @@
 // scopereg/asio.h) for per-task values.
 // Thread safety: all static members may be called from any thread.
 // Cost: a hit is one constant-initialised thread_local load plus two loads for a thread's
-// first registry, four for others (no lock, no hashing); a thread's first access allocates its scope state (its first value
-// sits inline; a slot array follows when a second registry's value arrives) and registers
-// its exit hook.
+// first registry, four for others (no lock, no hashing); a thread's first access
+// allocates its scope state (its first value sits inline; a slot array follows when a
+// second registry's value arrives) and registers its exit hook.
 // Fibers: a fiber resumed on another thread sees that thread's value here; use FiberScope
-// for one value per fiber. The hit reads a thread_local inline in executables (g++ 12
-// re-reads it relative to the thread register at every access: checked in
-// fiber_scope_test) and through a call in a shared library's code, where compilers keep
-// the variable's address across calls (internal/context_state.h). Known limit: clang may
-// keep a thread_local's address across a coroutine's suspension (llvm/llvm-project#98479).
+// for one value per fiber. The hit reads a thread_local inline only in x86-64 executables
+// built by g++ (which re-reads it relative to the thread register at every access), and
+// through a call into the library everywhere else (clang, shared-library code, other
+// architectures), where a compiler may keep the variable's address across a fiber switch
+// (SCOPEREG_TLS_VIA_CALL in internal/context_state.h). Known limit: whole-program LTO
+// over scopereg's own objects can still inline such a read into code that yields.
 
 #ifndef SCOPEREG_THREAD_SCOPE_H_
 #define SCOPEREG_THREAD_SCOPE_H_

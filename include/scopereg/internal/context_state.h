@@ -56,25 +56,41 @@ struct ContextState {
   TaskHead* task = nullptr;
 };
 
-// The thread_locals that headers read inline are read through a call into the library
-// in position-independent code that is not an executable (a shared library: __PIC__
-// without __PIE__). There, g++ and clang call __tls_get_addr once per function and keep
-// the *address* across calls (checked with g++ 12 -fPIC -O2): code that reads a value,
-// yields its fiber (which may be resumed on another thread) and reads again would read
-// the first thread's variable. Executables (PIE or not) read them relative to the thread
-// register, afresh at every access. (The initial-exec TLS model would fix it too, but it
-// puts the library's whole TLS block in static TLS, and a shared scopereg then fails to
-// dlopen: "cannot allocate memory in static TLS block".)
+// The thread_locals that headers read inline (so in the user's own functions, which may
+// yield a fiber that is then resumed on another thread, and read again) are read inline
+// only where that was checked: x86-64 code compiled by g++ into an executable (PIE or
+// not). There g++ 12 folds each of these reads into a load relative to the thread
+// register (%fs:offset, or %fs:(reg) with the offset kept in a register, which is the same
+// on every thread). Everywhere else they are read through small non-inlined functions of
+// the library (about 1 ns per hit), because a compiler may keep a thread-local's
+// *address* across a call, and so across a fiber switch inside it:
+// * in a shared library's code (__PIC__ without __PIE__) g++ and clang call
+//   __tls_get_addr once per function and keep the address (checked with g++ 12 -fPIC
+//   -O2; llvm/llvm-project#98479);
+// * g++ and clang both keep an address they had to materialise (%fs:0 plus the offset)
+//   across calls (checked with g++ 12 and clang 14 -O2 -fPIE); clang does so more
+//   readily, and under LTO was seen doing it to plain reads across a Boost.Context
+//   switch (userver-framework/userver#235, #242);
+// * other architectures were not checked.
+// Define SCOPEREG_TLS_VIA_CALL to 0 or 1 before including scopereg to choose yourself.
+// Whole-program LTO can also inline scopereg's own .cc functions, which read these
+// variables by name, into a function that yields between two of them: with fibers that
+// move between threads, do not build scopereg's objects with LTO (jemalloc/jemalloc#2944
+// shows the same hazard for malloc). (The initial-exec TLS model would fix the
+// shared-library case, but it puts the library's whole TLS block in static TLS, and a
+// shared scopereg then fails to dlopen: "cannot allocate memory in static TLS block".)
 // scopereg's own hot paths (its ScopeFuncs, a guard's frame push and pop) read the
-// variables by name in its .cc files instead: none of those functions reads one, runs code
-// that may switch fibers, and reads it again. Known limit: an inline helper compiled both
-// ways (an executable's and a shared library's code) is formally two definitions of one
-// inline function; each is correct when not inlined, but link-time optimisation across
-// both could inline the executable's form into the library's code.
-#if defined(__PIC__) && !defined(__PIE__)
-#define SCOPEREG_TLS_VIA_CALL 1
-#else
+// variables by name in its .cc files: none of those functions reads one, runs code that
+// may switch fibers, and reads it again. Known limit: an inline helper compiled both ways
+// (an executable's and a shared library's code) is formally two definitions of one inline
+// function; each is correct where it is not inlined.
+#if !defined(SCOPEREG_TLS_VIA_CALL)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !(defined(__PIC__) && !defined(__PIE__))
 #define SCOPEREG_TLS_VIA_CALL 0
+#else
+#define SCOPEREG_TLS_VIA_CALL 1
+#endif
 #endif
 
 // The running context's state. Defined in registry/context_state.cc.

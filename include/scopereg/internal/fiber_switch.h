@@ -40,7 +40,8 @@ namespace scopereg::internal {
 
 namespace fctx = boost::context::detail;
 
-// What a switch touches of a fiber (fiber.cc's FiberContext has the rest).
+// What a switch touches of a fiber, and its FiberScope slots, which FiberScope's inline
+// hit reads (fiber.cc's FiberContext has the rest).
 struct FiberCore {
   fctx::fcontext_t self = nullptr;     // the fiber, while suspended; null once finished
   fctx::fcontext_t resumer = nullptr;  // whom to switch back to
