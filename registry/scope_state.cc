@@ -427,15 +427,6 @@ void ScopeState::unlink() {
   prev_ = next_ = nullptr;
 }
 
-void ScopeState::reuse(ScopeToken token) noexcept ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  // No lock: the state is this thread's alone (its end came after every other user of it,
-  // ordered by the record's reference count and the token table's shard lock, and no one
-  // can reach it until it is handed out again).
-  token_ = token;
-  closing_ = false;
-  first_index_.store(kNoIndex, std::memory_order_relaxed);  // the next first value is inline
-}
-
 void ScopeState::leave_domain() noexcept {
   MutexLock lock(domain_.mu);
   dying_unregister();  // a list finish_alone() left registered

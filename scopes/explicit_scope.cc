@@ -181,6 +181,7 @@ struct RecordCache {
   int size;
   bool drain_registered;
   bool exited;
+  const Domain* domain;  // this thread's (this_thread_domain()), once asked
 };
 thread_local constinit RecordCache t_records{};
 
@@ -227,8 +228,9 @@ ScopeRecord* new_record(const TokenProbe& probe, Shard& shard) {
 void recycle_record(ScopeRecord* record) noexcept {
   record->drop_key();
   RecordCache& cache = t_records;
+  if (cache.domain == nullptr) [[unlikely]] cache.domain = &this_thread_domain();
   if (cache.exited || cache.size == RecordCache::kMax ||
-      !record->state_.in_domain(this_thread_domain())) {
+      !record->state_.in_domain(*cache.domain)) {
     destroy_record(record);
     return;
   }

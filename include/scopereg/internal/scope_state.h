@@ -331,6 +331,15 @@ class SlotBackend {
   SlotRegistry reg_;
 };
 
+inline void ScopeState::reuse(ScopeToken token) noexcept ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // No lock: the state is this thread's alone (its end came after every other user of it,
+  // ordered by the record's reference count and the token table's shard lock, and no one
+  // can reach it until it is handed out again).
+  token_ = token;
+  closing_ = false;
+  first_index_.store(kNoIndex, std::memory_order_relaxed);  // the next first value is inline
+}
+
 }  // namespace scopereg::internal
 
 #endif  // SCOPEREG_INTERNAL_SCOPE_STATE_H_
