@@ -24,12 +24,21 @@ Subscribers& subscribers() {
 }
 
 // The binding index: (token type, token hash) -> the registries holding a value for a
-// token with that type and hash, each as many times as it bound it.
+// token with that type and hash, each with its count of bindings (binds minus unbinds).
+// A registry binds and unbinds after its own shard's lock is released (the index is
+// locked before a store's shards, never after), so two threads' changes for one token can
+// arrive in either order: a value made on one thread and cleared on another may have its
+// unbind applied before its bind. The count then goes to -1 and back to 0, instead of the
+// unbind finding nothing and the late bind leaving a binding no value backs (which would
+// outlive the registry). Holdings whose count reaches 0 are removed.
+struct Holding {
+  RegistryRecord* holder;
+  int count;
+};
+using Holdings = absl::InlinedVector<Holding, 2>;
 struct alignas(64) BindingShard {
   Mutex mu;
-  absl::flat_hash_map<std::pair<const void*, std::size_t>,
-                      absl::InlinedVector<RegistryRecord*, 2>>
-      map ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<std::pair<const void*, std::size_t>, Holdings> map ABSL_GUARDED_BY(mu);
   std::atomic<std::size_t> size{0};  // map.size(), for a lock-free "nothing bound here"
 };
 constexpr int kBindingShardBits = 6;
@@ -205,24 +214,52 @@ void RegistryRecord::unsubscribe_locked() {
   }
 }
 
+namespace {
+// Adds `delta` to `holder`'s count under `key`, removing what reaches 0.
+void add_binding(BindingShard& shard, std::pair<const void*, std::size_t> key,
+                 RegistryRecord* holder, int delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+  Holdings& holdings = shard.map[key];
+  auto pos = std::find_if(holdings.begin(), holdings.end(),
+                          [holder](const Holding& h) { return h.holder == holder; });
+  if (pos == holdings.end()) {
+    holdings.push_back(Holding{holder, delta});
+  } else if ((pos->count += delta) == 0) {
+    holdings.erase(pos);
+    if (holdings.empty()) shard.map.erase(key);
+  }
+  shard.size.store(shard.map.size(), std::memory_order_relaxed);
+}
+}  // namespace
+
 void RegistryRecord::bind(TokenRef token) {
   BindingShard& shard = binding_shard(token);
   MutexLock lock(shard.mu);
-  shard.map[{token.type, token.hash}].push_back(this);
-  shard.size.store(shard.map.size(), std::memory_order_relaxed);
+  add_binding(shard, {token.type, token.hash}, this, +1);
+  bindings_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void RegistryRecord::unbind(TokenRef token) {
   BindingShard& shard = binding_shard(token);
   MutexLock lock(shard.mu);
-  auto it = shard.map.find({token.type, token.hash});
-  if (it == shard.map.end()) return;  // already taken by the scope's end
-  auto& holders = it->second;
-  auto pos = std::find(holders.begin(), holders.end(), this);
-  if (pos == holders.end()) return;
-  holders.erase(pos);
-  if (holders.empty()) shard.map.erase(it);
-  shard.size.store(shard.map.size(), std::memory_order_relaxed);
+  add_binding(shard, {token.type, token.hash}, this, -1);
+  bindings_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void RegistryRecord::drop_all_bindings() {
+  if (bindings_.load(std::memory_order_relaxed) == 0) return;  // the common case
+  for (std::size_t i = 0; i < kBindingShards; ++i) {
+    BindingShard& shard = binding_shards()[i];
+    MutexLock lock(shard.mu);
+    for (auto it = shard.map.begin(); it != shard.map.end();) {
+      Holdings& holdings = it->second;
+      holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
+                                    [this](const Holding& h) { return h.holder == this; }),
+                     holdings.end());
+      if (holdings.empty()) shard.map.erase(it++); else ++it;
+    }
+    shard.size.store(shard.map.size(), std::memory_order_relaxed);
+  }
+  bindings_.store(0, std::memory_order_relaxed);
 }
 
 // ---- scope ends ---------------------------------------------------------------------
@@ -233,29 +270,22 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
   MutexLock lock(shard.mu);
   auto it = shard.map.find({token.type, token.hash});
   if (it == shard.map.end()) return;
-  absl::InlinedVector<RegistryRecord*, 2>& holders = it->second;
-  // A holder appears once per binding, and its bindings may be for several tokens that
-  // share this hash. Each holder is asked once: when it had a value for `token`, one of its
-  // bindings (that value's) goes; all its others stay, for the colliding tokens.
-  absl::InlinedVector<RegistryRecord*, 2> kept;
-  absl::InlinedVector<RegistryRecord*, 2> asked;
-  for (RegistryRecord* holder : holders) {
-    if (std::find(asked.begin(), asked.end(), holder) != asked.end()) {
-      kept.push_back(holder);
-      continue;
-    }
-    asked.push_back(holder);
-    if (NodeBase* node = holder->extract_for_end(token)) {
-      take(holder, node);
-    } else {
-      kept.push_back(holder);
+  Holdings& holdings = it->second;
+  // A holder's bindings may be for several tokens that share this hash. Each holder is
+  // asked once (whatever its count: one below 1 has a bind still on its way): when it had
+  // a value for `token`, that value's binding goes; its others stay, for the colliding
+  // tokens.
+  for (Holding& h : holdings) {
+    if (NodeBase* node = h.holder->extract_for_end(token)) {
+      take(h.holder, node);
+      --h.count;
+      h.holder->bindings_.fetch_sub(1, std::memory_order_relaxed);
     }
   }
-  if (kept.empty()) {
-    shard.map.erase(it);
-  } else {
-    holders = std::move(kept);
-  }
+  holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
+                                [](const Holding& h) { return h.count == 0; }),
+                 holdings.end());
+  if (holdings.empty()) shard.map.erase(it);
   shard.size.store(shard.map.size(), std::memory_order_relaxed);
 }
 
@@ -276,11 +306,7 @@ void copy_bound(TokenRef from, TokenRef to) {
       MutexLock lock(shard.mu);
       auto it = shard.map.find({from.type, from.hash});
       if (it == shard.map.end()) return;
-      for (RegistryRecord* holder : it->second) {
-        if (std::find(holders.begin(), holders.end(), holder) == holders.end()) {
-          holders.push_back(holder);
-        }
-      }
+      for (const Holding& h : it->second) holders.push_back(h.holder);
     }
     for (RegistryRecord* holder : holders) {
       NodeBase* node = nullptr;
@@ -351,13 +377,13 @@ void forget_dead_records_in_child() noexcept {
         BindingShard& shard = binding_shards()[i];
         MutexLock shard_lock(shard.mu);
         for (auto it = shard.map.begin(); it != shard.map.end();) {
-          auto& holders = it->second;
-          holders.erase(std::remove_if(holders.begin(), holders.end(),
-                                       [&dead](RegistryRecord* r) {
-                                         return std::find(dead.begin(), dead.end(), r) !=
-                                                dead.end();
-                                       }),
-                        holders.end());
+          Holdings& holdings = it->second;
+          holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
+                                        [&dead](const Holding& h) {
+                                          return std::find(dead.begin(), dead.end(),
+                                                           h.holder) != dead.end();
+                                        }),
+                         holdings.end());
           if (it->second.empty()) shard.map.erase(it++); else ++it;
         }
         shard.size.store(shard.map.size(), std::memory_order_relaxed);

@@ -2,12 +2,15 @@
 #include <atomic>
 #include <string>
 #include <latch>
+#include <memory>
 #include <thread>
 #include <vector>
 
 #include "counted.h"
 #include "gtest/gtest.h"
 #include "scopereg/func_scope.h"
+#include "scopereg/internal/registry_record.h"
+#include "scopereg/internal/token_ref.h"
 #include "scopereg/scope.h"
 #include "scopereg/scoped_registry.h"
 
@@ -234,6 +237,37 @@ TEST(FuncScopeOf, DestroyingTheRegistryDestroysEveryStringScopesValue) {
   end_scope(std::string("a"));  // the registry is gone: nothing left to reach
   EXPECT_EQ(counts.destroyed.load(), 3);
   t_session_id.clear();
+}
+
+
+// One thread makes the value for a token while another clears it: each records its
+// binding in the process's index after releasing the store's lock, so the clear's unbind
+// can arrive before the creation's bind. The index must still end with no binding for the
+// token (before the fix, a late bind stayed behind with no value, and after the registry
+// was destroyed it pointed at freed memory: the scope's end then called into it).
+TEST(FuncScope, CreationAndClearRacingOnOneTokenLeaveNoBindingBehind) {
+  const ScopeToken token(0x5eed'0000'0001);
+  const std::size_t place = internal::placement_of(token);
+  ASSERT_FALSE(internal::has_bound_at(place));
+  constexpr int kRounds = 4;
+  for (int round = 0; round < kRounds; ++round) {
+    auto reg = std::make_unique<ScopedRegistry<int, FuncScope>>([] { return 7; },
+                                                               ScopeFunc([token] { return token; }));
+    std::atomic<bool> stop{false};
+    std::thread clearer([&] {
+      while (!stop.load(std::memory_order_relaxed)) reg->clear();
+    });
+    for (int i = 0; i < 20'000; ++i) EXPECT_EQ((*reg)(), 7);
+    stop.store(true);
+    clearer.join();
+    reg->clear();
+    EXPECT_FALSE(internal::has_bound_at(place)) << "round " << round;
+    (*reg)();
+    EXPECT_TRUE(internal::has_bound_at(place));
+    reg.reset();  // unbinds its one value
+    EXPECT_FALSE(internal::has_bound_at(place)) << "round " << round;
+    end_scope(token);  // nothing bound: reaches no registry
+  }
 }
 
 }  // namespace
