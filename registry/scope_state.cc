@@ -4,8 +4,11 @@
 
 #include "scopereg/internal/scope_state.h"
 
+#include <algorithm>
 #include <cassert>
+#include <functional>
 #include <optional>
+#include <vector>
 
 #include "scopereg/error.h"
 #include "scopereg/thread_scope.h"
@@ -338,24 +341,35 @@ void ScopeState::share_all_from(const ScopeState& from) {
 
 // ---- fork ---------------------------------------------------------------------------
 
+namespace {
+// The scopes lock_scopes_for_fork() locked, in the order it locked them (their domains'
+// mutexes, held throughout, keep the lists unchanged until they are unlocked).
+std::vector<ScopeState*>* g_fork_locked_scopes = nullptr;
+}  // namespace
+
 void lock_scopes_for_fork() {
+  // Every domain first, then every scope in address order: the order share_from() takes
+  // two scopes in (locking each domain's scopes in list order could meet a copy holding
+  // the lower-addressed of two scopes and waiting for the other, and never return).
+  auto* scopes = new std::vector<ScopeState*>;
   for (std::size_t d = 0; d < kDomains; ++d) {
     Domain& domain = all_domains()[d];
     domain.mu.lock();
-    for_each_scope(domain, [](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      scope->mu_.lock();
+    for_each_scope(domain, [scopes](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      scopes->push_back(scope);
     });
   }
+  std::sort(scopes->begin(), scopes->end(), std::less<ScopeState*>());
+  for (ScopeState* scope : *scopes) scope->mu_.lock();
+  g_fork_locked_scopes = scopes;
 }
 
 void unlock_scopes_after_fork() {
-  for (std::size_t d = kDomains; d-- > 0;) {
-    Domain& domain = all_domains()[d];
-    for_each_scope(domain, [](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      scope->mu_.unlock();
-    });
-    domain.mu.unlock();
-  }
+  std::vector<ScopeState*>* const scopes = g_fork_locked_scopes;
+  g_fork_locked_scopes = nullptr;
+  for (auto it = scopes->rbegin(); it != scopes->rend(); ++it) (*it)->mu_.unlock();
+  delete scopes;
+  for (std::size_t d = kDomains; d-- > 0;) all_domains()[d].mu.unlock();
 }
 
 void abandon_other_threads_in_child() noexcept {

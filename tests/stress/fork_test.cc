@@ -110,7 +110,8 @@ TEST(Fork, ChildrenForkedWhileOtherThreadsChurnNeverDeadlock) {
   std::atomic<bool> stop{false};
   std::vector<std::thread> churn;
   // Threads that hold every kind of scopereg lock as often as possible: scope creation and
-  // end, registry creation and destruction, factories, pools, session caches.
+  // end, registry creation and destruction, factories, pools, session caches, copies of a
+  // scope (two scopes' locks at once).
   for (int t = 0; t < 3; ++t) {
     churn.emplace_back([&, t] {
       long i = 0;
@@ -124,6 +125,11 @@ TEST(Fork, ChildrenForkedWhileOtherThreadsChurnNeverDeadlock) {
           ScopeGuard request(t * 1000000L + i);
           by_request();
           by_func();
+          copy_context().run([&] { by_request(); });
+          {
+            ScopeGuard child(-(t * 1000000L + i) - 1, inherit);
+            by_request();
+          }
           Pool<int>::Lease lease = pool->checkout();
           std::thread([&] { by_thread(); }).join();
         }
