@@ -329,9 +329,17 @@ void collect_ended(TokenRef token, DyingList& out) {
 }
 
 void end_scope_everywhere(TokenRef token) {
-  DyingList dying(this_thread_domain());
-  collect_ended(token, dying);
-  dying.destroy_all();
+  // In rounds, as a scope's end: a value's destructor may make another value for the same
+  // token (its scope is still current there), which the next round ends.
+  constexpr int kRounds = 8;
+  for (int round = 0; round < kRounds; ++round) {
+    {
+      DyingList dying(this_thread_domain());
+      collect_ended(token, dying);
+      dying.destroy_all();
+    }
+    if (!has_bound_at(token.place)) return;
+  }
 }
 
 void abandon_everywhere(TokenRef token) {

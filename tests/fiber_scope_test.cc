@@ -251,6 +251,31 @@ TEST(FiberScope, AValueMadeByAScopeFuncValuesDestructorAtFiberEndIsDestroyedToo)
   EXPECT_EQ(by_fiber.size(), 0);
 }
 
+// A value in a FuncScope registry keyed by the fiber whose destructor makes another.
+struct MakesAnotherWhenDestroyed {
+  explicit MakesAnotherWhenDestroyed(ScopedRegistry<Counted, FuncScope>* r) : reg(r) {}
+  MakesAnotherWhenDestroyed(MakesAnotherWhenDestroyed&& other) noexcept
+      : reg(std::exchange(other.reg, nullptr)) {}
+  ~MakesAnotherWhenDestroyed() {
+    if (reg != nullptr) (*reg)();
+  }
+  ScopedRegistry<Counted, FuncScope>* reg;
+};
+
+TEST(FiberScope, AScopeFuncValueMadeByAnotherOnesDestructorAtFiberEndIsDestroyedToo) {
+  Counts counts;
+  ScopedRegistry<Counted, FuncScope> second([&] { return Counted(counts); },
+                                            FiberScope::func());
+  ScopedRegistry<MakesAnotherWhenDestroyed, FuncScope> first(
+      [&] { return MakesAnotherWhenDestroyed(&second); }, FiberScope::func());
+  Fiber fiber([&] { first(); });  // only FuncScope values: no FiberScope slots
+  fiber.resume();
+  EXPECT_TRUE(fiber.done());
+  EXPECT_EQ(counts.made, 1);
+  EXPECT_EQ(counts.alive(), 0);  // ended in a second round, not left to the registry
+  EXPECT_EQ(second.size(), 0);
+}
+
 TEST(FiberScope, DestroyingARegistryDestroysValuesOfSuspendedFibers) {
   Counts counts;
   auto reg = std::make_unique<ScopedRegistry<Counted, FiberScope>>(
