@@ -1,6 +1,7 @@
 #include "scopereg/internal/registry_record.h"
 
 #include <algorithm>
+#include <exception>
 #include <cassert>
 #include <utility>
 
@@ -71,6 +72,8 @@ Domain& this_thread_domain() noexcept {
 void DyingList::assert_domain([[maybe_unused]] const Domain& held) const {
   assert(&held == &domain_);
 }
+
+void DyingList::reserve_one() { items_.reserve(items_.size() + 1); }
 
 void DyingList::add(RegistryRecord* record, NodeBase* node) {
   items_.push_back(Item{record, node, State::kPending});
@@ -264,7 +267,8 @@ void RegistryRecord::drop_all_bindings() {
 
 // ---- scope ends ---------------------------------------------------------------------
 
-void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take) {
+void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take,
+                   absl::FunctionRef<void()> make_room) {
   BindingShard& shard = binding_shard(token);
   if (shard.size.load(std::memory_order_acquire) == 0) return;  // the common case
   MutexLock lock(shard.mu);
@@ -274,12 +278,20 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
   // A holder's bindings may be for several tokens that share this hash. Each holder is
   // asked once (whatever its count: one below 1 has a bind still on its way): when it had
   // a value for `token`, that value's binding goes; its others stay, for the colliding
-  // tokens.
+  // tokens. A holder that throws (a user token's hash or ==, or no memory for `take`'s
+  // room) keeps its value and binding; the others are still asked, and the first
+  // exception is rethrown once the index is consistent.
+  std::exception_ptr error;
   for (Holding& h : holdings) {
-    if (NodeBase* node = h.holder->extract_for_end(token)) {
-      take(h.holder, node);
-      --h.count;
-      h.holder->bindings_.fetch_sub(1, std::memory_order_relaxed);
+    try {
+      make_room();  // so that take() cannot fail once the value is out of its registry
+      if (NodeBase* node = h.holder->extract_for_end(token)) {
+        take(h.holder, node);
+        --h.count;
+        h.holder->bindings_.fetch_sub(1, std::memory_order_relaxed);
+      }
+    } catch (...) {
+      if (error == nullptr) error = std::current_exception();
     }
   }
   holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
@@ -287,6 +299,7 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
                  holdings.end());
   if (holdings.empty()) shard.map.erase(it);
   shard.size.store(shard.map.size(), std::memory_order_relaxed);
+  if (error != nullptr) std::rethrow_exception(error);
 }
 
 bool has_bound_at(std::size_t place) noexcept {
@@ -318,8 +331,12 @@ void copy_bound(TokenRef from, TokenRef to) {
 }
 
 void collect_ended_locked(TokenRef token, DyingList& out) {
-  extract_bound(token, [&out](RegistryRecord* holder, NodeBase* node)
-                           ABSL_NO_THREAD_SAFETY_ANALYSIS { out.add(holder, node); });
+  extract_bound(
+      token,
+      [&out](RegistryRecord* holder, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        out.add(holder, node);
+      },
+      [&out]() ABSL_NO_THREAD_SAFETY_ANALYSIS { out.reserve_one(); });
 }
 
 void collect_ended(TokenRef token, DyingList& out) {
@@ -335,7 +352,12 @@ void end_scope_everywhere(TokenRef token) {
   for (int round = 0; round < kRounds; ++round) {
     {
       DyingList dying(this_thread_domain());
-      collect_ended(token, dying);
+      try {
+        collect_ended(token, dying);
+      } catch (...) {  // a token's hash or == threw, or no memory: what was taken still ends
+        dying.destroy_all();
+        throw;
+      }
       dying.destroy_all();
     }
     if (!has_bound_at(token.place)) return;

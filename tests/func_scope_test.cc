@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <atomic>
+#include <stdexcept>
 #include <string>
 #include <latch>
 #include <memory>
@@ -192,6 +193,40 @@ TEST(FuncScopeOf, AStructKeyedRegistryTellsApartEveryField) {
   end_scope(std::string("acme"));  // another token type: reaches nothing here
   EXPECT_EQ(sessions.size(), 2);
   t_tenant_session = {};
+}
+
+// A token whose == throws once when armed (after the values exist).
+std::atomic<bool> g_throw_on_compare{false};
+struct ThrowingToken {
+  int id = 0;
+  friend bool operator==(const ThrowingToken& a, const ThrowingToken& b) {
+    if (g_throw_on_compare.exchange(false)) throw std::runtime_error("token compare failed");
+    return a.id == b.id;
+  }
+  template <typename H>
+  friend H AbslHashValue(H h, const ThrowingToken& t) {
+    return H::combine(std::move(h), t.id);
+  }
+};
+
+TEST(FuncScopeOf, AnEndWhoseTokenThrowsInOneRegistryStillEndsTheOthersAndReportsIt) {
+  Counts counts;
+  const ThrowingToken token{7};
+  auto func = FuncScopeOf<ThrowingToken>([token] { return token; });
+  ScopedRegistry<Counted, FuncScopeOf<ThrowingToken>> first([&] { return Counted(counts); },
+                                                            func);
+  ScopedRegistry<Counted, FuncScopeOf<ThrowingToken>> second([&] { return Counted(counts); },
+                                                             func);
+  first();
+  second();
+  ASSERT_EQ(counts.alive(), 2);
+  g_throw_on_compare = true;  // the first registry asked fails its look-up
+  EXPECT_THROW(end_scope(token), std::runtime_error);
+  EXPECT_EQ(counts.alive(), 1);  // the other registry's value still ended
+  EXPECT_EQ(first.size() + second.size(), 1);
+  end_scope(token);  // the one left is still bound, and ends now
+  EXPECT_EQ(counts.alive(), 0);
+  EXPECT_EQ(first.size() + second.size(), 0);
 }
 
 TEST(FuncScopeOf, EndingAStringScopeLeavesRegistriesOfOtherTokenTypesAlone) {

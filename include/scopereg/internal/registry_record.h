@@ -85,6 +85,8 @@ class DyingList {
   Domain& domain() const ABSL_LOCK_RETURNED(domain_.mu) { return domain_; }
   // Tells the analysis that `held`, a locked domain, is this list's.
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
+  // Makes room for one more add() (which then cannot throw). Throws std::bad_alloc.
+  void reserve_one() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
   void add(RegistryRecord* record, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
 
   bool empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return items_.empty(); }
@@ -175,7 +177,8 @@ class RegistryRecord {
  private:
   friend class DyingList;
   friend void extract_bound(TokenRef token,
-                            absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take);
+                            absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take,
+                            absl::FunctionRef<void()> make_room);
   friend void forget_dead_records_in_child() noexcept;
   friend void abandon_other_threads_in_child() noexcept;
   friend void abandon_everywhere(TokenRef token);
@@ -206,7 +209,11 @@ class RegistryRecord {
 
 // Hands `take(registry, value)` each of `token`'s values in a token-keyed registry,
 // removing them and the token's bindings, with the binding shard's mutex held.
-void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take);
+// `make_room()` runs before each registry is asked, so that `take` need not throw. A
+// registry whose look-up throws keeps its value; the others are still visited, and the
+// first exception is rethrown at the end.
+void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeBase*)> take,
+                   absl::FunctionRef<void()> make_room = [] {});
 
 // Moves `token`'s values out of every token-keyed registry that holds one into `out`.
 // Visits only those registries. The whole move happens under `out`'s domain mutex, so a
