@@ -551,6 +551,43 @@ TEST(AsioTask, TasksDestroyedWhileSuspendedReleaseTheirValuesOnce) {
   EXPECT_EQ(expl.size(), 0);
 }
 
+TEST(AsioTeardown, ATaskDestroyedWhileSuspendedStillGetsItsTeardownInItsScope) {
+  Counts counts;
+  TaskVar<Counted> coro(counted_factory(counts));
+  ExplicitVar<Counted> expl(counted_factory(counts));
+  std::atomic<int> suspended{0};
+  std::atomic<int> resumed{0};
+  int teardowns = 0;
+  std::exception_ptr seen;
+  int task_value = 0;
+  int explicit_value = 0;
+  {
+    net::io_context io;
+    scopereg::asio::co_spawn(
+        io.get_executor(), waits_forever(3, true, coro, expl, counts, suspended, resumed),
+        fresh_scope,
+        [&](std::exception_ptr e) {
+          ++teardowns;
+          seen = e;
+          if (Counted* c = coro.find()) task_value = c->id();
+          if (Counted* c = expl.find()) explicit_value = c->id();
+        },
+        [&](std::exception_ptr) { ADD_FAILURE() << "no completion for a destroyed task"; });
+    for (int rounds = 0; suspended.load() < 1 && rounds < 1000; ++rounds) io.poll();
+    ASSERT_EQ(suspended.load(), 1);
+    EXPECT_EQ(teardowns, 0);
+    io.stop();
+  }  // destroyed with the task suspended, holding a ScopeGuard across the co_await
+  EXPECT_EQ(resumed.load(), 0);
+  EXPECT_EQ(teardowns, 1);
+  ASSERT_TRUE(seen);
+  EXPECT_THROW(std::rethrow_exception(seen), scopereg::asio::TaskAbandoned);
+  EXPECT_EQ(task_value, 3);        // in the task's scope, its values still alive
+  EXPECT_EQ(explicit_value, 1003);  // the task's own scope, not the guard's (gone first)
+  EXPECT_EQ(counts.destroyed.load(), counts.made.load()) << "values leaked";
+  EXPECT_FALSE(CoroutineScope::active());
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Guards across co_await, on a thread_pool
 // ---------------------------------------------------------------------------------------

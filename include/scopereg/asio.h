@@ -35,7 +35,11 @@
 //   otherwise (e.g. teardown_of(session_cache): commit on success, roll back on an
 //   exception, then clear the used sessions -- SessionCache::TeardownGuard). If it throws
 //   on success, that exception is the task's; if it throws after the coroutine threw, the
-//   task fails with TaskTeardownError carrying both.
+//   task fails with TaskTeardownError carrying both. A task whose coroutine frame is
+//   destroyed before it finished (its io_context or thread_pool destroyed with the task
+//   suspended) still gets its teardown, in its scope, with a TaskAbandoned error, when
+//   the frame is destroyed (after the coroutine's own frames and guards are gone); what
+//   it throws then is reported on stderr, since no completion handler runs.
 // * Overlap: Asio runs the rest of a resuming function (for instance the initiation of
 //   the operation the coroutine now awaits) after the coroutine suspended, still inside
 //   TaskExecutor's installation; if that operation completes on another thread at once,
@@ -90,6 +94,15 @@
 // * A child started with plain boost::asio::co_spawn on the task's executor shares the
 //   parent's task: neither may hold a ScopeGuard across co_await while the other runs
 //   (each would see the other's guard). Start children with scopereg::asio::co_spawn.
+// * On a multi-threaded io_context or thread_pool, a handler given the task's executor
+//   (a timer or socket made with co_await this_coro::executor) can run on one thread
+//   while the coroutine runs on another. Both are then in the task's scope at once: they
+//   share its values (as two threads in one scope; T must allow that), and neither may
+//   enter or leave a ScopeGuard, or run a wrap()ped or CapturedScope callable, while the
+//   other runs (each installs and writes back the task's ScopeGuard stack: the other's
+//   guards would be lost or left dangling). Make the task's executor a strand
+//   (co_spawn(boost::asio::make_strand(pool), ...)) to run its functions one at a time,
+//   as Asio's own rules for shared state already advise.
 // * A TaskExecutor must not be used after its io_context is destroyed (as any executor).
 // * A task's generation has 40 bits per task record: a TaskExecutor copy kept while 2^40
 //   later tasks ran on the same record would take the task running 2^40 generations
@@ -150,8 +163,10 @@
 #include "boost/asio/associated_cancellation_slot.hpp"
 #define SCOPEREG_ASIO_HAS_CANCELLATION_SLOT 1
 #endif
+#include "absl/status/status.h"
 #include "scopereg/coroutine_scope.h"
 #include "scopereg/explicit_scope.h"
+#include "scopereg/internal/creation.h"
 
 namespace scopereg::asio {
 
@@ -374,7 +389,8 @@ class AsioTask {
   // Whether generation `gen` is installed on the calling thread (an enclosing function of
   // this thread pins it).
   bool installed_here(std::uint64_t gen) const noexcept {
-    return scopereg::internal::this_context().task == installation_ &&
+    return scopereg::internal::this_context().task ==
+               installation_.load(std::memory_order_relaxed) &&
            (word_.load(std::memory_order_relaxed) >> kPinBits) == gen;
   }
   // The running task's scope: only while pinned.
@@ -481,8 +497,10 @@ class AsioTask {
   std::atomic<BindingBase*> bindings_{nullptr};
   AsioTask* next_free_ = nullptr;  // guarded by pool().mu while in the pool
   // What the thread's context holds while the task is installed (the scope's address,
-  // the same for every generation): compared without touching the scope object.
-  const void* installation_ = nullptr;
+  // the same for every generation): compared without touching the scope object. Atomic
+  // (relaxed) only because start() writes it again, with the same value, while a stale
+  // function of an earlier generation may be reading it.
+  std::atomic<const void*> installation_{nullptr};
   alignas(TaskScope) unsigned char scope_[sizeof(TaskScope)];
 };
 
@@ -490,9 +508,10 @@ template <typename Start>
 AsioTask* AsioTask::start(Start&& start, std::uint64_t& gen) {
   AsioTask* const task = take();
   try {
-    task->installation_ =
+    task->installation_.store(
         (::new (static_cast<void*>(task->scope_)) TaskScope(std::forward<Start>(start)))
-            ->installation();
+            ->installation(),
+        std::memory_order_relaxed);
   } catch (...) {
     recycle(task);
     throw;
@@ -755,6 +774,19 @@ struct TaskExecutorAccess {
 
 }  // namespace internal
 
+// TaskAbandoned
+//
+// What a task's teardown gets when the task's coroutine frame was destroyed before the
+// coroutine finished: its io_context or thread_pool was destroyed with the task suspended
+// (the completion handler is then never called, as with boost::asio::co_spawn).
+class TaskAbandoned : public std::runtime_error {
+ public:
+  TaskAbandoned()
+      : std::runtime_error(
+            "scopereg::asio: the task was destroyed before it finished (its io_context or "
+            "thread_pool was destroyed with the task suspended)") {}
+};
+
 // TaskTeardownError
 //
 // A task whose coroutine threw and whose teardown then threw too fails with this: both
@@ -811,19 +843,52 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
   }
 }
 
+// Runs the teardown, in the task's scope, when the task's coroutine frame is destroyed
+// before the coroutine finished (its io_context or thread_pool destroyed with the task
+// suspended): the coroutine's own frames, and the guards they held, are gone by then (the
+// awaited operand is destroyed before this local). The teardown gets a TaskAbandoned
+// error (a teardown_of(cache) rolls back); what it throws is reported on stderr, since
+// no completion handler will run.
+template <typename Teardown>
+class TeardownIfAbandoned {
+ public:
+  TeardownIfAbandoned(AsioTask* task, Teardown& teardown) noexcept
+      : task_(task), teardown_(teardown) {}
+  TeardownIfAbandoned(const TeardownIfAbandoned&) = delete;
+  TeardownIfAbandoned& operator=(const TeardownIfAbandoned&) = delete;
+  ~TeardownIfAbandoned() {
+    if (task_ == nullptr) return;
+    TaskScope::Installed installed(task_->scope());
+    try {
+      teardown_(std::make_exception_ptr(TaskAbandoned()));
+    } catch (...) {
+      scopereg::internal::report_to_stderr(absl::InternalError(
+          "scopereg::asio: the teardown of a task destroyed before it finished threw: " +
+          scopereg::internal::describe_current_exception()));
+    }
+  }
+  void disarm() noexcept { task_ = nullptr; }  // the coroutine finished: the normal teardown runs
+
+ private:
+  AsioTask* task_;
+  Teardown& teardown_;
+};
+
 // The task's coroutine: `pin` (a parameter, so it lives in the frame from the moment
 // co_spawn makes it) keeps the task running until the frame ends.
 template <typename T, typename AwEx, typename Teardown>
-boost::asio::awaitable<T, AwEx> run_task([[maybe_unused]] TaskPin pin,
+boost::asio::awaitable<T, AwEx> run_task(TaskPin pin,
                                          boost::asio::awaitable<T, AwEx> body,
                                          Teardown teardown) {
   std::exception_ptr error;
+  TeardownIfAbandoned<Teardown> if_abandoned(pin.task(), teardown);
   if constexpr (std::is_void_v<T>) {
     try {
       co_await std::move(body);
     } catch (...) {
       error = std::current_exception();
     }
+    if_abandoned.disarm();
     run_teardown(teardown, error);
     if (error) std::rethrow_exception(error);
   } else {
@@ -833,6 +898,7 @@ boost::asio::awaitable<T, AwEx> run_task([[maybe_unused]] TaskPin pin,
     } catch (...) {
       error = std::current_exception();
     }
+    if_abandoned.disarm();
     run_teardown(teardown, error);
     if (error) std::rethrow_exception(error);
     co_return std::move(*result);

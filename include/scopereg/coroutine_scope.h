@@ -70,6 +70,10 @@
 //   through scoped_await) suspends the coroutine with its scope still installed on the
 //   thread: the thread keeps running the task's scope after the suspension. Pass every
 //   awaiter through scoped_await.
+// * co_yield suspends through yield_value(), not await_transform: the coroutine suspends
+//   with its scope still installed, as above. A coroutine type with co_yield returns
+//   scoped_await(its awaiter) from yield_value (for example
+//   `return scoped_await(std::suspend_always{});`).
 // * unhandled_exception() that rethrows leaves the coroutine without reaching
 //   final_suspend: call task_scope().leave() before rethrowing.
 // * Resuming a coroutine directly from inside another task is fine (the inner task's
