@@ -277,7 +277,10 @@ void ScopeState::share_from(ScopeState& from) {
         if (load(slot) != nullptr) return;  // this scope's own value wins
         // A registry that started its destruction may have emptied this scope already.
         if (!accepts_sharing(index)) return;
-        store(slot, share(node));
+        // Stored first (it may allocate a chunk and throw), then the binding taken: both
+        // scopes' locks are held, so no one can release it in between.
+        store(slot, node);
+        share(node);
       });
     }
   }
@@ -293,6 +296,20 @@ void ScopeState::share_all_from(const ScopeState& from) {
   std::uint32_t count = 0;
   std::uint32_t hooked = 0;
   assert(first_index_.load(std::memory_order_relaxed) == kNoIndex);
+  // Every chunk this copy will write is allocated first: a failure to allocate then
+  // leaves no binding taken and not counted.
+  for (std::uint32_t c = 0; c < from.chunk_limit_; ++c) {
+    std::atomic<NodeBase*>* src = from.chunks_[c].load(std::memory_order_relaxed);
+    if (src == nullptr || chunks_[c].load(std::memory_order_relaxed) != nullptr) continue;
+    const std::uint32_t n = kFirstChunkSlots << c;
+    bool any = false;
+    for (std::uint32_t o = 0; o < n && !any; ++o) {
+      any = src[o].load(std::memory_order_relaxed) != nullptr;
+    }
+    if (!any) continue;
+    chunks_[c].store(new std::atomic<NodeBase*>[n](), std::memory_order_release);
+    if (c >= chunk_limit_) chunk_limit_ = c + 1;
+  }
   const std::uint32_t first = from.first_index_.load(std::memory_order_relaxed);
   NodeBase* const first_node =
       first != kNoIndex ? from.first_node_.load(std::memory_order_relaxed) : nullptr;

@@ -435,7 +435,12 @@ ScopeGuard::ScopeGuard(internal::ScopeRecord* record, bool inherit)
       task_(internal::t_context.task) {
   internal::ExplicitFrame* const top = internal::t_context.explicit_top;
   if (inherit && top != nullptr && top->state != frame_.state) {
-    frame_.state->share_from(*top->state);
+    try {
+      frame_.state->share_from(*top->state);
+    } catch (...) {  // no memory: the reference the caller took goes (no destructor runs)
+      internal::release_record(record);
+      throw;
+    }
   }
   internal::push_frame(&frame_);
   if (internal::switch_hooks_active()) [[unlikely]] {
@@ -447,7 +452,12 @@ CapturedScope copy_context() {
   internal::ScopeRecord* record = internal::new_private_record();
   internal::ScopeState* state = internal::state_of(record);
   if (internal::ExplicitFrame* top = internal::t_context.explicit_top) {
-    state->share_from(*top->state);
+    try {
+      state->share_from(*top->state);
+    } catch (...) {  // no memory: the new scope ends with what it had bound
+      internal::release_record(record);
+      throw;
+    }
   }
   return CapturedScope::adopt(record);
 }
