@@ -1,8 +1,8 @@
 #include "scopereg/internal/registry_record.h"
 
 #include <algorithm>
-#include <exception>
 #include <cassert>
+#include <exception>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -238,31 +238,26 @@ void RegistryRecord::bind(TokenRef token) {
   BindingShard& shard = binding_shard(token);
   MutexLock lock(shard.mu);
   add_binding(shard, {token.type, token.hash}, this, +1);
-  bindings_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void RegistryRecord::unbind(TokenRef token) {
   BindingShard& shard = binding_shard(token);
   MutexLock lock(shard.mu);
   add_binding(shard, {token.type, token.hash}, this, -1);
-  bindings_.fetch_sub(1, std::memory_order_relaxed);
 }
 
-void RegistryRecord::drop_all_bindings() {
-  if (bindings_.load(std::memory_order_relaxed) == 0) return;  // the common case
+void RegistryRecord::check_no_binding_left() {
+#ifndef NDEBUG
   for (std::size_t i = 0; i < kBindingShards; ++i) {
     BindingShard& shard = binding_shards()[i];
     MutexLock lock(shard.mu);
-    for (auto it = shard.map.begin(); it != shard.map.end();) {
-      Holdings& holdings = it->second;
-      holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
-                                    [this](const Holding& h) { return h.holder == this; }),
-                     holdings.end());
-      if (holdings.empty()) shard.map.erase(it++); else ++it;
+    for (const auto& [key, holdings] : shard.map) {
+      for (const Holding& h : holdings) {
+        assert(h.holder != this && "a token-keyed registry left bindings in the index");
+      }
     }
-    shard.size.store(shard.map.size(), std::memory_order_relaxed);
   }
-  bindings_.store(0, std::memory_order_relaxed);
+#endif
 }
 
 // ---- scope ends ---------------------------------------------------------------------
@@ -288,7 +283,6 @@ void extract_bound(TokenRef token, absl::FunctionRef<void(RegistryRecord*, NodeB
       if (NodeBase* node = h.holder->extract_for_end(token)) {
         take(h.holder, node);
         --h.count;
-        h.holder->bindings_.fetch_sub(1, std::memory_order_relaxed);
       }
     } catch (...) {
       if (error == nullptr) error = std::current_exception();

@@ -157,9 +157,7 @@ class RegistryRecord {
     MutexLock lock(g_process_mutex);
     unsubscribe_locked();
     for (const Token& token : take_all()) unbind(TokenRef::of(token));
-    // Anything left (a binding whose value went without its unbind: none is known) would
-    // point at a destroyed registry: swept from the whole index.
-    drop_all_bindings();
+    check_no_binding_left();
   }
 
   // Bindings (token-keyed registries): records that this registry holds a value for
@@ -167,9 +165,9 @@ class RegistryRecord {
   // are counted: bind twice, unbind twice.
   void bind(TokenRef token);
   void unbind(TokenRef token);
-  // Removes every binding of this registry from the index (a walk of the whole index,
-  // skipped when its count of bindings is 0).
-  void drop_all_bindings();
+  // Debug builds: aborts if the index still names this registry (a walk of the whole
+  // index; every binding has its value, and every value is unbound before this).
+  void check_no_binding_left();
 
   // Whether this record lived on the stack of a thread that did not survive a fork.
   bool on_dead_stack_in_child() const;
@@ -185,8 +183,6 @@ class RegistryRecord {
   friend void lock_subscribers_for_fork();
   friend void unlock_subscribers_after_fork();
   const std::uint64_t stack_owner_;
-  // This registry's bindings in the index (binds minus unbinds and ends' removals).
-  std::atomic<std::int64_t> bindings_{0};
   // Removes and returns this registry's value for `token` (null when it has none). Called
   // with a binding shard's mutex held: must not wait or call back into scopereg.
   virtual NodeBase* extract_for_end(TokenRef /*token*/) { return nullptr; }
