@@ -246,7 +246,29 @@ void RegistryRecord::unbind(TokenRef token) {
   add_binding(shard, {token.type, token.hash}, this, -1);
 }
 
-void RegistryRecord::check_no_binding_left() {
+namespace {
+// Set in a fork child: a thread of the parent may have been between a registry's change
+// and its bind or unbind when the process forked, and never finishes it here.
+std::atomic<bool> g_index_may_be_stale{false};
+}  // namespace
+
+void RegistryRecord::drop_leftover_bindings() {
+  if (g_index_may_be_stale.load(std::memory_order_relaxed)) {
+    // Whatever the index still holds for this registry goes with it.
+    for (std::size_t i = 0; i < kBindingShards; ++i) {
+      BindingShard& shard = binding_shards()[i];
+      MutexLock lock(shard.mu);
+      for (auto it = shard.map.begin(); it != shard.map.end();) {
+        Holdings& holdings = it->second;
+        holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
+                                      [this](const Holding& h) { return h.holder == this; }),
+                       holdings.end());
+        if (holdings.empty()) shard.map.erase(it++); else ++it;
+      }
+      shard.size.store(shard.map.size(), std::memory_order_relaxed);
+    }
+    return;
+  }
 #ifndef NDEBUG
   for (std::size_t i = 0; i < kBindingShards; ++i) {
     BindingShard& shard = binding_shards()[i];
@@ -304,6 +326,7 @@ void copy_bound(TokenRef from, TokenRef to) {
   BindingShard& shard = binding_shard(from);
   if (shard.size.load(std::memory_order_acquire) == 0) return;  // the common case
   absl::InlinedVector<NodeBase*, 4> unused;
+  std::exception_ptr error;
   {
     // Under the process mutex, a registry found in the index is not retiring (it leaves
     // the index under that mutex), so it can be called after the shard's lock is released.
@@ -315,13 +338,30 @@ void copy_bound(TokenRef from, TokenRef to) {
       if (it == shard.map.end()) return;
       for (const Holding& h : it->second) holders.push_back(h.holder);
     }
+    unused.reserve(holders.size());
     for (RegistryRecord* holder : holders) {
+      // Bound first (it may allocate): if it throws, nothing was copied into `to`. Undone
+      // when nothing is copied (the holding exists then: no allocation).
+      try {
+        holder->bind(to);
+      } catch (...) {
+        error = std::current_exception();
+        break;
+      }
       NodeBase* node = nullptr;
-      if (holder->share_for_copy(from, to, node)) holder->bind(to);
+      bool copied = false;
+      try {
+        copied = holder->share_for_copy(from, to, node);
+      } catch (...) {  // no memory for `to`'s entry: the binding it took comes back in `node`
+        error = std::current_exception();
+      }
+      if (!copied) holder->unbind(to);
       if (node != nullptr) unused.push_back(node);
+      if (error != nullptr) break;
     }
   }
   for (NodeBase* node : unused) release(node);  // no lock held: may run a destructor
+  if (error != nullptr) std::rethrow_exception(error);
 }
 
 void collect_ended_locked(TokenRef token, DyingList& out) {
@@ -342,19 +382,25 @@ void collect_ended(TokenRef token, DyingList& out) {
 void end_scope_everywhere(TokenRef token) {
   // In rounds, as a scope's end: a value's destructor may make another value for the same
   // token (its scope is still current there), which the next round ends.
+  // A round that finds nothing ends it (has_bound_at only tells about the token's shard).
   constexpr int kRounds = 8;
   for (int round = 0; round < kRounds; ++round) {
-    {
-      DyingList dying(this_thread_domain());
-      try {
-        collect_ended(token, dying);
-      } catch (...) {  // a token's hash or == threw, or no memory: what was taken still ends
-        dying.destroy_all();
-        throw;
-      }
+    DyingList dying(this_thread_domain());
+    const auto collect = [&]() -> bool {
+      MutexLock lock(dying.domain().mu);
+      dying.assert_domain(dying.domain());
+      collect_ended_locked(token, dying);
+      return !dying.empty();
+    };
+    bool found = false;
+    try {
+      found = collect();
+    } catch (...) {  // a token's hash or == threw, or no memory: what was taken still ends
       dying.destroy_all();
+      throw;
     }
-    if (!has_bound_at(token.place)) return;
+    dying.destroy_all();
+    if (!found || !has_bound_at(token.place)) return;
   }
 }
 
@@ -381,6 +427,7 @@ void unlock_subscribers_after_fork() {
 }
 
 void forget_dead_records_in_child() noexcept {
+  g_index_may_be_stale.store(true, std::memory_order_relaxed);
   {
     MutexLock lock(g_process_mutex);
     // Registries on the stacks of threads that are gone: scope ends must not reach them.

@@ -153,6 +153,14 @@ void ScopeState::assert_domain([[maybe_unused]] const Domain& held) const {
 
 void ScopeState::store(SlotId slot, NodeBase* node) {
   NodeBase* const old = load(slot);
+  // The one allocation first: if it throws, nothing has changed.
+  std::atomic<NodeBase*>* made = nullptr;
+  if (node != nullptr && chunks_[slot.chunk].load(std::memory_order_relaxed) == nullptr) {
+    const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
+    if (first != kNoIndex && first != slot.index) {
+      made = new std::atomic<NodeBase*>[kFirstChunkSlots << slot.chunk]();
+    }
+  }
   const int counted = (node != nullptr) - (old != nullptr);
   if (counted != 0) {
     values_.store(values_.load(std::memory_order_relaxed) + counted, std::memory_order_relaxed);
@@ -175,8 +183,9 @@ void ScopeState::store(SlotId slot, NodeBase* node) {
     first_index_.store(slot.index, std::memory_order_release);
     return;
   }
-  // A second registry: a chunk, mirroring the inline value if it belongs to this chunk.
-  chunk = new std::atomic<NodeBase*>[kFirstChunkSlots << slot.chunk]();
+  // A second registry: a chunk (made above), mirroring the inline value if it belongs to
+  // this chunk.
+  chunk = made;
   const SlotId first_slot = slot_id_for(first);
   if (first_slot.chunk == slot.chunk) {
     chunk[first_slot.offset].store(first_node_.load(std::memory_order_relaxed),

@@ -588,6 +588,34 @@ TEST(AsioTeardown, ATaskDestroyedWhileSuspendedStillGetsItsTeardownInItsScope) {
   EXPECT_FALSE(CoroutineScope::active());
 }
 
+awaitable<void> marks_ran(bool& ran) {
+  ran = true;
+  co_return;
+}
+
+TEST(AsioTeardown, ATaskDestroyedBeforeItFirstRanStillGetsItsTeardown) {
+  int teardowns = 0;
+  std::exception_ptr seen;
+  bool body_ran = false;
+  {
+    net::io_context io;  // never run
+    scopereg::asio::co_spawn(
+        io.get_executor(), marks_ran(body_ran), fresh_scope,
+        [&](std::exception_ptr e) {
+          ++teardowns;
+          seen = e;
+          EXPECT_TRUE(CoroutineScope::active()) << "the teardown runs in the task's scope";
+        },
+        [&](std::exception_ptr) { ADD_FAILURE() << "no completion for a destroyed task"; });
+    EXPECT_EQ(teardowns, 0);
+  }
+  EXPECT_FALSE(body_ran);
+  EXPECT_EQ(teardowns, 1);
+  ASSERT_TRUE(seen);
+  EXPECT_THROW(std::rethrow_exception(seen), scopereg::asio::TaskAbandoned);
+  EXPECT_FALSE(CoroutineScope::active());
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Guards across co_await, on a thread_pool
 // ---------------------------------------------------------------------------------------

@@ -1374,6 +1374,12 @@ TEST(BoostFiberCache, FibersMigratingBetweenThreadsKeepTheirValues) {
                   "switches and its mutex's spinlock are invisible to it, so fibers moving "
                   "between threads are reported as races (and crash it); run without TSan";
 #endif
+#ifdef SCOPEREG_ASAN
+  GTEST_SKIP() << "Boost.Fiber's libraries are not built for AddressSanitizer: its stack "
+                  "switches are not announced to it, and once in CI a fiber moving between "
+                  "threads crashed inside Boost.Fiber's own terminate() under ASan; the plain "
+                  "build runs this test";
+#endif
   constexpr int kFibers = 16;
   constexpr int kYields = 200;
   Ledger ledger;

@@ -37,7 +37,7 @@
 //   on success, that exception is the task's; if it throws after the coroutine threw, the
 //   task fails with TaskTeardownError carrying both. A task whose coroutine frame is
 //   destroyed before it finished (its io_context or thread_pool destroyed with the task
-//   suspended) still gets its teardown, in its scope, with a TaskAbandoned error, when
+//   suspended, or before it first ran) still gets its teardown, in its scope, with a TaskAbandoned error, when
 //   the frame is destroyed (after the coroutine's own frames and guards are gone); what
 //   it throws then is reported on stderr, since no completion handler runs.
 // * Overlap: Asio runs the rest of a resuming function (for instance the initiation of
@@ -843,22 +843,28 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
   }
 }
 
-// Runs the teardown, in the task's scope, when the task's coroutine frame is destroyed
-// before the coroutine finished (its io_context or thread_pool destroyed with the task
-// suspended): the coroutine's own frames, and the guards they held, are gone by then (the
-// awaited operand is destroyed before this local). The teardown gets a TaskAbandoned
-// error (a teardown_of(cache) rolls back); what it throws is reported on stderr, since
-// no completion handler will run.
+// What the task's coroutine frame owns of the task (one parameter, so it exists from the
+// moment co_spawn makes the frame): its pin, which keeps the task running until the frame
+// ends, and its teardown. When the frame is destroyed before the coroutine finished -- its
+// io_context or thread_pool destroyed with the task suspended, or before it first ran --
+// the destructor runs the teardown there, in the task's scope, with a TaskAbandoned error,
+// and only then releases the pin. The coroutine's own frames, and the guards they held,
+// are gone by then (the awaited operand is destroyed before the parameters). What the
+// teardown throws then is reported on stderr: no completion handler runs.
 template <typename Teardown>
-class TeardownIfAbandoned {
+class TaskLife {
  public:
-  TeardownIfAbandoned(AsioTask* task, Teardown& teardown) noexcept
-      : task_(task), teardown_(teardown) {}
-  TeardownIfAbandoned(const TeardownIfAbandoned&) = delete;
-  TeardownIfAbandoned& operator=(const TeardownIfAbandoned&) = delete;
-  ~TeardownIfAbandoned() {
-    if (task_ == nullptr) return;
-    TaskScope::Installed installed(task_->scope());
+  TaskLife(TaskPin pin, Teardown teardown) noexcept(
+      std::is_nothrow_move_constructible_v<Teardown>)
+      : pin_(std::move(pin)), teardown_(std::move(teardown)) {}
+  TaskLife(TaskLife&& other) noexcept(std::is_nothrow_move_constructible_v<Teardown>)
+      : pin_(std::move(other.pin_)),
+        teardown_(std::move(other.teardown_)),
+        armed_(std::exchange(other.armed_, false)) {}
+  TaskLife& operator=(TaskLife&&) = delete;
+  ~TaskLife() {
+    if (!armed_ || pin_.task() == nullptr) return;
+    TaskScope::Installed installed(pin_.task()->scope());
     try {
       teardown_(std::make_exception_ptr(TaskAbandoned()));
     } catch (...) {
@@ -866,30 +872,32 @@ class TeardownIfAbandoned {
           "scopereg::asio: the teardown of a task destroyed before it finished threw: " +
           scopereg::internal::describe_current_exception()));
     }
+  }  // then pin_ goes: the task may end here
+  // The coroutine finished: the normal teardown runs instead.
+  Teardown& disarm() noexcept {
+    armed_ = false;
+    return teardown_;
   }
-  void disarm() noexcept { task_ = nullptr; }  // the coroutine finished: the normal teardown runs
 
  private:
-  AsioTask* task_;
-  Teardown& teardown_;
+  TaskPin pin_;
+  Teardown teardown_;
+  bool armed_ = true;
 };
 
-// The task's coroutine: `pin` (a parameter, so it lives in the frame from the moment
-// co_spawn makes it) keeps the task running until the frame ends.
+// The task's coroutine: `life` (see TaskLife) keeps the task running until the frame
+// ends.
 template <typename T, typename AwEx, typename Teardown>
-boost::asio::awaitable<T, AwEx> run_task(TaskPin pin,
-                                         boost::asio::awaitable<T, AwEx> body,
-                                         Teardown teardown) {
+boost::asio::awaitable<T, AwEx> run_task(boost::asio::awaitable<T, AwEx> body,
+                                         TaskLife<Teardown> life) {
   std::exception_ptr error;
-  TeardownIfAbandoned<Teardown> if_abandoned(pin.task(), teardown);
   if constexpr (std::is_void_v<T>) {
     try {
       co_await std::move(body);
     } catch (...) {
       error = std::current_exception();
     }
-    if_abandoned.disarm();
-    run_teardown(teardown, error);
+    run_teardown(life.disarm(), error);
     if (error) std::rethrow_exception(error);
   } else {
     std::optional<T> result;
@@ -898,8 +906,7 @@ boost::asio::awaitable<T, AwEx> run_task(TaskPin pin,
     } catch (...) {
       error = std::current_exception();
     }
-    if_abandoned.disarm();
-    run_teardown(teardown, error);
+    run_teardown(life.disarm(), error);
     if (error) std::rethrow_exception(error);
     co_return std::move(*result);
   }
@@ -928,7 +935,9 @@ auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& 
   const TaskExecutor<Executor> task_ex =
       internal::TaskExecutorAccess::make(pin.task(), pin.generation(), ex);
   return boost::asio::co_spawn(
-      task_ex, internal::run_task(std::move(pin), std::move(body), std::move(teardown)),
+      task_ex,
+      internal::run_task(std::move(body),
+                         internal::TaskLife<Teardown>(std::move(pin), std::move(teardown))),
       std::forward<CompletionToken>(token));
 }
 

@@ -236,7 +236,12 @@ class KeyedStore final : public RegistryRecord {
       Shard& shard = shard_for(*to);
       MutexLock lock(shard.mu);
       if (shard.map.find(*to) == shard.map.end()) {
-        shard.map.emplace(*to, Entry{node, nullptr});
+        try {
+          shard.map.emplace(*to, Entry{node, nullptr});
+        } catch (...) {
+          unused = node;  // the binding taken above: the caller releases it
+          throw;
+        }
         count(shard, +1);
         node = nullptr;
       }

@@ -157,7 +157,7 @@ class RegistryRecord {
     MutexLock lock(g_process_mutex);
     unsubscribe_locked();
     for (const Token& token : take_all()) unbind(TokenRef::of(token));
-    check_no_binding_left();
+    drop_leftover_bindings();
   }
 
   // Bindings (token-keyed registries): records that this registry holds a value for
@@ -165,9 +165,11 @@ class RegistryRecord {
   // are counted: bind twice, unbind twice.
   void bind(TokenRef token);
   void unbind(TokenRef token);
-  // Debug builds: aborts if the index still names this registry (a walk of the whole
-  // index; every binding has its value, and every value is unbound before this).
-  void check_no_binding_left();
+  // Called last by a registry's destruction. Every binding has its value, and every value
+  // is unbound before this, so the index no longer names the registry: debug builds check
+  // that (a walk of the whole index). In a fork child, where a thread of the parent may
+  // have been between a change and its bind or unbind, the walk removes what is left.
+  void drop_leftover_bindings();
 
   // Whether this record lived on the stack of a thread that did not survive a fork.
   bool on_dead_stack_in_child() const;
