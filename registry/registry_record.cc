@@ -247,6 +247,23 @@ void RegistryRecord::unbind(TokenRef token) {
 }
 
 namespace {
+// Removes, in every shard of the index, the holdings of the registries `gone` picks.
+template <typename Gone>
+void erase_holdings_where(Gone gone) {
+  for (std::size_t i = 0; i < kBindingShards; ++i) {
+    BindingShard& shard = binding_shards()[i];
+    MutexLock lock(shard.mu);
+    for (auto it = shard.map.begin(); it != shard.map.end();) {
+      Holdings& holdings = it->second;
+      holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
+                                    [&gone](const Holding& h) { return gone(h.holder); }),
+                     holdings.end());
+      if (holdings.empty()) shard.map.erase(it++); else ++it;
+    }
+    shard.size.store(shard.map.size(), std::memory_order_relaxed);
+  }
+}
+
 // Set in a fork child: a thread of the parent may have been between a registry's change
 // and its bind or unbind when the process forked, and never finishes it here.
 std::atomic<bool> g_index_may_be_stale{false};
@@ -255,18 +272,7 @@ std::atomic<bool> g_index_may_be_stale{false};
 void RegistryRecord::drop_leftover_bindings() {
   if (g_index_may_be_stale.load(std::memory_order_relaxed)) {
     // Whatever the index still holds for this registry goes with it.
-    for (std::size_t i = 0; i < kBindingShards; ++i) {
-      BindingShard& shard = binding_shards()[i];
-      MutexLock lock(shard.mu);
-      for (auto it = shard.map.begin(); it != shard.map.end();) {
-        Holdings& holdings = it->second;
-        holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
-                                      [this](const Holding& h) { return h.holder == this; }),
-                       holdings.end());
-        if (holdings.empty()) shard.map.erase(it++); else ++it;
-      }
-      shard.size.store(shard.map.size(), std::memory_order_relaxed);
-    }
+    erase_holdings_where([this](const RegistryRecord* r) { return r == this; });
     return;
   }
 #ifndef NDEBUG
@@ -444,21 +450,9 @@ void forget_dead_records_in_child() noexcept {
     subscribers().list.swap(kept);
     g_keyed_registries.store(subscribers().list.size(), std::memory_order_release);
     if (!dead.empty()) {
-      for (std::size_t i = 0; i < kBindingShards; ++i) {
-        BindingShard& shard = binding_shards()[i];
-        MutexLock shard_lock(shard.mu);
-        for (auto it = shard.map.begin(); it != shard.map.end();) {
-          Holdings& holdings = it->second;
-          holdings.erase(std::remove_if(holdings.begin(), holdings.end(),
-                                        [&dead](const Holding& h) {
-                                          return std::find(dead.begin(), dead.end(),
-                                                           h.holder) != dead.end();
-                                        }),
-                         holdings.end());
-          if (it->second.empty()) shard.map.erase(it++); else ++it;
-        }
-        shard.size.store(shard.map.size(), std::memory_order_relaxed);
-      }
+      erase_holdings_where([&dead](const RegistryRecord* r) {
+        return std::find(dead.begin(), dead.end(), r) != dead.end();
+      });
     }
   }
   // Values other threads were destroying: abandoned with their lists (which may have lived
