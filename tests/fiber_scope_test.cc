@@ -227,16 +227,19 @@ TEST(FiberScope, AFiberMovingBetweenLiveThreadsSeesItsOwnValuesAfterEveryYield) 
   EXPECT_EQ(f.counts.alive(), 0);
 }
 
-// A FuncScope value keyed by the fiber whose destructor uses a FiberScope registry.
-struct UsesFiberScopeWhenDestroyed {
-  explicit UsesFiberScopeWhenDestroyed(ScopedRegistry<Counted, FiberScope>* r) : reg(r) {}
-  UsesFiberScopeWhenDestroyed(UsesFiberScopeWhenDestroyed&& other) noexcept
+// A value whose destructor gets (so makes, if absent) the value of `reg` in the current
+// scope: a FuncScope value keyed by the fiber that uses a registry as the fiber ends.
+template <typename Registry>
+struct UsesWhenDestroyed {
+  explicit UsesWhenDestroyed(Registry* r) : reg(r) {}
+  UsesWhenDestroyed(UsesWhenDestroyed&& other) noexcept
       : reg(std::exchange(other.reg, nullptr)) {}
-  ~UsesFiberScopeWhenDestroyed() {
+  ~UsesWhenDestroyed() {
     if (reg != nullptr) (*reg)();
   }
-  ScopedRegistry<Counted, FiberScope>* reg;
+  Registry* reg;
 };
+using UsesFiberScopeWhenDestroyed = UsesWhenDestroyed<ScopedRegistry<Counted, FiberScope>>;
 
 TEST(FiberScope, AValueMadeByAScopeFuncValuesDestructorAtFiberEndIsDestroyedToo) {
   Counts counts;
@@ -252,15 +255,7 @@ TEST(FiberScope, AValueMadeByAScopeFuncValuesDestructorAtFiberEndIsDestroyedToo)
 }
 
 // A value in a FuncScope registry keyed by the fiber whose destructor makes another.
-struct MakesAnotherWhenDestroyed {
-  explicit MakesAnotherWhenDestroyed(ScopedRegistry<Counted, FuncScope>* r) : reg(r) {}
-  MakesAnotherWhenDestroyed(MakesAnotherWhenDestroyed&& other) noexcept
-      : reg(std::exchange(other.reg, nullptr)) {}
-  ~MakesAnotherWhenDestroyed() {
-    if (reg != nullptr) (*reg)();
-  }
-  ScopedRegistry<Counted, FuncScope>* reg;
-};
+using MakesAnotherWhenDestroyed = UsesWhenDestroyed<ScopedRegistry<Counted, FuncScope>>;
 
 TEST(FiberScope, AScopeFuncValueMadeByAnotherOnesDestructorAtFiberEndIsDestroyedToo) {
   Counts counts;

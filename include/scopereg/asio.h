@@ -37,9 +37,10 @@
 //   on success, that exception is the task's; if it throws after the coroutine threw, the
 //   task fails with TaskTeardownError carrying both. A task whose coroutine frame is
 //   destroyed before it finished (its io_context or thread_pool destroyed with the task
-//   suspended, or before it first ran) still gets its teardown, in its scope, with a TaskAbandoned error, when
-//   the frame is destroyed (after the coroutine's own frames and guards are gone); what
-//   it throws then is reported on stderr, since no completion handler runs.
+//   suspended, or before it first ran) still gets its teardown, in its scope, with a
+//   TaskAbandoned error, when the frame is destroyed (after the coroutine's own frames
+//   and guards are gone); what it throws then is reported on stderr, since no completion
+//   handler runs.
 // * Overlap: Asio runs the rest of a resuming function (for instance the initiation of
 //   the operation the coroutine now awaits) after the coroutine suspended, still inside
 //   TaskExecutor's installation; if that operation completes on another thread at once,

@@ -30,7 +30,8 @@
 // Thread safety: all members may be called from any thread.
 // Cost: inside a Fiber, a hit is a thread-local load and two dependent loads, inlined
 // (the thread-local through a call where SCOPEREG_TLS_VIA_CALL is set: clang, shared-
-// library code); outside any Fiber, one call more (see benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its
+// library code); outside any Fiber, one call more (see
+// benchmarks/fiber_scope_benchmark.cc). A Fiber's first FiberScope access allocates its
 // slot array.
 
 #ifndef SCOPEREG_FIBER_SCOPE_H_

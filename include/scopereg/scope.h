@@ -119,8 +119,9 @@ using ScopeFuncOf = std::function<K()>;
 // Ends the scope `token` in every registry keyed by `token`'s type (FuncScope,
 // FuncScopeOf<K>, user strategies): their values for it are destroyed, on the calling
 // thread, now, in rounds as any scope's end (a destructor that makes another value for
-// `token` has it destroyed in the next round; up to 8 rounds). Built-in strategies end their scopes themselves (and reach these
-// registries too); call this for tokens your application mints.
+// `token` has it destroyed in the next round; up to 8 rounds). Built-in strategies end
+// their scopes themselves (and reach these registries too); call this for tokens your
+// application mints.
 // Thread safety: any thread. Must not race with code still running in that scope (a value
 // destroyed here may not be in use). Ending a scope with no values is a no-op; a null
 // ScopeToken is ignored. It reaches token-keyed registries only: values of a thread, fiber
