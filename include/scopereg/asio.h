@@ -617,6 +617,13 @@ class TaskHold<E, HoldKind::kByValue> {
   std::uint64_t gen_;
 };
 
+// Whether P is boost::asio::execution::prefer_only<Q> (any_executor's wrapper of a
+// property it may only prefer).
+template <typename P>
+inline constexpr bool is_prefer_only_v = false;
+template <typename Q>
+inline constexpr bool is_prefer_only_v<boost::asio::execution::prefer_only<Q>> = true;
+
 template <typename T>
 inline constexpr bool is_task_start_v =
     std::is_same_v<T, FreshScopeTag> || std::is_same_v<T, CopyCurrentTag> ||
@@ -683,7 +690,10 @@ class TaskExecutor {
     requires boost::asio::can_query<const Executor&, Property>::value
   decltype(auto) query(const Property& p) const
       noexcept(boost::asio::is_nothrow_query<const Executor&, Property>::value) {
-    if constexpr (std::is_same_v<Property, boost::asio::execution::outstanding_work_t>) {
+    if constexpr (std::is_same_v<Property, boost::asio::execution::outstanding_work_t> &&
+                  internal::hold_kind<Executor>() == internal::HoldKind::kKeptTracked) {
+      return Executor::query(p);  // static: no tracked copy made (and released) to ask
+    } else if constexpr (std::is_same_v<Property, boost::asio::execution::outstanding_work_t>) {
       return boost::asio::query(hold_.inner(), p);
     } else {
       return boost::asio::query(hold_.runner(), p);  // the same answer, no copy made
@@ -699,7 +709,13 @@ class TaskExecutor {
   template <typename Property>
     requires boost::asio::can_prefer<const Executor&, Property>::value
   auto prefer(const Property& p) const -> TaskExecutor<PreferResult<Property>> {
-    return rewrap<internal::PreferOp, PreferResult<Property>>(p);
+    if constexpr (internal::is_prefer_only_v<Property>) {
+      // any_executor's prefer_only<P> (what any_io_executor passes): the same as P, so
+      // that P's cheap forms apply (a tracked rewrap without making a tracked copy).
+      return prefer(p.property);
+    } else {
+      return rewrap<internal::PreferOp, PreferResult<Property>>(p);
+    }
   }
 
   friend bool operator==(const TaskExecutor& a, const TaskExecutor& b) noexcept {
