@@ -335,8 +335,7 @@ void ScopeState::share_all_from(const ScopeState& from) {
     if (src == nullptr) continue;
     const std::uint32_t n = kFirstChunkSlots << c;
     const std::uint32_t base = kFirstChunkSlots * ((1u << c) - 1);
-    std::atomic<NodeBase*>* dst = chunks_[c].load(std::memory_order_relaxed);
-    const bool made = dst == nullptr;
+    std::atomic<NodeBase*>* const dst = chunks_[c].load(std::memory_order_relaxed);
     for (std::uint32_t o = 0; o < n; ++o) {
       NodeBase* node = src[o].load(std::memory_order_relaxed);
       if (node == nullptr) continue;
@@ -346,13 +345,9 @@ void ScopeState::share_all_from(const ScopeState& from) {
         ++count;
         hooked += node->hooked;
       }
-      if (dst == nullptr) dst = new std::atomic<NodeBase*>[n]();
+      assert(dst != nullptr);  // allocated above: src has a value in this chunk
       dst[o].store(node, std::memory_order_release);  // (a constant order: a run-time one
                                                       // compiles to a full-barrier store)
-    }
-    if (made && dst != nullptr) {
-      chunks_[c].store(dst, std::memory_order_release);
-      if (c >= chunk_limit_) chunk_limit_ = c + 1;
     }
   }
   if (take_first) {  // mirrored in its chunk whenever that exists (as store() keeps it)
