@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/scoped_registry.h"
+#include "scopereg/thread_scope.h"
 
 #if defined(__SANITIZE_THREAD__)
 constexpr int kManyFibers = 5'000;  // TSan clears a fiber's shadow stack at creation: ms each
@@ -390,6 +391,44 @@ TEST(FiberScope, AMillionShortFibersLeaveNoValueBehind) {
   EXPECT_EQ(counts.destroyed, kManyFibers);
   EXPECT_EQ(max_live, 1);
   EXPECT_EQ(reg.size(), 0);
+}
+
+// Two fibers of one thread share a ThreadScope value: the first one's factory yields (as
+// a Pool checkout does inside a Fiber); the second asks for the value meanwhile. It must
+// yield while it waits, not block the thread: a blocked thread never resumes the creator.
+TEST(FiberScope, AFiberWaitingForAnotherFibersFactoryOnItsThreadYields) {
+  int made = 0;
+  bool in_factory = false;
+  ScopedRegistry<int, ThreadScope> shared([&] {
+    ++made;
+    in_factory = true;
+    Fiber::yield();  // suspended while creating
+    in_factory = false;
+    return 42;
+  });
+  int* seen_by_creator = nullptr;
+  int* seen_by_waiter = nullptr;
+  bool waiter_saw_creation_in_progress = false;
+  Fiber creator([&] { seen_by_creator = &shared(); });
+  Fiber waiter([&] {
+    waiter_saw_creation_in_progress = in_factory;
+    seen_by_waiter = &shared();
+  });
+  creator.resume();  // into the factory, which yields
+  ASSERT_TRUE(in_factory);
+  waiter.resume();  // waits for the creator: yields back here (blocked the thread before)
+  EXPECT_TRUE(waiter_saw_creation_in_progress);
+  EXPECT_FALSE(waiter.done());
+  for (int round = 0; round < 10 && !(creator.done() && waiter.done()); ++round) {
+    if (!creator.done()) creator.resume();
+    if (!waiter.done()) waiter.resume();
+  }
+  ASSERT_TRUE(creator.done());
+  ASSERT_TRUE(waiter.done());
+  EXPECT_EQ(made, 1);  // one creation, seen by both
+  ASSERT_NE(seen_by_creator, nullptr);
+  EXPECT_EQ(seen_by_creator, seen_by_waiter);
+  EXPECT_EQ(*seen_by_waiter, 42);
 }
 
 }  // namespace

@@ -72,11 +72,33 @@ void report_to_stderr(const absl::Status& status);
 void report_to(const std::function<void(const absl::Status&)>& reporter,
                const absl::Status& status);
 
+// Waits, with the cell's mutex held, for a change by the context creating the value.
+// Inside a scopereg Fiber it yields instead of blocking: the creator may be another fiber
+// of this thread whose factory yields (a Pool checkout does), and a blocked thread would
+// never resume it.
+template <typename Cell>
+void wait_for_creator(Cell& cell) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (can_yield()) {
+    cell.mu().unlock();
+    try {
+      yield_now();
+    } catch (...) {  // the fiber is being destroyed (forced_unwind): leave locked, as the
+      cell.mu().lock();  // caller's MutexLock expects
+      throw;
+    }
+    cell.mu().lock();
+    return;
+  }
+  cell.wait();
+}
+
 // get_or_create
 //
 // Returns the cell's value, creating it with `make` when absent; `*created` tells which.
 // `make` runs with no lock held. Throws what `make` throws (nothing is stored, waiters
-// wake and retry), ScopeError on re-entry or when the scope no longer takes values.
+// wake and retry), ScopeError on re-entry or when the scope no longer takes values, and
+// std::bad_alloc when storing the value made needs memory there is not (the value is
+// then destroyed, nothing is stored, waiters wake and retry).
 template <typename Cell>
 NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* created,
                         const char* registry) {
@@ -91,7 +113,7 @@ NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* c
     const void* creator = cell.creator();
     if (creator == nullptr) break;
     if (creator == context) throw_factory_reentered(registry);
-    cell.wait();
+    wait_for_creator(cell);
   }
   cell.begin_create(context);
   NodeBase* node = nullptr;
@@ -105,7 +127,18 @@ NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* c
     throw;
   }
   cell.mu().lock();
-  cell.finish_create(node);
+  try {
+    cell.finish_create(node);  // may allocate (a slot chunk, a map entry) and throw
+  } catch (...) {
+    // Nothing stored: the mark goes, waiters wake and retry, and the value made is
+    // destroyed (outside the lock, as every value is) before the error goes on.
+    cell.abort_create();
+    cell.notify_all();
+    cell.mu().unlock();
+    release(node);
+    cell.mu().lock();  // for `lock`'s destructor
+    throw;
+  }
   cell.notify_all();
   *created = true;
   return node;
@@ -125,7 +158,7 @@ NodeBase* exchange(Cell& cell, NodeBase* node, const char* registry) {
     const void* creator = cell.creator();
     if (creator == nullptr) break;
     if (creator == context) throw_set_inside_factory(registry);
-    cell.wait();
+    wait_for_creator(cell);
   }
   if (node != nullptr) cell.check_can_create(/*set=*/true);
   return cell.swap(node);

@@ -13,7 +13,8 @@
 //   registry-wide lock), through the shared creation protocol (creation.h).
 // * A scope's creation and end take its domain's mutex (registry_record.h: one of a fixed
 //   set, picked by the creating thread), never a process-wide lock. The process mutex is
-//   taken only when registries are created or destroyed.
+//   taken when registries are created or destroyed, and by a copy of a scope that binds
+//   token-keyed values (share_from -> copy_bound).
 //
 // Slot arrays are chunked (chunk k holds 16 << k slots) and chunks are never moved or freed
 // while the scope lives, so a reader never races with growth. A scope's first value is
@@ -210,7 +211,9 @@ class ScopeState {
 
   std::atomic<std::atomic<NodeBase*>*> chunks_[kMaxChunks] = {};
   std::atomic<std::uint32_t> first_index_{kNoIndex};
-  std::atomic<std::uint32_t> hooked_values_{0};  // values of hooked types; written under mu_
+  // Values of hooked types; written under mu_ (or, by an unreachable scope's end, under
+  // the domain's mutex alone: see end_impl).
+  std::atomic<std::uint32_t> hooked_values_{0};
   std::atomic<NodeBase*> first_node_{nullptr};
   // Written only by reuse(), when no value exists and no one else reaches the state; read
   // by the owner and, under mu_, by visitors of a scope that holds a value.
@@ -222,7 +225,8 @@ class ScopeState {
   absl::InlinedVector<Creating, 1> creating_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;  // callers waiting on cv_ for a creation
-  // Non-null slots: written under mu_, read without it by an unreachable scope's end.
+  // Non-null slots: written under mu_ (by an unreachable scope's end, under the domain's
+  // mutex alone), read without a lock by an unreachable scope's end.
   std::atomic<std::uint32_t> values_{0};
   std::uint32_t chunk_limit_ ABSL_GUARDED_BY(mu_) = 0;  // chunks_[k] null for k >= this
 
@@ -262,8 +266,8 @@ class SlotCell {
     }
   }
   void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    state_.store(reg_.slot_, node);  // first: if it throws, the mark stays for the caller
     abort_create();
-    state_.store(reg_.slot_, node);
   }
   NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     NodeBase* old = state_.load(reg_.slot_);

@@ -1,0 +1,92 @@
+// allocation_failure_test.cc: what scopereg does when memory runs out where it allocates
+// after a factory ran. This binary replaces the global array operator new so that a test
+// can make the next array allocation fail (scopereg's slot chunks are arrays); nothing
+// else in it allocates arrays while a failure is armed.
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <new>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "scopereg/explicit_scope.h"
+#include "scopereg/scoped_registry.h"
+
+namespace {
+std::atomic<bool> g_fail_next_array{false};
+}  // namespace
+
+void* operator new[](std::size_t n) {
+  if (g_fail_next_array.exchange(false)) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace scopereg {
+namespace {
+
+struct Tracked {
+  explicit Tracked(std::atomic<int>& alive) : alive(&alive) { ++alive; }
+  Tracked(Tracked&& other) noexcept : alive(other.alive) { ++*alive; }
+  Tracked& operator=(Tracked&&) = delete;
+  ~Tracked() { --*alive; }
+  std::atomic<int>* alive;
+};
+
+// A scope's second registry needs a slot chunk, allocated when the value made by the
+// factory is stored. When that allocation fails: the caller gets std::bad_alloc, the value
+// made is destroyed (not leaked), and a caller of another thread waiting for that creation
+// wakes and creates its own.
+TEST(AllocationFailure, StoringAFreshValueThatFailsDestroysItAndWakesWaiters) {
+  std::atomic<int> alive{0};
+  std::atomic<int> made{0};
+  std::atomic<bool> in_factory{false};
+  std::atomic<bool> waiter_started{false};
+  ScopedRegistry<int, ExplicitScope> first([] { return 1; });
+  ScopedRegistry<int, ExplicitScope> third([] { return 3; });
+  ScopedRegistry<Tracked, ExplicitScope> second([&] {
+    if (++made == 1) {  // the first creation: let the waiter arrive, then fail the store
+      in_factory = true;
+      while (!waiter_started) std::this_thread::yield();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // it is waiting by now
+      g_fail_next_array = true;
+    }
+    return Tracked(alive);
+  });
+  std::atomic<bool> waiter_done{false};
+  std::thread waiter;
+  {
+    ScopeGuard guard(fresh_scope);
+    first();  // the scope's first value: stored inline, no chunk yet
+    auto in_scope = wrap([&] {
+      second();
+      waiter_done = true;
+    });
+    waiter = std::thread([&] {
+      while (!in_factory) std::this_thread::yield();
+      waiter_started = true;
+      in_scope();  // the same scope and registry: waits for the creation in progress
+    });
+    EXPECT_THROW(second(), std::bad_alloc);
+    EXPECT_FALSE(g_fail_next_array.load());  // the armed failure was the one that threw
+    // The waiter wakes and makes the value itself (bounded wait: it used to sleep until
+    // some unrelated creation in the scope happened to notify).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!waiter_done && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_TRUE(waiter_done.load()) << "the waiter was never woken";
+    if (!waiter_done) third();  // a creation notifies: unblocks it, so the test ends
+    waiter.join();
+    EXPECT_EQ(made.load(), 2);
+    EXPECT_EQ(alive.load(), 1);  // the failed one destroyed; the waiter's stored
+    EXPECT_NE(second.find(), nullptr);
+  }
+  EXPECT_EQ(alive.load(), 0);
+}
+
+}  // namespace
+}  // namespace scopereg
