@@ -41,7 +41,8 @@
 // Thread safety: hooks and watchers run on the switching thread, with no scopereg lock
 // held; they may use registries (a value created there is in the scope being entered).
 // While a hook runs, its value is kept alive: a registry destroyed meanwhile on another
-// thread leaves that value to be destroyed when the hook returns, on the hook's thread.
+// thread leaves that value to be destroyed when the hook returns, on the hook's thread
+// (after that registry's destructor has returned: do not unload the code of T before).
 // Watchers may be added and removed from any thread; a call already running on another
 // thread when its handle is released may still finish (keep what it uses alive until
 // then). Hooks and watchers must not switch scopes themselves (enter a guard, run a

@@ -24,7 +24,11 @@
 // the registry stays valid until then. Destroying the registry destroys its values in
 // every scope, including scopes still running, and waits for any value of it that an
 // ending scope is destroying at that moment; no other call on the registry may run
-// concurrently with its destruction.
+// concurrently with its destruction. One exception to "destroyed by then": a value whose
+// switch hook (scope_switch.h) is running on another thread at that moment is destroyed
+// when the hook returns, on that thread, after the registry's destructor has returned
+// (code that unloads a plugin holding the registry must first stop the threads that
+// switch scopes holding its hooked values).
 //
 // T: any object type; it need not be copyable or movable (values are built in place).
 // Concurrent use of one value from several threads (possible only when a scope is shared,
