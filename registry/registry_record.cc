@@ -176,8 +176,10 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out,
   for (std::size_t d = 0; d < kDomains; ++d) {
     Domain& domain = domains[d];
     MutexLock lock(domain.mu);
-    in_domain(domain);
     for (;;) {
+      // Again after every wait: a value destroyed meanwhile may have made a new value of
+      // this registry in a scope of this domain (a destructor calling its own registry).
+      in_domain(domain);
       // Counted as waiting before looking (see DyingList::finish_alone).
       domain.waiting.fetch_add(1, std::memory_order_seq_cst);
       bool in_progress = false;
