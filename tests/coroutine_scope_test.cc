@@ -358,6 +358,90 @@ void resume_round_robin(std::vector<Task>& tasks, F between) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Ticket: an awaitable that is not an awaiter. Its operator co_await() && returns an
+// awaiter that refers to the Ticket (as cppcoro's when_all_ready does), so the Ticket must
+// live as long as its awaiter. The awaiter reads the Ticket's fields in await_ready,
+// await_suspend and await_resume; live Tickets are registered (as ScheduleOn's awaiters
+// are), so that a use of a destroyed Ticket is counted instead of read (await_ready then
+// returns true and await_resume kDestroyed). A destroyed Ticket's value is overwritten
+// with kDestroyed, so a read through a reused address is seen as a wrong value too.
+// ---------------------------------------------------------------------------------------
+
+AwaiterLives& ticket_lives() {
+  static AwaiterLives* lives = new AwaiterLives;
+  return *lives;
+}
+
+class Ticket {
+ public:
+  static constexpr int kDestroyed = -1;
+
+  // `park`: where await_suspend leaves the coroutine's handle; null: ready at once.
+  Ticket(int value, std::coroutine_handle<>* park) : value_(value), park_(park) { born(); }
+  Ticket(Ticket&& other) noexcept : value_(other.value_), park_(other.park_) { born(); }
+  Ticket& operator=(Ticket&&) = delete;
+  ~Ticket() {
+    value_ = kDestroyed;
+    AwaiterLives& lives = ticket_lives();
+    std::lock_guard<std::mutex> lock(lives.mu);
+    lives.live.erase(this);
+  }
+
+  class Awaiter {
+   public:
+    explicit Awaiter(Ticket& ticket) : ticket_(&ticket) {}
+    bool await_ready() const {
+      const Ticket* t = live();
+      return t == nullptr || t->park_ == nullptr;
+    }
+    bool await_suspend(std::coroutine_handle<> h) const {
+      const Ticket* t = live();
+      if (t == nullptr) return false;  // goes on at once
+      *t->park_ = h;
+      return true;
+    }
+    int await_resume() const {
+      const Ticket* t = live();
+      return t != nullptr ? t->value_ : kDestroyed;
+    }
+
+   private:
+    const Ticket* live() const {
+      AwaiterLives& lives = ticket_lives();
+      std::lock_guard<std::mutex> lock(lives.mu);
+      if (lives.live.count(ticket_) == 0) {
+        ++lives.dead_uses;
+        return nullptr;
+      }
+      return ticket_;
+    }
+    Ticket* ticket_;
+  };
+  Awaiter operator co_await() && { return Awaiter(*this); }
+
+ private:
+  void born() {
+    AwaiterLives& lives = ticket_lives();
+    std::lock_guard<std::mutex> lock(lives.mu);
+    lives.live.insert(this);
+  }
+  int value_;
+  std::coroutine_handle<>* park_;
+};
+
+std::size_t live_tickets() {
+  AwaiterLives& lives = ticket_lives();
+  std::lock_guard<std::mutex> lock(lives.mu);
+  return lives.live.size();
+}
+
+// Not an awaitable by itself: Eager's await_transform makes it a Ticket, by value.
+struct TicketFor {
+  int value;
+  std::coroutine_handle<>* park;
+};
+
+// ---------------------------------------------------------------------------------------
 // Eager: the documented step for a promise with its own awaiters.
 // ---------------------------------------------------------------------------------------
 
@@ -397,6 +481,7 @@ class Eager {
 
    private:
     ScheduleOn my_transform(Hop hop) { return schedule_on(*pool_, hop.worker); }
+    Ticket my_transform(TicketFor t) { return Ticket(t.value, t.park); }
     template <typename A>
     A&& my_transform(A&& a) {
       return std::forward<A>(a);
@@ -1497,6 +1582,86 @@ TEST(CoroutineScope, AnEagerTaskWithItsOwnAwaitersStartsInACopyOfTheCreatorsScop
   EXPECT_EQ(awaiter_lives().dead_uses.load() - dead_before, 0)
       << "the awaiter my_transform returned by value, wrapped as the documentation shows "
          "(scoped_await(my_transform(std::forward<A>(a)))), was used after its destruction";
+}
+
+// ---------------------------------------------------------------------------------------
+// scoped_await of an rvalue awaitable: the awaitable lives as long as its awaiter.
+// ---------------------------------------------------------------------------------------
+
+struct TicketSeen {
+  std::vector<int> got;
+  int wrong = 0;
+};
+
+// Every Ticket here is a temporary: my_transform's result (dead when Eager's await_transform
+// returns, unless scoped_await keeps it) or the co_await operand itself.
+Eager eager_tickets(Pool& pool, [[maybe_unused]] Join& join, std::coroutine_handle<>* park,
+                    TicketSeen& s) {
+  (void)pool;
+  const ScopeToken own = CoroutineScope::current();
+  s.got.push_back(co_await TicketFor{100, nullptr});  // ready at once
+  s.got.push_back(co_await TicketFor{101, park});     // suspends, read after resumption
+  if (CoroutineScope::current() != own) ++s.wrong;
+  s.got.push_back(co_await TicketFor{102, park});  // suspends, resumed on another thread
+  if (CoroutineScope::current() != own) ++s.wrong;
+  s.got.push_back(co_await Ticket(103, park));  // the operand itself, passed through
+  if (CoroutineScope::current() != own || ExplicitScope::current() != own) ++s.wrong;
+}
+
+// The mixin's own await_transform: the operand lives until the end of the co_await.
+Task task_tickets(std::coroutine_handle<>* park, TicketSeen& s) {
+  const ScopeToken own = CoroutineScope::current();
+  s.got.push_back(co_await Ticket(200, nullptr));
+  s.got.push_back(co_await Ticket(201, park));
+  if (CoroutineScope::current() != own) ++s.wrong;
+}
+
+TEST(CoroutineScope, ScopedAwaitKeepsAnRvalueAwaitableAliveAsLongAsItsAwaiter) {
+  const int dead_before = ticket_lives().dead_uses.load();
+  const std::size_t live_before = live_tickets();
+  TicketSeen eager, task;
+  int resumptions = 0;
+  {
+    Pool pool(2);  // Eager's promise takes one; nothing is posted to it here
+    Join join;
+    ScopeGuard creator(RequestId{1300});
+    std::coroutine_handle<> park;
+    eager_tickets(pool, join, &park, eager);
+    // Back here at each suspension; resumed here, then on another thread, then here.
+    for (; park; ++resumptions) {
+      std::coroutine_handle<> h = std::exchange(park, {});
+      EXPECT_EQ(ExplicitScope::current(), creator.token());
+      EXPECT_FALSE(CoroutineScope::active());
+      if (resumptions % 2 == 1) {
+        std::thread([h] { h.resume(); }).join();
+      } else {
+        h.resume();
+      }
+    }
+    join.wait();
+    EXPECT_EQ(join.errors(), 0u);
+    EXPECT_EQ(ExplicitScope::current(), creator.token());
+  }
+  EXPECT_EQ(resumptions, 3);
+  EXPECT_EQ(eager.got, (std::vector<int>{100, 101, 102, 103}));
+  EXPECT_EQ(eager.wrong, 0);
+
+  {
+    std::coroutine_handle<> park;
+    Task t = task_tickets(&park, task);
+    t.resume();
+    ASSERT_TRUE(park);
+    std::exchange(park, {}).resume();
+    EXPECT_TRUE(t.done());
+  }
+  EXPECT_EQ(task.got, (std::vector<int>{200, 201}));
+  EXPECT_EQ(task.wrong, 0);
+
+  EXPECT_EQ(ticket_lives().dead_uses.load() - dead_before, 0)
+      << "an awaiter made from an awaitable that my_transform returned by value, wrapped as "
+         "the documentation shows (scoped_await(my_transform(std::forward<A>(a)))), used "
+         "the awaitable after its destruction";
+  EXPECT_EQ(live_tickets(), live_before);  // every Ticket stored by scoped_await is gone
 }
 
 }  // namespace

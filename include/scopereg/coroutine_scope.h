@@ -236,26 +236,51 @@ class CoroutineScope {
 
 namespace internal {
 
+// Whether `co_await` on an `A` calls an operator co_await (member or free) to get its
+// awaiter; else the operand is its own awaiter.
+template <typename A>
+concept member_co_await = requires(A&& a) { std::forward<A>(a).operator co_await(); };
+template <typename A>
+concept free_co_await = requires(A&& a) { operator co_await(std::forward<A>(a)); };
+template <typename A>
+concept has_co_await = member_co_await<A> || free_co_await<A>;
+
 // The awaiter `co_await` uses for an operand (operator co_await member or free, else the
 // operand itself).
 template <typename A>
 decltype(auto) get_awaiter(A&& a) {
-  if constexpr (requires { std::forward<A>(a).operator co_await(); }) {
+  if constexpr (member_co_await<A>) {
     return std::forward<A>(a).operator co_await();
-  } else if constexpr (requires { operator co_await(std::forward<A>(a)); }) {
+  } else if constexpr (free_co_await<A>) {
     return operator co_await(std::forward<A>(a));
   } else {
     return std::forward<A>(a);
   }
 }
 
-// How ResumeAwaiter holds the awaiter `A` (what get_awaiter returned):
-// * for a co_await operand itself (the mixin's await_transform): a reference is kept as
-//   one, also to an rvalue (the operand lives until the end of the co_await expression);
-// * for scoped_await(x) in a user's await_transform: only an lvalue is kept by reference;
-//   an rvalue (a temporary of the user's await_transform) is moved in, since it dies when
-//   await_transform returns.
-// A prvalue (from operator co_await) is always held by value, constructed in place.
+// What a ResumeAwaiter stores, and for how long. Everything it stores lives exactly as long
+// as the ResumeAwaiter: until the end of the co_await expression, across its suspension.
+// * The mixin's await_transform(x) (x is the co_await operand itself, which lives until
+//   the end of the co_await expression): nothing of x is stored. The awaiter
+//   (get_awaiter(x)) is kept as a reference when it is one (x itself, or a reference from
+//   operator co_await), also to an rvalue; a prvalue from operator co_await is held by
+//   value, constructed in place.
+// * scoped_await(x) in a user's await_transform (x is typically a temporary of that
+//   await_transform, dead when it returns):
+//   - x an lvalue: x is not stored (it must outlive the co_await: the caller's affair);
+//     the awaiter, get_awaiter(x), is kept as a reference if it is an lvalue reference,
+//     else held by value (a prvalue constructed in place, an rvalue reference moved in).
+//   - x an rvalue awaiter (no operator co_await): x is moved into the ResumeAwaiter and
+//     awaited there.
+//   - x an rvalue awaitable (it has an operator co_await): x is moved into the
+//     ResumeAwaiter (a std::remove_cvref_t<X> member, StoredOperand) and its awaiter is
+//     made from that member, as `co_await` would make it from an rvalue:
+//     get_awaiter(std::move(member)), held as for the mixin's operand (a prvalue in place,
+//     a reference kept). The awaiter may refer to the stored awaitable (cppcoro's
+//     when_all_ready does), so such a ResumeAwaiter is neither copyable nor movable: return
+//     it from await_transform as a prvalue (`return scoped_await(...);`).
+// Nothing is allocated: what is stored is a member of the ResumeAwaiter, which lives in
+// the coroutine frame.
 template <typename A>
 using operand_awaiter_t =
     std::conditional_t<std::is_reference_v<A>, std::remove_reference_t<A>&, A>;
@@ -263,15 +288,38 @@ template <typename A>
 using argument_awaiter_t =
     std::conditional_t<std::is_lvalue_reference_v<A>, A, std::remove_cvref_t<A>>;
 
+// No operand stored (see above).
+struct NoOperand {};
+// The rvalue awaitable given to scoped_await, stored in its ResumeAwaiter. Neither copyable
+// nor movable: the awaiter made from it may refer to it.
+template <typename T>
+struct StoredOperand {
+  template <typename A>
+  StoredOperand(std::in_place_t, A&& a) : value(std::forward<A>(a)) {}
+  StoredOperand(StoredOperand&&) = delete;
+  StoredOperand& operator=(StoredOperand&&) = delete;
+  T value;
+};
+
 // The awaiter of every co_await in a task: the task leaves the thread before the inner
 // awaiter's await_suspend (which may resume the coroutine elsewhere at once) and is
 // installed again in await_resume, on whatever thread resumed it. `Held` is the inner
-// awaiter's type as held: a reference or a value (see above).
-template <typename Held>
+// awaiter's type as held: a reference or a value; `Operand` NoOperand or the StoredOperand
+// the inner awaiter is made from (see above).
+template <typename Held, typename Operand = NoOperand>
 class ResumeAwaiter {
  public:
+  // The inner awaiter from `make()`.
   template <typename Make>
   ResumeAwaiter(TaskScope& task, Make&& make) : task_(task), inner_(hold(make)) {}
+  // Stores `operand`, then makes the inner awaiter from the stored one.
+  template <typename A>
+  ResumeAwaiter(TaskScope& task, std::in_place_t, A&& operand)
+      : task_(task),
+        operand_(std::in_place, std::forward<A>(operand)),
+        inner_(hold([this]() -> decltype(auto) {
+          return get_awaiter(std::move(operand_.value));
+        })) {}
 
   bool await_ready() { return inner_.await_ready(); }
 
@@ -304,7 +352,7 @@ class ResumeAwaiter {
   // A prvalue awaiter is constructed in place (no move), an rvalue held by value is moved
   // in, a reference is kept as one.
   template <typename Make>
-  static Held hold(Make& make) {
+  static Held hold(Make&& make) {
     if constexpr (std::is_reference_v<Held>) {
       return as_lvalue(make());
     } else {
@@ -320,6 +368,7 @@ class ResumeAwaiter {
   }
 
   TaskScope& task_;
+  [[no_unique_address]] Operand operand_;  // before inner_: made first, destroyed last
   Held inner_;
   bool left_ = false;
 };
@@ -410,10 +459,24 @@ class TaskScopePromise {
     return internal::FinalAwaiter<A>(task_, std::move(a));
   }
   // Wraps what a user's await_transform produced: an lvalue is kept by reference (it must
-  // outlive the co_await), an rvalue is moved in (it must be movable).
+  // outlive the co_await); an rvalue is moved in (it must be movable) and lives until the
+  // end of the co_await expression, with the awaiter made from it (see ResumeAwaiter).
+  // Return the result as a prvalue: `return scoped_await(my_transform(...));`.
   template <typename A>
   auto scoped_await(A&& a) {
-    return resume_awaiter<internal::argument_awaiter_t>(std::forward<A>(a));
+    using Operand = std::remove_cvref_t<A>;
+    if constexpr (!std::is_lvalue_reference_v<A> && internal::has_co_await<Operand>) {
+      static_assert(std::is_constructible_v<Operand, A&&>,
+                    "scoped_await(x): an rvalue awaitable is moved into the task's awaiter "
+                    "(its awaiter may refer to it), so it must be movable; pass an lvalue "
+                    "that outlives the co_await instead");
+      using Awaiter = decltype(internal::get_awaiter(std::declval<Operand>()));
+      return internal::ResumeAwaiter<internal::operand_awaiter_t<Awaiter>,
+                                     internal::StoredOperand<Operand>>(task_, std::in_place,
+                                                                       std::forward<A>(a));
+    } else {
+      return resume_awaiter<internal::argument_awaiter_t>(std::forward<A>(a));
+    }
   }
 
  private:
