@@ -1,8 +1,9 @@
 // scopereg/asio.h: plain boost::asio::awaitable code run by scopereg::asio::co_spawn in a
 // task scope of its own (TaskExecutor), on one thread and across thread migrations; guards
 // held across co_await; child tasks (copy, fresh, captured, and plain co_spawn sharing the
-// parent's task); teardown; tasks destroyed while suspended; Wrapped<F> associators; the
-// documented limits; switch hooks; this_scope().
+// parent's task; children run on the parent's inner executor, outside the parent's task);
+// teardown (also without a start); tasks destroyed while suspended; Wrapped<F> associators;
+// the documented limits; switch hooks; this_scope().
 //
 // Every check made inside a coroutine goes to a Tally (counted, not asserted there: a
 // coroutine cannot ASSERT, and pool threads report through the counts); the test then
@@ -21,6 +22,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -782,8 +784,9 @@ TEST(AsioChildren, CopiedChildrenOnAThreadPool) {
   {
     net::thread_pool pool(2);
     // parent_of_copies' bookkeeping (remaining, all_done) is touched by the children's
-    // completion handlers, which run on the children's executors (over the parent's): on a
-    // thread_pool they must be serialized with the parent, so each parent runs on a strand.
+    // completion handlers, which run on the children's executors (over the parent's inner
+    // executor: its strand): on a thread_pool they must be serialized with the parent, so
+    // each parent runs on a strand, and its children with it.
     for (int p = 0; p < kParents; ++p) {
       scopereg::asio::co_spawn(net::make_strand(pool.get_executor()), parent_of_copies(f),
                                done.handler());
@@ -1648,6 +1651,505 @@ TEST(AsioExecutor, AnExecutorWithAStatefulAllocatorIsNotKeptPastItsTask) {
   EXPECT_EQ(t.wrong.load(), 0);
   EXPECT_EQ(arena.use_count(), 1) << "a task record kept an executor with the arena";
 }
+
+// ---------------------------------------------------------------------------------------
+// 13. A child task runs on its parent's inner executor, not inside the parent's task
+// ---------------------------------------------------------------------------------------
+
+// Asio 1.18's any_executor::target<T>() does not check the type: these do.
+template <typename T>
+const T* checked_target(const net::any_io_executor& ex) {
+  return ex && ex.target_type() == typeid(T) ? ex.target<T>() : nullptr;
+}
+
+using AnyTaskExecutor = scopereg::asio::TaskExecutor<net::any_io_executor>;
+using PoolTaskExecutor = scopereg::asio::TaskExecutor<net::thread_pool::executor_type>;
+
+// Waits, blocking this thread, until done() or 5 s (a hang becomes a failure, not a stuck
+// test); returns whether done() held.
+template <typename Done>
+bool block_until(Done done) {
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  return true;
+}
+
+// The same without blocking: the task goes round its executor until done() or 5 s.
+template <typename Done>
+awaitable<bool> await_until(Done done) {
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > give_up) co_return false;
+    co_await net::post(ex, use_awaitable);
+  }
+  co_return true;
+}
+
+struct ParentAndChild;
+
+// A value of the parent's scope alone that counts the times that scope is entered on
+// another thread than the one where the parent's function is blocked (the "window").
+class ParentMark {
+ public:
+  explicit ParentMark(ParentAndChild& r) : r_(r) {}
+  void on_scope_enter();
+  void on_scope_leave() {}
+
+ private:
+  ParentAndChild& r_;
+};
+
+struct ParentAndChild {
+  Counts counts;
+  TaskVar<int> coro{[] { return -1; }};
+  ExplicitVar<int> expl{[] { return -1; }};
+  TaskVar<Counted> parent_only{counted_factory(counts)};  // set by the parent alone
+  TaskVar<ParentMark> mark{[this] { return ParentMark(*this); }};  // likewise
+  Tally t;
+  Completions child_done;
+  ScopeToken parent_token;
+  std::optional<net::any_io_executor> parent_ex;  // a copy of the parent's executor
+  std::atomic<bool> parent_ready{false};  // the parent set its own values
+  std::thread::id window_thread;          // written before window_open
+  std::atomic<bool> window_open{false};   // one function of the parent blocks its thread
+  std::atomic<int> foreign_enters{0};     // the parent's scope entered elsewhere meanwhile
+  std::atomic<bool> child_checked{false};
+  std::atomic<bool> parent_torn{false};  // the parent's teardown ran
+  // Seen by one function of the child that began while the parent still ran.
+  bool parent_ex_is_the_pools = false;
+  bool parent_ended_meanwhile = false;
+  bool parent_running_afterwards = true;
+};
+
+void ParentMark::on_scope_enter() {
+  if (r_.window_open.load() && std::this_thread::get_id() != r_.window_thread) {
+    r_.foreign_enters.fetch_add(1);
+  }
+}
+
+bool parent_task_running(const ParentAndChild& r) {
+  const PoolTaskExecutor* te = checked_target<PoolTaskExecutor>(*r.parent_ex);
+  return te != nullptr && te->task_running();
+}
+
+awaitable<void> lasting_child(ParentAndChild& r) {
+  const ScopeToken me = CoroutineScope::current();
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  r.t.expect(!me.is_null());
+  r.t.expect(me != r.parent_token);
+  r.t.expect(value_of(r.coro.find()) == 7);  // copy_current: the parent's values
+  r.t.expect(value_of(r.expl.find()) == 8);
+  r.t.expect(co_await await_until([&r] { return r.window_open.load(); }));
+  co_await net::post(ex, use_awaitable);  // a function that begins in the window
+  // The parent runs (blocked in its window on the pool's other thread), its own values
+  // set; this function of the child installed nothing of it (ParentMark counts).
+  r.t.expect(parent_task_running(r));
+  r.t.expect(CoroutineScope::current() == me);
+  r.t.expect(ExplicitScope::current() == me);
+  r.t.expect(r.parent_only.find() == nullptr);
+  r.t.expect(r.mark.find() == nullptr);
+  r.child_checked = true;
+  // Within this same function of the child: the parent's coroutine and teardown finish on
+  // the other thread, and the parent's task ends there (its own value destroyed), this
+  // function notwithstanding.
+  r.parent_ex_is_the_pools = checked_target<PoolTaskExecutor>(*r.parent_ex) != nullptr;
+  r.parent_ended_meanwhile = block_until(
+      [&r] { return r.parent_torn.load() && r.counts.destroyed.load() == 1; });
+  r.parent_running_afterwards = parent_task_running(r);
+  r.t.expect(CoroutineScope::current() == me);
+  r.t.expect(value_of(r.coro.find()) == 7);  // the shared value lives on in the child
+  r.coro.set(70);
+  co_await net::post(ex, use_awaitable);
+  r.t.expect(CoroutineScope::current() == me);
+  r.t.expect(value_of(r.coro.find()) == 70);
+  r.t.expect(value_of(r.expl.find()) == 8);
+}
+
+awaitable<void> parent_of_a_lasting_child(ParentAndChild& r) {
+  r.coro.set(7);
+  r.expl.set(8);
+  r.parent_token = CoroutineScope::current();
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  r.parent_ex = ex;
+  scopereg::asio::co_spawn(ex, lasting_child(r), scopereg::copy_current,
+                           r.child_done.handler());
+  // After the child's copy was made: the parent's own.
+  r.parent_only.set(r.counts, 1);
+  r.mark.set(r);
+  r.parent_ready = true;
+  // One function of the parent that blocks its thread until the child has run a function
+  // that began meanwhile (on the pool's other thread): with the parent's task surely
+  // running, nothing may enter its scope there.
+  r.window_thread = std::this_thread::get_id();
+  r.window_open = true;
+  r.t.expect(block_until([&r] { return r.child_checked.load(); }));
+  r.window_open = false;
+  r.t.expect(CoroutineScope::current() == r.parent_token);
+  r.t.expect(value_of(r.coro.find()) == 7);
+}
+
+// The reviewer's case: a child started from co_await this_coro::executor used to run each
+// function as the parent's TaskExecutor function around its own: it kept the parent's task
+// (and values) alive after the parent's coroutine and teardown finished, and installed the
+// parent's scope under its own (its values' switch hooks fired on the child's thread).
+TEST(AsioChildren, AChildStartedFromThisCoroExecutorIsNotInsideItsParentsTask) {
+  ParentAndChild r;
+  Completions parent_done;
+  {
+    net::thread_pool pool(2);
+    scopereg::asio::co_spawn(pool.get_executor(), parent_of_a_lasting_child(r),
+                             [&r](std::exception_ptr e) {
+                               r.t.expect(!e);
+                               r.parent_torn = true;
+                             },
+                             parent_done.handler());
+    pool.join();
+    r.parent_ex.reset();
+  }
+  EXPECT_EQ(parent_done.ok.load(), 1) << parent_done.errors;
+  EXPECT_EQ(r.child_done.ok.load(), 1) << r.child_done.errors;
+  EXPECT_TRUE(r.parent_ex_is_the_pools);
+  EXPECT_EQ(r.foreign_enters.load(), 0)
+      << "a function of the child installed the parent's scope on its thread";
+  EXPECT_TRUE(r.parent_ended_meanwhile)
+      << "the parent's task did not end while a function of its child ran: the child runs "
+         "inside the parent's TaskExecutor";
+  EXPECT_FALSE(r.parent_running_afterwards);
+  EXPECT_EQ(r.t.checks.load(), 19);
+  EXPECT_EQ(r.t.wrong.load(), 0);
+  EXPECT_EQ(r.counts.made.load(), 1);
+  EXPECT_EQ(r.counts.destroyed.load(), 1);
+  EXPECT_EQ(r.coro.size(), 0);
+  EXPECT_EQ(r.expl.size(), 0);
+  EXPECT_EQ(r.mark.size(), 0);
+}
+
+// What a task's executor is over, as the task sees it.
+struct ExecutorSeen {
+  bool ran = false;
+  ScopeToken token;
+  const std::type_info* type = nullptr;        // the target of this_coro::executor
+  const std::type_info* inner_type = nullptr;  // ...and of its inner any_io_executor
+  std::optional<net::any_io_executor> inner_untracked;  // (no work kept by the test)
+};
+
+awaitable<void> reports_its_executor(ExecutorSeen& seen, ExecutorSeen* grandchild) {
+  seen.ran = true;
+  seen.token = CoroutineScope::current();
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  seen.type = &ex.target_type();
+  if (const AnyTaskExecutor* te = checked_target<AnyTaskExecutor>(ex)) {
+    const net::any_io_executor inner = te->get_inner_executor();
+    seen.inner_type = &inner.target_type();
+    seen.inner_untracked = net::prefer(inner, net::execution::outstanding_work.untracked);
+  }
+  if (grandchild != nullptr) {
+    co_await scopereg::asio::co_spawn(ex, reports_its_executor(*grandchild, nullptr),
+                                      scopereg::copy_current, use_awaitable);
+  }
+}
+
+// How a parent changes its executor before spawning a child on it.
+enum class Variant { kAsIs, kTracked, kBlockingNever };
+
+awaitable<void> spawns_a_reporter(ExecutorSeen& parent, ExecutorSeen& child,
+                                  ExecutorSeen& grandchild, Variant variant) {
+  parent.token = CoroutineScope::current();
+  net::any_io_executor ex = co_await net::this_coro::executor;
+  parent.type = &ex.target_type();
+  if (variant == Variant::kTracked) {
+    ex = net::prefer(ex, net::execution::outstanding_work.tracked);
+  } else if (variant == Variant::kBlockingNever) {
+    ex = net::require(ex, net::execution::blocking.never);
+  }
+  co_await scopereg::asio::co_spawn(ex, reports_its_executor(child, &grandchild),
+                                    scopereg::copy_current, use_awaitable);
+}
+
+struct ReportingFamily {
+  ExecutorSeen parent, child, grandchild;
+  Completions done;
+};
+
+// Checks what a spawns_a_reporter parent's child and grandchild ran on: each a
+// TaskExecutor<any_io_executor> over an executor of type Inner, whose untracked form is
+// `expected_untracked` (so that the test keeps no work counted while the context runs).
+template <typename Inner, typename Untracked>
+void expect_children_on(ReportingFamily& f, const Untracked& expected_untracked,
+                        const std::type_info& parent_type) {
+  EXPECT_EQ(f.done.ok.load(), 1) << f.done.errors;
+  ASSERT_NE(f.parent.type, nullptr);
+  EXPECT_TRUE(*f.parent.type == parent_type) << f.parent.type->name();
+  for (ExecutorSeen* seen : {&f.child, &f.grandchild}) {
+    ASSERT_TRUE(seen->ran);
+    EXPECT_FALSE(seen->token.is_null());
+    EXPECT_NE(seen->token, f.parent.token);
+    ASSERT_NE(seen->type, nullptr);
+    EXPECT_TRUE(*seen->type == typeid(AnyTaskExecutor)) << seen->type->name();
+    ASSERT_NE(seen->inner_type, nullptr);
+    EXPECT_TRUE(*seen->inner_type == typeid(Inner))
+        << seen->inner_type->name() << " (expected " << typeid(Inner).name() << ")";
+    ASSERT_TRUE(seen->inner_untracked);
+    const Untracked* target = checked_target<Untracked>(*seen->inner_untracked);
+    ASSERT_NE(target, nullptr) << seen->inner_untracked->target_type().name();
+    EXPECT_TRUE(*target == expected_untracked);
+    seen->inner_untracked.reset();
+  }
+  EXPECT_NE(f.child.token, f.grandchild.token);
+}
+
+// The parent's inner executor, for each kind of parent executor co_spawn recognises in an
+// any_io_executor: io_context's executor, its work-tracking and blocking.never variants
+// (what prefer() and require() make of the task's executor), a strand of it, an
+// any_io_executor over either; and the grandchild's, spawned on the child's executor (a
+// TaskExecutor<any_io_executor>).
+TEST(AsioChildren, AChildRunsOnItsParentsInnerExecutor) {
+  using Io = net::io_context::executor_type;
+  using TrackedIo = std::decay_t<decltype(net::prefer(
+      std::declval<const Io&>(), net::execution::outstanding_work.tracked))>;
+  using NeverBlockingIo = std::decay_t<decltype(net::require(
+      std::declval<const Io&>(), net::execution::blocking.never))>;
+  static_assert(!std::is_same_v<TrackedIo, Io>);  // (blocking.never: a run-time bit in Asio 1.18)
+  net::io_context io;
+  const auto strand = net::make_strand(io.get_executor());
+  using IoStrand = std::decay_t<decltype(strand)>;
+  auto run = [&](const auto& spawn_on, Variant variant, ReportingFamily& f) {
+    scopereg::asio::co_spawn(spawn_on,
+                             spawns_a_reporter(f.parent, f.child, f.grandchild, variant),
+                             f.done.handler());
+    io.restart();
+    io.run();
+  };
+  {
+    SCOPED_TRACE("io_context's executor");
+    ReportingFamily f;
+    run(io.get_executor(), Variant::kAsIs, f);
+    expect_children_on<Io>(f, io.get_executor(), typeid(scopereg::asio::TaskExecutor<Io>));
+  }
+  {
+    SCOPED_TRACE("its work-tracking variant");
+    ReportingFamily f;
+    run(io.get_executor(), Variant::kTracked, f);
+    expect_children_on<TrackedIo>(f, io.get_executor(),
+                                  typeid(scopereg::asio::TaskExecutor<Io>));
+  }
+  {
+    SCOPED_TRACE("its blocking.never variant");
+    ReportingFamily f;
+    run(io.get_executor(), Variant::kBlockingNever, f);
+    expect_children_on<NeverBlockingIo>(
+        f, net::require(io.get_executor(), net::execution::blocking.never),
+        typeid(scopereg::asio::TaskExecutor<Io>));
+  }
+  {
+    SCOPED_TRACE("a strand");
+    ReportingFamily f;
+    run(strand, Variant::kAsIs, f);
+    expect_children_on<IoStrand>(f, strand, typeid(scopereg::asio::TaskExecutor<IoStrand>));
+  }
+  {
+    SCOPED_TRACE("an any_io_executor");
+    ReportingFamily f;
+    run(net::any_io_executor(io.get_executor()), Variant::kAsIs, f);
+    expect_children_on<Io>(f, io.get_executor(), typeid(AnyTaskExecutor));
+  }
+  {
+    SCOPED_TRACE("an any_io_executor over a strand");
+    ReportingFamily f;
+    run(net::any_io_executor(strand), Variant::kAsIs, f);
+    expect_children_on<IoStrand>(f, strand, typeid(AnyTaskExecutor));
+  }
+}
+
+// The same on a thread_pool, with its work-tracking variant and a strand.
+TEST(AsioChildren, AChildRunsOnItsParentsInnerExecutorOnAThreadPool) {
+  using Pool = net::thread_pool::executor_type;
+  using TrackedPool = std::decay_t<decltype(net::prefer(
+      std::declval<const Pool&>(), net::execution::outstanding_work.tracked))>;
+  using PoolStrand = net::strand<Pool>;
+  for (int kind = 0; kind < 3; ++kind) {
+    SCOPED_TRACE(::testing::Message() << "kind " << kind);
+    ReportingFamily f;
+    net::thread_pool pool(2);
+    const PoolStrand strand = net::make_strand(pool.get_executor());
+    if (kind == 2) {
+      scopereg::asio::co_spawn(
+          strand, spawns_a_reporter(f.parent, f.child, f.grandchild, Variant::kAsIs),
+          f.done.handler());
+    } else {
+      scopereg::asio::co_spawn(
+          pool.get_executor(),
+          spawns_a_reporter(f.parent, f.child, f.grandchild,
+                            kind == 1 ? Variant::kTracked : Variant::kAsIs),
+          f.done.handler());
+    }
+    pool.join();
+    if (kind == 0) {
+      expect_children_on<Pool>(f, pool.get_executor(), typeid(PoolTaskExecutor));
+    } else if (kind == 1) {
+      expect_children_on<TrackedPool>(f, pool.get_executor(), typeid(PoolTaskExecutor));
+    } else {
+      expect_children_on<PoolStrand>(f, strand,
+                                     typeid(scopereg::asio::TaskExecutor<PoolStrand>));
+    }
+  }
+}
+
+// A task whose coroutine is typed to its TaskExecutor spawns a child typed likewise: the
+// child's executor is a TaskExecutor over the io_context's executor (the parent's inner
+// one), not over the parent's TaskExecutor (which the child's type could not hold).
+awaitable<void, IoTaskExecutor> typed_child(Tally& t, ScopeToken parent, IoExecutor io_ex) {
+  IoTaskExecutor ex = co_await net::this_coro::executor;
+  t.expect(ex.get_inner_executor() == io_ex);
+  t.expect(!CoroutineScope::current().is_null());
+  t.expect(ex.task().token() == CoroutineScope::current());
+  t.expect(CoroutineScope::current() != parent);
+  co_return;
+}
+
+awaitable<void, IoTaskExecutor> typed_parent(Tally& t, IoExecutor io_ex) {
+  IoTaskExecutor ex = co_await net::this_coro::executor;
+  const ScopeToken me = CoroutineScope::current();
+  co_await scopereg::asio::co_spawn(ex, typed_child(t, me, io_ex), scopereg::copy_current,
+                                    net::use_awaitable_t<IoTaskExecutor>{});
+  t.expect(CoroutineScope::current() == me);
+}
+
+TEST(AsioChildren, AChildOfATaskTypedToItsTaskExecutor) {
+  Tally t;
+  Completions done;
+  {
+    net::io_context io;
+    scopereg::asio::co_spawn(io.get_executor(), typed_parent(t, io.get_executor()),
+                             done.handler());
+    io.run();
+  }
+  EXPECT_EQ(done.ok.load(), 1) << done.errors;
+  EXPECT_EQ(t.checks.load(), 5);
+  EXPECT_EQ(t.wrong.load(), 0);
+}
+
+// (asio.h, Limits) A TaskExecutor whose inner executor co_spawn does not know -- here
+// io_context's executor with an allocator of the test's own -- is not taken off an
+// any_io_executor: the child's executor keeps it inside. The documented workaround,
+// the parent's inner executor given to co_spawn, starts the child on it.
+using TagIoExecutor = net::io_context::basic_executor_type<TagAllocator<void>, 0>;
+
+awaitable<void> spawns_with_and_without_the_workaround(ExecutorSeen& plain,
+                                                       ExecutorSeen& workaround) {
+  const net::any_io_executor ex = co_await net::this_coro::executor;
+  co_await scopereg::asio::co_spawn(ex, reports_its_executor(plain, nullptr),
+                                    scopereg::copy_current, use_awaitable);
+  using TagTaskExecutor = scopereg::asio::TaskExecutor<TagIoExecutor>;
+  if (const TagTaskExecutor* te = checked_target<TagTaskExecutor>(ex)) {
+    co_await scopereg::asio::co_spawn(te->get_inner_executor(),
+                                      reports_its_executor(workaround, nullptr),
+                                      scopereg::copy_current, use_awaitable);
+  }
+}
+
+TEST(AsioLimits, ATaskExecutorOverAnUnrecognisedExecutorIsNotUnwrapped) {
+  ExecutorSeen plain, workaround;
+  Completions done;
+  {
+    net::io_context io;
+    const TagIoExecutor tagged =
+        net::require(io.get_executor(), net::execution::allocator(TagAllocator<void>(5)));
+    scopereg::asio::co_spawn(tagged, spawns_with_and_without_the_workaround(plain, workaround),
+                             done.handler());
+    io.run();
+    plain.inner_untracked.reset();
+  }
+  EXPECT_EQ(done.ok.load(), 1) << done.errors;
+  ASSERT_TRUE(plain.ran);
+  ASSERT_NE(plain.inner_type, nullptr);
+  EXPECT_TRUE(*plain.inner_type == typeid(scopereg::asio::TaskExecutor<TagIoExecutor>))
+      << "the limit is gone: update asio.h's Limits (" << plain.inner_type->name() << ")";
+  ASSERT_TRUE(workaround.ran);
+  ASSERT_NE(workaround.type, nullptr);
+  EXPECT_TRUE(*workaround.type == typeid(scopereg::asio::TaskExecutor<TagIoExecutor>))
+      << workaround.type->name();
+  EXPECT_NE(workaround.token, plain.token);
+}
+
+// ---------------------------------------------------------------------------------------
+// 14. co_spawn(ex, body, teardown, token): a teardown without a start (fresh_scope)
+// ---------------------------------------------------------------------------------------
+
+struct TeardownSeen {
+  bool ran = false;
+  bool null_error = false;
+  std::string error;
+  ScopeToken token;
+  int value = 0;
+  bool outside_value_visible = true;
+};
+
+awaitable<int> sets_then_maybe_throws(TaskVar<int>& var, ScopeToken& task, bool fail) {
+  task = CoroutineScope::current();
+  var.set(21);
+  co_await sleep_ms(0);
+  if (fail) throw std::runtime_error("the task failed");
+  co_return 3;
+}
+
+TEST(AsioTeardown, TeardownWithoutAStartRunsInAFreshScope) {
+  TaskVar<int> var([] { return -1; });
+  ExplicitVar<int> expl([] { return -1; });
+  ScopeToken task_ok, task_failed;
+  TeardownSeen ok, failed;
+  auto teardown = [&](TeardownSeen& seen) {
+    return [&, s = &seen](std::exception_ptr e) {
+      s->ran = true;
+      s->null_error = !e;
+      s->error = describe(e);
+      s->token = CoroutineScope::current();
+      s->value = value_of(var.find());
+      s->outside_value_visible = expl.find() != nullptr;
+    };
+  };
+  std::exception_ptr ok_error = std::make_exception_ptr(0);
+  int result = 0;
+  std::string failed_error;
+  {
+    ScopeGuard outside(std::string("outside"));  // copy_current would see its value
+    expl.set(4);
+    net::io_context io;
+    scopereg::asio::co_spawn(io.get_executor(), sets_then_maybe_throws(var, task_ok, false),
+                             teardown(ok), [&](std::exception_ptr e, int r) {
+                               ok_error = e;
+                               result = r;
+                             });
+    scopereg::asio::co_spawn(io.get_executor(), sets_then_maybe_throws(var, task_failed, true),
+                             teardown(failed),
+                             [&](std::exception_ptr e, int) { failed_error = describe(e); });
+    io.run();
+  }
+  EXPECT_FALSE(ok_error) << describe(ok_error);
+  EXPECT_EQ(result, 3);
+  EXPECT_TRUE(ok.ran);
+  EXPECT_TRUE(ok.null_error) << ok.error;  // null on success
+  EXPECT_FALSE(task_ok.is_null());
+  EXPECT_EQ(ok.token, task_ok);  // in the task's scope, its value still there
+  EXPECT_EQ(ok.value, 21);
+  EXPECT_FALSE(ok.outside_value_visible);  // a fresh scope, not a copy of the caller's
+  EXPECT_TRUE(failed.ran);
+  EXPECT_FALSE(failed.null_error);
+  EXPECT_EQ(failed.error, "the task failed");
+  EXPECT_EQ(failed.token, task_failed);
+  EXPECT_EQ(failed.value, 21);
+  EXPECT_FALSE(failed.outside_value_visible);
+  EXPECT_EQ(failed_error, "the task failed");
+  EXPECT_EQ(var.size(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Death tests
+// ---------------------------------------------------------------------------------------
 
 awaitable<void> keeps_its_executor(std::optional<net::any_io_executor>& kept) {
   kept = co_await net::this_coro::executor;
