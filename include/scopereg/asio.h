@@ -1035,10 +1035,10 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
 // and only then releases the pin. The body's frames, and the guards they held, are owned
 // by run_task's `body` parameter (a suspended `co_await std::move(body)` keeps the frame
 // in it), so they are gone by then only if `body` is destroyed before `life`: g++ 12 (the
-// teardown tests check it) and clang 14 (checked by hand) destroy them in that order, but the standard leaves the order of a
-// coroutine's parameter copies open; under a compiler that reversed it the teardown would
-// run while the body's guards are still alive. What the teardown throws then is reported
-// on stderr: no completion handler runs.
+// teardown tests check it) and clang 14 (checked by hand) destroy them in that order, but
+// the standard leaves the order of a coroutine's parameter copies open; under a compiler
+// that reversed it the teardown would run while the body's guards are still alive. What
+// the teardown throws then is reported on stderr: no completion handler runs.
 template <typename Teardown>
 class TaskLife {
  public:
