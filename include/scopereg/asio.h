@@ -1029,29 +1029,29 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
 
 // What the task's coroutine frame owns of the task (one parameter, so it exists from the
 // moment co_spawn makes the frame): its pin, which keeps the task running until the frame
-// ends, and its teardown. When the frame is destroyed before the coroutine finished -- its
-// io_context or thread_pool destroyed with the task suspended, or before it first ran --
-// the destructor runs the teardown there, in the task's scope, with a TaskAbandoned error,
-// and only then releases the pin. The body's frames, and the guards they held, are owned
-// by run_task's `body` parameter (a suspended `co_await std::move(body)` keeps the frame
-// in it), so they are gone by then only if `body` is destroyed before `life`: g++ 12 (the
-// teardown tests check it) and clang 14 (checked by hand) destroy them in that order, but
-// the standard leaves the order of a coroutine's parameter copies open; under a compiler
-// that reversed it the teardown would run while the body's guards are still alive. What
-// the teardown throws then is reported on stderr: no completion handler runs.
-template <typename Teardown>
+// ends, its teardown, and the body it runs. When the frame is destroyed before the
+// coroutine finished -- its io_context or thread_pool destroyed with the task suspended,
+// or before it first ran -- the destructor first destroys the body (its frames, and the
+// guards they hold: a suspended `co_await` keeps the body's frame in `body_`), then runs
+// the teardown there, in the task's scope, with a TaskAbandoned error, and only then
+// releases the pin. (In one object, that order is the code's, not the order in which a
+// compiler destroys a coroutine's parameters, which the standard leaves open.) What the
+// teardown throws then is reported on stderr: no completion handler runs.
+template <typename Body, typename Teardown>
 class TaskLife {
  public:
-  TaskLife(TaskPin pin, Teardown teardown) noexcept(
+  TaskLife(TaskPin pin, Teardown teardown, Body body) noexcept(
       std::is_nothrow_move_constructible_v<Teardown>)
-      : pin_(std::move(pin)), teardown_(std::move(teardown)) {}
+      : pin_(std::move(pin)), teardown_(std::move(teardown)), body_(std::move(body)) {}
   TaskLife(TaskLife&& other) noexcept(std::is_nothrow_move_constructible_v<Teardown>)
       : pin_(std::move(other.pin_)),
         teardown_(std::move(other.teardown_)),
+        body_(std::move(other.body_)),
         armed_(std::exchange(other.armed_, false)) {}
   TaskLife& operator=(TaskLife&&) = delete;
   ~TaskLife() {
     if (!armed_ || pin_.task() == nullptr) return;
+    { const Body gone(std::move(body_)); }  // the body's frames and guards, first
     TaskScope::Installed installed(pin_.task()->scope());
     try {
       teardown_(std::make_exception_ptr(TaskAbandoned()));
@@ -1061,6 +1061,7 @@ class TaskLife {
           scopereg::internal::describe_current_exception()));
     }
   }  // then pin_ goes: the task may end here
+  Body& body() noexcept { return body_; }
   // The coroutine finished: the normal teardown runs instead.
   Teardown& disarm() noexcept {
     armed_ = false;
@@ -1070,18 +1071,19 @@ class TaskLife {
  private:
   TaskPin pin_;
   Teardown teardown_;
+  Body body_;
   bool armed_ = true;
 };
 
 // The task's coroutine: `life` (see TaskLife) keeps the task running until the frame
-// ends.
+// ends, and holds the body it awaits.
 template <typename T, typename AwEx, typename Teardown>
-boost::asio::awaitable<T, AwEx> run_task(boost::asio::awaitable<T, AwEx> body,
-                                         TaskLife<Teardown> life) {
+boost::asio::awaitable<T, AwEx> run_task(
+    TaskLife<boost::asio::awaitable<T, AwEx>, Teardown> life) {
   std::exception_ptr error;
   if constexpr (std::is_void_v<T>) {
     try {
-      co_await std::move(body);
+      co_await std::move(life.body());
     } catch (...) {
       error = std::current_exception();
     }
@@ -1090,7 +1092,7 @@ boost::asio::awaitable<T, AwEx> run_task(boost::asio::awaitable<T, AwEx> body,
   } else {
     std::optional<T> result;
     try {
-      result.emplace(co_await std::move(body));
+      result.emplace(co_await std::move(life.body()));
     } catch (...) {
       error = std::current_exception();
     }
@@ -1133,8 +1135,8 @@ auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& 
       internal::TaskExecutorAccess::make(pin.task(), pin.generation(), inner);
   return boost::asio::co_spawn(
       task_ex,
-      internal::run_task(std::move(body),
-                         internal::TaskLife<Teardown>(std::move(pin), std::move(teardown))),
+      internal::run_task(internal::TaskLife<boost::asio::awaitable<T, AwEx>, Teardown>(
+          std::move(pin), std::move(teardown), std::move(body))),
       std::forward<CompletionToken>(token));
 }
 
