@@ -31,10 +31,12 @@
 // restored by every switch, so a fiber's ScopeGuards never show in its resumer. Each fiber
 // also owns a scope for FiberScope registries, ended on its stack when it finishes.
 //
-// Misuse: a factory that yields while another fiber of the same thread waits for the same
-// value (a scope shared by several fibers: their thread's, or one ExplicitScope token)
-// blocks that thread for good: the waiter waits on a condition variable, so the creator
-// is never resumed. Do not yield inside a factory of a value other fibers share.
+// Shared values: a fiber that asks for a value another context is creating (a scope
+// shared by several fibers: their thread's, or one ExplicitScope token) yields while it
+// waits, instead of blocking its thread, and looks again when resumed; so a factory that
+// yields (a Pool checkout does) lets the other fibers of its thread run, and the waiter
+// gets the value that factory made. The cost: a waiter with nothing else to run on its
+// thread keeps being resumed (it polls) until a creator on another thread finishes.
 //
 // Cost: a resume+yield round trip is two Boost.Context switches plus a few thread-local
 // stores (see benchmarks/fiber_scope_benchmark.cc); creating a Fiber allocates its stack

@@ -110,7 +110,7 @@ class ScopedRegistry {
   // Returns the value of the calling scope, creating it with the factory on first use.
   // Thread safety: safe to call concurrently from any number of scopes; the factory runs at
   // most once per scope and never under a registry-wide lock (callers sharing the scope
-  // wait for it).
+  // wait for it; inside a scopereg Fiber they yield while they wait: see fiber.h).
   // Cost: on a hit, the strategy's current-scope look-up plus two loads for built-in
   // strategies; one indirect call plus a thread-local cache probe for FuncScope (see
   // benchmarks/scoped_registry_benchmark.cc).
