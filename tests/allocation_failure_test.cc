@@ -9,6 +9,7 @@
 #include <new>
 #include <thread>
 
+#include "counted.h"
 #include "gtest/gtest.h"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/scoped_registry.h"
@@ -28,33 +29,28 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 namespace scopereg {
 namespace {
 
-struct Tracked {
-  explicit Tracked(std::atomic<int>& alive) : alive(&alive) { ++alive; }
-  Tracked(Tracked&& other) noexcept : alive(other.alive) { ++*alive; }
-  Tracked& operator=(Tracked&&) = delete;
-  ~Tracked() { --*alive; }
-  std::atomic<int>* alive;
-};
+using ::scopereg::testing::Counted;
+using ::scopereg::testing::Counts;
 
 // A scope's second registry needs a slot chunk, allocated when the value made by the
 // factory is stored. When that allocation fails: the caller gets std::bad_alloc, the value
 // made is destroyed (not leaked), and a caller of another thread waiting for that creation
 // wakes and creates its own.
 TEST(AllocationFailure, StoringAFreshValueThatFailsDestroysItAndWakesWaiters) {
-  std::atomic<int> alive{0};
-  std::atomic<int> made{0};
+  Counts counts;
   std::atomic<bool> in_factory{false};
   std::atomic<bool> waiter_started{false};
   ScopedRegistry<int, ExplicitScope> first([] { return 1; });
   ScopedRegistry<int, ExplicitScope> third([] { return 3; });
-  ScopedRegistry<Tracked, ExplicitScope> second([&] {
-    if (++made == 1) {  // the first creation: let the waiter arrive, then fail the store
+  ScopedRegistry<Counted, ExplicitScope> second([&] {
+    // The first creation: let the waiter arrive, then fail the store.
+    if (counts.made.load() == 0) {
       in_factory = true;
       while (!waiter_started) std::this_thread::yield();
       std::this_thread::sleep_for(std::chrono::milliseconds(50));  // it is waiting by now
       g_fail_next_array = true;
     }
-    return Tracked(alive);
+    return Counted(counts);
   });
   std::atomic<bool> waiter_done{false};
   std::thread waiter;
@@ -81,11 +77,11 @@ TEST(AllocationFailure, StoringAFreshValueThatFailsDestroysItAndWakesWaiters) {
     EXPECT_TRUE(waiter_done.load()) << "the waiter was never woken";
     if (!waiter_done) third();  // a creation notifies: unblocks it, so the test ends
     waiter.join();
-    EXPECT_EQ(made.load(), 2);
-    EXPECT_EQ(alive.load(), 1);  // the failed one destroyed; the waiter's stored
+    EXPECT_EQ(counts.made.load(), 2);
+    EXPECT_EQ(counts.alive(), 1);  // the failed one destroyed; the waiter's stored
     EXPECT_NE(second.find(), nullptr);
   }
-  EXPECT_EQ(alive.load(), 0);
+  EXPECT_EQ(counts.alive(), 0);
 }
 
 }  // namespace

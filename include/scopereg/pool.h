@@ -374,14 +374,7 @@ class Pool {
     // Waits for a return. Requires mu. Inside a scopereg Fiber, yields instead.
     void wait_until(Clock::time_point deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
       if (internal::can_yield()) {
-        mu.unlock();
-        try {
-          internal::yield_now();
-        } catch (...) {  // the fiber is being destroyed (forced_unwind): leave locked, as
-          mu.lock();     // the caller's MutexLock expects
-          throw;
-        }
-        mu.lock();
+        internal::yield_unlocked(mu);
         return;
       }
       if (options.clock) {  // a fake clock: poll, the real deadline means nothing

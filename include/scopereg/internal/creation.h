@@ -72,6 +72,21 @@ void report_to_stderr(const absl::Status& status);
 void report_to(const std::function<void(const absl::Status&)>& reporter,
                const absl::Status& status);
 
+// Yields the calling fiber (can_yield() must be true) with `mu`, held by the caller,
+// released meanwhile; returns, or rethrows the fiber's unwinding, with `mu` held again (as
+// the caller's MutexLock expects).
+template <typename M>
+void yield_unlocked(M& mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  mu.unlock();
+  try {
+    yield_now();
+  } catch (...) {  // the fiber is being destroyed (forced_unwind)
+    mu.lock();
+    throw;
+  }
+  mu.lock();
+}
+
 // Waits, with the cell's mutex held, for a change by the context creating the value.
 // Inside a scopereg Fiber it yields instead of blocking: the creator may be another fiber
 // of this thread whose factory yields (a Pool checkout does), and a blocked thread would
@@ -79,17 +94,10 @@ void report_to(const std::function<void(const absl::Status&)>& reporter,
 template <typename Cell>
 void wait_for_creator(Cell& cell) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   if (can_yield()) {
-    cell.mu().unlock();
-    try {
-      yield_now();
-    } catch (...) {  // the fiber is being destroyed (forced_unwind): leave locked, as the
-      cell.mu().lock();  // caller's MutexLock expects
-      throw;
-    }
-    cell.mu().lock();
-    return;
+    yield_unlocked(cell.mu());
+  } else {
+    cell.wait();
   }
-  cell.wait();
 }
 
 // get_or_create
