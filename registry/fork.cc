@@ -47,6 +47,8 @@ thread_local constinit std::uintptr_t t_stack_hi = 0;
 constinit std::uint64_t g_forking_thread = 0;  // in a child: the thread that forked
 }  // namespace
 
+constinit std::atomic<std::uint32_t> g_fork_generation{0};
+
 std::uint64_t current_thread_serial() noexcept {
   if (t_thread_serial == 0) t_thread_serial = g_next_thread_serial.fetch_add(1);
   return t_thread_serial;
@@ -72,6 +74,8 @@ std::uint64_t stack_owner(const void* object) noexcept {
 bool on_dead_stack(std::uint64_t owner) noexcept {
   return owner != 0 && owner != g_forking_thread;
 }
+
+bool thread_gone_in_child(std::uint64_t serial) noexcept { return serial != g_forking_thread; }
 
 ForkSafeMutex::ForkSafeMutex() {
   install_fork_handlers();
@@ -117,6 +121,7 @@ void release() ABSL_NO_THREAD_SAFETY_ANALYSIS {
 void in_parent() { release(); }
 
 void in_child() {
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);  // condition variables renew
   release();
   ForkList::forget_dead();
   forget_dead_records_in_child();

@@ -450,6 +450,7 @@ void forget_dead_records_in_child() noexcept {
       }
     }
     subscribers().list.swap(kept);
+    for (RegistryRecord* r : subscribers().list) r->forget_gone_creators_in_child();
     g_keyed_registries.store(subscribers().list.size(), std::memory_order_release);
     if (!dead.empty()) {
       erase_holdings_where([&dead](const RegistryRecord* r) {
@@ -465,6 +466,7 @@ void forget_dead_records_in_child() noexcept {
   for (std::size_t d = 0; d < kDomains; ++d) {
     Domain& domain = all_domains()[d];
     MutexLock lock(domain.mu);
+    domain.waiting.store(0, std::memory_order_relaxed);  // no thread of the child waits yet
     for (DyingList* list = domain.dying; list != nullptr;) {
       list->assert_domain(domain);
       DyingList* next = list->next_;

@@ -416,6 +416,15 @@ void abandon_other_threads_in_child() noexcept {
       {
         MutexLock scope_lock(scope->mu_);
         for (std::uint32_t index : dead) scope->store(slot_id_for(index), nullptr);
+        // Creations by threads that are gone never finish: dropped, so that a caller here
+        // makes the value instead of waiting for ever. No thread of the child waits yet.
+        auto& creating = scope->creating_;
+        creating.erase(std::remove_if(creating.begin(), creating.end(),
+                                      [](const ScopeState::Creating& c) {
+                                        return thread_gone_in_child(c.thread);
+                                      }),
+                       creating.end());
+        scope->waiting_ = 0;
       }
       if (scope->token_.kind() != ScopeKind::kThread || scope == mine) return;
       {

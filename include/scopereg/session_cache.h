@@ -254,11 +254,9 @@ class SessionCache {
     }
     void release(const Entry& entry) {
       if (entry.options().max_live == 0) return;
-      {
-        internal::MutexLock lock(mu_);
-        --live_;
-      }
-      cv_.notify_one();
+      internal::MutexLock lock(mu_);
+      --live_;
+      cv_.notify_one();  // under the mutex, as CondVar requires
     }
 
    private:

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -172,7 +173,13 @@ TEST(Fork, ChildrenForkedWhileOtherThreadsChurnNeverDeadlock) {
 
 // Runs `child` in a forked child of a process in which another thread holds values, and
 // returns its exit status (0: its checks passed).
+pid_t parent_pid() {
+  static const pid_t pid = getpid();
+  return pid;
+}
+
 int in_child_after_fork(const std::function<int()>& child) {
+  parent_pid();
   const pid_t pid = fork();
   if (pid == 0) _exit(child());
   int status = 0;
@@ -221,6 +228,75 @@ TEST(Fork, TheChildKeepsItsOwnValuesAndAbandonsOtherThreadsValues) {
   reg.reset();
   keyed.reset();
   EXPECT_EQ(counts.alive(), 0);  // the parent is unaffected: every value destroyed once
+}
+
+// Threads that were creating a value, or waiting for one, when the parent forked do not
+// exist in the child: their marks and their waits must not block it (before this was
+// handled, the child waited forever for the dead creator, and a condition variable that
+// still counted a dead waiter could block a notify).
+TEST(Fork, CreationsAndWaitsOfThreadsThatAreGoneDoNotBlockTheChild) {
+  if (kThreadSanitizer) GTEST_SKIP() << "ThreadSanitizer: see the fork storm test";
+  std::atomic<bool> release_factories{false};
+  std::atomic<int> in_factories{0};
+  auto slow = [&](int made_in_child) {
+    if (getpid() != parent_pid()) return made_in_child;  // the child's own creation
+    ++in_factories;
+    while (!release_factories) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return 1;
+  };
+  ScopedRegistry<int, ExplicitScope> by_request([&] { return slow(2); });
+  ScopedRegistry<int, FuncScopeOf<std::string>> by_name(
+      [&] { return slow(3); }, FuncScopeOf<std::string>([] { return std::string("job-7"); }));
+  auto pool = std::make_shared<Pool<int>>(
+      PoolOptions<int>{.connect = [] { return 9; }, .pool_size = 1, .max_overflow = 0});
+  std::optional<Pool<int>::Lease> held(pool->checkout());  // the pool is exhausted
+
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 2; ++k) {  // a creator (the first) and a waiter on each registry
+    threads.emplace_back([&] {
+      ScopeGuard request(42);
+      by_request();
+    });
+    threads.emplace_back([&] { by_name(); });
+  }
+  threads.emplace_back([&] { pool->checkout(); });  // waits for `held`
+  while (in_factories < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the waiters wait by now
+
+  const int status = in_child_after_fork([&] {
+    alarm(20);  // a hang ends the child with SIGALRM
+    int code = 0;
+    {
+      ScopeGuard request(42);
+      if (by_request() != 2) code |= 1;
+    }
+    if (by_name() != 3) code |= 2;
+    // Threads of the child waiting on the pool's condition variable, which a thread of
+    // the parent was waiting on when it forked.
+    held.reset();
+    std::atomic<int> checkouts{0};
+    std::vector<std::thread> workers;
+    for (int t = 0; t < 3; ++t) {
+      workers.emplace_back([&] {
+        for (int i = 0; i < 200; ++i) {
+          Pool<int>::Lease lease = pool->checkout();
+          if (*lease == 9) ++checkouts;
+          std::this_thread::yield();
+        }
+      });
+    }
+    for (auto& w : workers) w.join();
+    if (checkouts != 600) code |= 4;
+    return code;
+  });
+  EXPECT_EQ(status, 0) << "bit 1: an explicit scope's value, 2: a FuncScope value, 4: the "
+                          "pool; 114: the child hung";
+  release_factories = true;
+  held.reset();
+  for (auto& t : threads) t.join();
+  ScopeGuard request(42);
+  EXPECT_EQ(by_request(), 1);  // the parent is unaffected
+  EXPECT_EQ(by_name(), 1);
 }
 
 TEST(Fork, PoolDisposeWithoutCloseForgetsTheParentsConnections) {

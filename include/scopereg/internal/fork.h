@@ -17,6 +17,9 @@
 // In the child, the values of the threads that do not exist there are abandoned: their
 // scopes are unlinked and their values are neither destroyed nor reachable (their
 // destructors would act on the parent's resources, such as its database connections).
+// Their creations in progress are dropped (a caller in the child makes the value anew),
+// no one counts as waiting, and every condition variable is made anew at its first use
+// (mutex.h): a notify never waits for a thread that is gone.
 
 #ifndef SCOPEREG_INTERNAL_FORK_H_
 #define SCOPEREG_INTERNAL_FORK_H_
@@ -40,6 +43,9 @@ std::uint64_t current_thread_serial() noexcept;
 std::uint64_t stack_owner(const void* object) noexcept;
 // In the child: whether an object with that stack owner lived on a thread that is gone.
 bool on_dead_stack(std::uint64_t owner) noexcept;
+// In the child: whether the thread with that serial (current_thread_serial()) is gone (it
+// is not the thread that called fork()). Its creations in progress are dropped there.
+bool thread_gone_in_child(std::uint64_t serial) noexcept;
 
 // A Mutex that fork() takes and releases (see the file comment). For leaf locks only: no
 // other scopereg lock may be acquired while one is held. Construct and destroy it with no

@@ -133,6 +133,7 @@ class KeyedStore final : public RegistryRecord {
     NodeBase* node;       // null while being created
     const void* creator;  // the context running the factory
     std::uint64_t cached_by = 0;  // the thread whose cache may hold node, kManyThreads, or 0
+    std::uint64_t creator_thread = 0;  // its current_thread_serial() (fork: gone or not)
   };
   static constexpr std::uint64_t kManyThreads = ~std::uint64_t{0};
   struct alignas(64) Shard {
@@ -257,6 +258,18 @@ class KeyedStore final : public RegistryRecord {
   void unlock_after_fork() override ABSL_NO_THREAD_SAFETY_ANALYSIS {
     for (Shard& shard : shards_) shard.mu.unlock();
   }
+  void forget_gone_creators_in_child() override {
+    for (Shard& shard : shards_) {
+      MutexLock lock(shard.mu);
+      for (auto it = shard.map.begin(); it != shard.map.end();) {
+        if (it->second.node == nullptr && thread_gone_in_child(it->second.creator_thread)) {
+          shard.map.erase(it++);  // never finishes: a caller here makes the value anew
+        } else {
+          ++it;
+        }
+      }
+    }
+  }
 
   const std::uint64_t id_ = next_store_id();
   alignas(64) std::atomic<std::uint64_t> epoch_{1};
@@ -295,7 +308,8 @@ class KeyedCell {
   }
   void check_can_create(bool /*set*/) const {}  // a keyed scope never closes
   void begin_create(const void* context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
-    shard_.map.emplace(token_, typename Store::Entry{nullptr, context});
+    shard_.map.emplace(token_,
+                       typename Store::Entry{nullptr, context, 0, current_thread_serial()});
   }
   void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.map.erase(token_); }
   void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {

@@ -9,9 +9,12 @@
 #ifndef SCOPEREG_INTERNAL_MUTEX_H_
 #define SCOPEREG_INTERNAL_MUTEX_H_
 
+#include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <condition_variable>
 #include <mutex>
+#include <new>
 
 #include "absl/base/thread_annotations.h"
 
@@ -69,12 +72,24 @@ class ABSL_SCOPED_LOCKABLE BasicMutexLock {
 };
 using MutexLock = BasicMutexLock<Mutex>;
 
-// A condition variable waited on with a held Mutex.
+// How many times this process has been the child of a fork() (incremented by fork.cc's
+// child handler, before the child has a second thread).
+ABSL_CONST_INIT extern std::atomic<std::uint32_t> g_fork_generation;
+
+// A condition variable waited on with a held Mutex. Every member, notify included, is
+// called with that mutex held.
+//
+// fork(): a child may inherit a condition variable that still counts waiters of threads
+// that do not exist there (they were waiting when the parent forked); glibc can then block
+// a notify for ever, waiting for those waiters to leave. So each CondVar is made anew at
+// its first use in a child (under its mutex, before anyone in the child waits on it). Cost
+// otherwise: one relaxed load and a compare per call.
 class CondVar {
  public:
   // Atomically releases `mu`, waits for a notification (or a spurious wake-up), and
   // re-acquires `mu` before returning. Callers re-check their condition in a loop.
   void wait(Mutex& mu) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    renew_in_child();
     std::unique_lock<std::mutex> lock(mu.mu_, std::adopt_lock);
     cv_.wait(lock);
     lock.release();
@@ -83,16 +98,33 @@ class CondVar {
   template <typename Clock, typename Duration>
   bool wait_until(Mutex& mu, const std::chrono::time_point<Clock, Duration>& deadline)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    renew_in_child();
     std::unique_lock<std::mutex> lock(mu.mu_, std::adopt_lock);
     const bool woken = cv_.wait_until(lock, deadline) == std::cv_status::no_timeout;
     lock.release();
     return woken;
   }
-  void notify_one() noexcept { cv_.notify_one(); }
-  void notify_all() noexcept { cv_.notify_all(); }
+  void notify_one() noexcept {
+    renew_in_child();
+    cv_.notify_one();
+  }
+  void notify_all() noexcept {
+    renew_in_child();
+    cv_.notify_all();
+  }
 
  private:
+  void renew_in_child() noexcept {
+    const std::uint32_t generation = g_fork_generation.load(std::memory_order_relaxed);
+    if (generation != generation_) [[unlikely]] {
+      // Not destroyed first: glibc's destructor would wait for the dead waiters too.
+      new (&cv_) std::condition_variable;
+      generation_ = generation;
+    }
+  }
+
   std::condition_variable cv_;
+  std::uint32_t generation_ = 0;  // of the fork this cv was made in (read under the mutex)
 };
 
 }  // namespace scopereg::internal

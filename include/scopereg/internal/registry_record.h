@@ -199,6 +199,9 @@ class RegistryRecord {
   // fork(): take and release this registry's own locks (see fork.h).
   virtual void lock_for_fork() {}
   virtual void unlock_after_fork() {}
+  // In a forked child (every lock free, the process mutex held): drops the values being
+  // created by threads that are gone (thread_gone_in_child in fork.h).
+  virtual void forget_gone_creators_in_child() {}
 
   void unsubscribe_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
 

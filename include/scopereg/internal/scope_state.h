@@ -162,6 +162,7 @@ class ScopeState {
   struct Creating {
     std::uint32_t index;
     const void* context;
+    std::uint64_t thread;  // current_thread_serial() of the creator (fork: gone or not)
   };
   static constexpr std::uint32_t kNoIndex = ~std::uint32_t{0};
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -254,7 +255,8 @@ class SlotCell {
     if (state_.closing_) throw_scope_ending(set);
   }
   void begin_create(const void* context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
-    state_.creating_.push_back(ScopeState::Creating{reg_.index_, context});
+    state_.creating_.push_back(
+        ScopeState::Creating{reg_.index_, context, current_thread_serial()});
   }
   void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     auto& creating = state_.creating_;
