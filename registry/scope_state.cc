@@ -196,14 +196,15 @@ void ScopeState::store(SlotId slot, NodeBase* node) {
   if (slot.chunk >= chunk_limit_) chunk_limit_ = slot.chunk + 1;
 }
 
-template <typename F>
-void ScopeState::take_values(F&& take) {
-  if (values_.load(std::memory_order_relaxed) == 0) return;
+template <typename F, typename R>
+bool ScopeState::take_values(F&& take, R&& room) {
+  if (values_.load(std::memory_order_relaxed) == 0) return true;
   const std::uint32_t first = first_index_.load(std::memory_order_relaxed);
   if (first != kNoIndex) {
     const SlotId first_slot = slot_id_for(first);
     if (NodeBase* node = load(first_slot)) {
-      store(first_slot, nullptr);
+      if (!room()) return false;
+      store(first_slot, nullptr);  // counts it out (values_, hooked_values_)
       take(first, node);
     }
   }
@@ -216,12 +217,17 @@ void ScopeState::take_values(F&& take) {
     for (std::uint32_t o = 0; o < n; ++o) {
       NodeBase* node = chunk[o].load(std::memory_order_relaxed);
       if (node == nullptr) continue;
+      if (!room()) return false;
       chunk[o].store(nullptr, std::memory_order_relaxed);
       values_.store(values_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
+      if (node->hooked) {
+        hooked_values_.store(hooked_values_.load(std::memory_order_relaxed) - 1,
+                             std::memory_order_relaxed);
+      }
       take(base + o, node);
     }
   }
-  hooked_values_.store(0, std::memory_order_relaxed);
+  return true;
 }
 
 template <typename F>
@@ -430,7 +436,8 @@ void abandon_other_threads_in_child() noexcept {
       {
         MutexLock scope_lock(scope->mu_);
         scope->closing_ = true;
-        scope->take_values([](std::uint32_t, NodeBase*) {});  // abandoned, not destroyed
+        scope->take_values([](std::uint32_t, NodeBase*) {},  // abandoned, not destroyed
+                           [] { return true; });
       }
       abandon_everywhere(TokenRef::of(scope->token_));
       scope->unlink();  // the ScopeState itself is left: its thread's exit never comes
@@ -488,9 +495,14 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
     // (closing_ stays as it is: no creator can reach this scope any more.)
     return;
   }
+  // A pass cut short because no memory was left to list another value (DyingList::add
+  // must not fail once a value is out of its slot) destroys what it took and goes on:
+  // the list keeps room for two values without allocating, so every pass takes some. Such
+  // a pass is not counted as a round.
   for (int round = 0;; ++round) {
     bool done = false;
     bool dying = false;
+    bool cut_short = false;
     NodeBase* first = nullptr;
     bool alone = false;
     {
@@ -498,7 +510,14 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
       if (for_reuse) dying_drop_finished();  // the item the last life's end left
       // Token-keyed values first: found through the binding index (nothing to do, and no
       // further lock taken, when no token-keyed registry holds a value for this scope).
-      if (round < kHardRounds) collect_keyed();
+      // Out of memory there, a registry keeps its value for the next pass.
+      if (round < kHardRounds) {
+        try {
+          collect_keyed();
+        } catch (...) {
+          cut_short = true;
+        }
+      }
       {
         // An unreachable scope's mutex guards nothing the domain's does not: with no guard,
         // capture or current frame left, the only others that can touch its slots are a
@@ -508,20 +527,21 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
         if (reachable) scope_lock.emplace(mu_);
         assert_held();
         if (!reachable || round >= kMaxRounds) closing_ = true;
-        if (round < kHardRounds) {
-          take_values([this](std::uint32_t index, NodeBase* node)
-                          ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            // A value another scope still binds (a copy's) only loses this binding.
-            if (release_if_shared(node)) return;
-            SlotRegistry* reg = registry_at(index);
-            assert(reg != nullptr);  // a registry empties its slots before it goes
-            dying_add(reg, node);  // domain mutex held here
-          });
+        if (round < kHardRounds && !cut_short) {
+          cut_short = !take_values(
+              [this](std::uint32_t index, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                // A value another scope still binds (a copy's) only loses this binding.
+                if (release_if_shared(node)) return;
+                SlotRegistry* reg = registry_at(index);
+                assert(reg != nullptr);  // a registry empties its slots before it goes
+                dying_add(reg, node);  // domain mutex held here; room made by dying_room
+              },
+              [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return dying_room(); });
         }
         // Unreachable: nothing can add values now; reachable: stop once a round found
         // none (values created from here on are refused).
         dying = !dying_empty();
-        done = !reachable || !dying;
+        done = !cut_short && (!reachable || !dying);
         if (done) closing_ = true;
       }
       if (done && !for_reuse) unlink();
@@ -538,6 +558,8 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
       dying_.destroy_all(first);
     }
     if (done) return;
+    assert(!cut_short || dying);  // room for two: a pass cut short took something
+    if (cut_short) --round;
   }
 }
 

@@ -1,13 +1,16 @@
 // allocation_failure_test.cc: what scopereg does when memory runs out where it allocates
-// after a factory ran. This binary replaces the global array operator new so that a test
-// can make the next array allocation fail (scopereg's slot chunks are arrays); nothing
-// else in it allocates arrays while a failure is armed.
+// after a factory ran, or while a scope ends. This binary replaces the global operator new
+// so that a test can make the next array allocation fail (scopereg's slot chunks are
+// arrays), or the next N scalar ones; nothing else in it allocates while a failure is
+// armed.
 
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <memory>
 #include <new>
 #include <thread>
+#include <vector>
 
 #include "counted.h"
 #include "gtest/gtest.h"
@@ -25,6 +28,20 @@ void* operator new[](std::size_t n) {
 }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+std::atomic<int> g_fail_scalar{0};  // how many of the next scalar allocations fail
+}  // namespace
+
+void* operator new(std::size_t n) {
+  for (int left = g_fail_scalar.load(); left > 0;) {
+    if (g_fail_scalar.compare_exchange_weak(left, left - 1)) throw std::bad_alloc();
+  }
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace scopereg {
 namespace {
@@ -82,6 +99,40 @@ TEST(AllocationFailure, StoringAFreshValueThatFailsDestroysItAndWakesWaiters) {
     EXPECT_NE(second.find(), nullptr);
   }
   EXPECT_EQ(counts.alive(), 0);
+}
+
+// A scope's end lists the values it takes before it destroys them (a registry destroyed
+// meanwhile must find them there), and the list grows past two values. When it cannot
+// grow, the end destroys what it listed and goes on: every value is destroyed once, none
+// is left behind. (It used to call std::terminate: the end is noexcept.)
+TEST(AllocationFailure, AScopeEndingWithNoMemoryLeftStillDestroysEveryValue) {
+  for (const int failures : {1, 2, 3}) {
+    Counts counts;
+    std::vector<std::unique_ptr<ScopedRegistry<Counted, ExplicitScope>>> by_slot;
+    std::vector<std::unique_ptr<ScopedRegistry<Counted, FuncScope>>> by_token;
+    for (int i = 0; i < 5; ++i) {
+      by_slot.push_back(std::make_unique<ScopedRegistry<Counted, ExplicitScope>>(
+          [&] { return Counted(counts); }));
+      by_token.push_back(std::make_unique<ScopedRegistry<Counted, FuncScope>>(
+          [&] { return Counted(counts); }, ExplicitScope::func()));
+    }
+    for (const bool token_keyed_too : {false, true}) {
+      {
+        ScopeGuard guard(fresh_scope);
+        for (auto& reg : by_slot) (*reg)();
+        if (token_keyed_too) {
+          for (auto& reg : by_token) (*reg)();
+        }
+        ASSERT_EQ(counts.alive(), token_keyed_too ? 10 : 5);
+        g_fail_scalar = failures;  // the list's growth, during the end below
+      }
+      EXPECT_LT(g_fail_scalar.exchange(0), failures) << "the end did not try to allocate";
+      EXPECT_EQ(counts.alive(), 0) << failures << " failed allocations";
+      for (auto& reg : by_slot) EXPECT_EQ(reg->size(), 0);
+      for (auto& reg : by_token) EXPECT_EQ(reg->size(), 0);
+    }
+    EXPECT_EQ(counts.made.load(), 15);
+  }
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include <bit>
 #include <concepts>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -172,10 +173,11 @@ class ScopeState {
   // Calls visit(index, value) for every value. In scope_state.cc.
   template <typename F>
   void for_each_value(F&& visit) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Empties every slot, handing `take(registry index, value)` each value. In
-  // scope_state.cc.
-  template <typename F>
-  void take_values(F&& take) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Empties the slots, handing `take(registry index, value)` each value, as long as
+  // `room()` says one more can be taken (asked before each); returns false when it stopped
+  // early, the values not taken left in place. In scope_state.cc.
+  template <typename F, typename R>
+  bool take_values(F&& take, R&& room) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void unlink() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
   void end_impl(bool for_reuse) noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_);
   // dying_ was made with domain_, so its guard is domain_.mu; the analysis cannot see that
@@ -187,6 +189,15 @@ class ScopeState {
   bool dying_empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
       ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return dying_.empty();
+  }
+  // Whether dying_ can take one more value without allocating, after trying to make room.
+  bool dying_room() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    try {
+      dying_.reserve_one();
+      return true;
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
   }
   NodeBase* dying_start_first() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
       ABSL_NO_THREAD_SAFETY_ANALYSIS {
