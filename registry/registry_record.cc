@@ -178,7 +178,8 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out,
     MutexLock lock(domain.mu);
     for (;;) {
       // Again after every wait: a value destroyed meanwhile may have made a new value of
-      // this registry in a scope of this domain (a destructor calling its own registry).
+      // this registry in its scope, of this domain (a destructor calling its own slot
+      // registry in the scope being ended: tolerated, see ScopedRegistry's contract).
       in_domain(domain);
       // Counted as waiting before looking (see DyingList::finish_alone).
       domain.waiting.fetch_add(1, std::memory_order_seq_cst);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cassert>
 #include <functional>
+#include <new>
 #include <optional>
 #include <vector>
 
@@ -498,8 +499,10 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
   // A pass cut short because no memory was left to list another value (DyingList::add
   // must not fail once a value is out of its slot) destroys what it took and goes on:
   // the list keeps room for two values without allocating, so every pass takes some. Such
-  // a pass is not counted as a round.
-  for (int round = 0;; ++round) {
+  // a pass is not counted as a round, but it does count towards refusing new values (so
+  // that destructors that make values cannot keep the end going for ever).
+  int passes = 0;
+  for (int round = 0;; ++round, ++passes) {
     bool done = false;
     bool dying = false;
     bool cut_short = false;
@@ -514,7 +517,7 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
       if (round < kHardRounds) {
         try {
           collect_keyed();
-        } catch (...) {
+        } catch (const std::bad_alloc&) {
           cut_short = true;
         }
       }
@@ -526,7 +529,7 @@ void ScopeState::end_impl(bool for_reuse) noexcept {
         std::optional<MutexLock> scope_lock;
         if (reachable) scope_lock.emplace(mu_);
         assert_held();
-        if (!reachable || round >= kMaxRounds) closing_ = true;
+        if (!reachable || passes >= kMaxRounds) closing_ = true;
         if (round < kHardRounds && !cut_short) {
           cut_short = !take_values(
               [this](std::uint32_t index, NodeBase* node) ABSL_NO_THREAD_SAFETY_ANALYSIS {

@@ -229,6 +229,32 @@ TEST(FuncScopeOf, AnEndWhoseTokenThrowsInOneRegistryStillEndsTheOthersAndReports
   EXPECT_EQ(first.size() + second.size(), 0);
 }
 
+// A factory that throws leaves no creation mark behind, even when the token's == throws
+// while the mark is removed (it used to stay: the next call in that scope was told that
+// the factory re-entered its registry, and other threads would have waited for ever).
+TEST(FuncScopeOf, AFactoryThatThrowsLeavesNoMarkEvenWhenTheTokensCompareThrows) {
+  const ThrowingToken token{8};
+  int calls = 0;
+  ScopedRegistry<int, FuncScopeOf<ThrowingToken>> reg(
+      [&] {
+        if (++calls == 1) {
+          g_throw_on_compare = true;  // the removal of this creation's mark compares
+          throw std::runtime_error("factory failed");
+        }
+        return 42;
+      },
+      FuncScopeOf<ThrowingToken>([token] { return token; }));
+  try {
+    reg();
+    FAIL() << "expected the factory's error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "factory failed");  // not the compare's error
+  }
+  g_throw_on_compare = false;
+  EXPECT_EQ(reg(), 42);  // made anew: no mark left
+  EXPECT_EQ(calls, 2);
+}
+
 TEST(FuncScopeOf, EndingAStringScopeLeavesRegistriesOfOtherTokenTypesAlone) {
   Counts counts;
   ScopedRegistry<Counted, FuncScopeOf<std::string>> by_string(

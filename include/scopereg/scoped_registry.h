@@ -24,7 +24,10 @@
 // the registry stays valid until then. Destroying the registry destroys its values in
 // every scope, including scopes still running, and waits for any value of it that an
 // ending scope is destroying at that moment; no other call on the registry may run
-// concurrently with its destruction. One exception to "destroyed by then": a value whose
+// concurrently with its destruction (a value's destructor that calls its own registry
+// from a scope ending on another thread at that moment is such a call; it is tolerated,
+// in that ending scope itself, by the strategies with slot storage: every built-in one
+// but FuncScope). One exception to "destroyed by then": a value whose
 // switch hook (scope_switch.h) is running on another thread at that moment is destroyed
 // when the hook returns, on that thread, after the registry's destructor has returned
 // (code that unloads a plugin holding the registry must first stop the threads that
@@ -270,10 +273,12 @@ class ScopedRegistry {
 
   [[no_unique_address]] Scope scope_;
   const std::string name_;  // in error messages
-  mutable internal::BackendFor<Scope> backend_;
+  // The factories before the backend: they outlive its destructor, during which a value's
+  // destructor may still call this registry in the scope being ended (see retire()).
   std::atomic<const Factory*> factory_{nullptr};  // the newest of factories_
   internal::ForkSafeMutex factory_mu_;            // serialises set_factory
   std::vector<std::unique_ptr<const Factory>> factories_ ABSL_GUARDED_BY(factory_mu_);
+  mutable internal::BackendFor<Scope> backend_;
 };
 
 }  // namespace scopereg

@@ -15,8 +15,10 @@
 //   void check_can_create(bool set)     throws ScopeError when the scope no longer takes
 //                                       values (set: for set(), else for creation)  (mu held)
 //   void begin_create(const void* ctx)  marks the value as being created by ctx  (mu held)
-//   void abort_create()                 drops that mark (the factory threw)      (mu held)
-//   void finish_create(NodeBase* n)     drops the mark and stores n              (mu held)
+//   bool creating(const void* ctx)      whether ctx's mark is still there        (mu held)
+//   void abort_create(const void* ctx)  drops ctx's mark, if any; never throws   (mu held)
+//   void finish_create(NodeBase* n, const void* ctx)
+//                                       drops ctx's mark and stores n            (mu held)
 //   NodeBase* swap(NodeBase* n)         stores n (null removes), returns the old (mu held)
 //   void wait()                         waits for a change by another context    (mu held)
 //   void notify_all()                   wakes waiters
@@ -118,38 +120,50 @@ NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* c
       return node;
     }
     cell.check_can_create(/*set=*/false);
-    const void* creator = cell.creator();
-    if (creator == nullptr) break;
-    if (creator == context) throw_factory_reentered(registry);
-    wait_for_creator(cell);
-  }
-  cell.begin_create(context);
-  NodeBase* node = nullptr;
-  cell.mu().unlock();
-  try {
-    node = make();
-  } catch (...) {  // also Boost.Context's forced_unwind: rethrown below
-    cell.mu().lock();
-    cell.abort_create();
-    cell.notify_all();
-    throw;
-  }
-  cell.mu().lock();
-  try {
-    cell.finish_create(node);  // may allocate (a slot chunk, a map entry) and throw
-  } catch (...) {
-    // Nothing stored: the mark goes, waiters wake and retry, and the value made is
-    // destroyed (outside the lock, as every value is) before the error goes on.
-    cell.abort_create();
-    cell.notify_all();
+    if (const void* creator = cell.creator()) {
+      if (creator == context) throw_factory_reentered(registry);
+      wait_for_creator(cell);
+      continue;
+    }
+    cell.begin_create(context);
+    NodeBase* node = nullptr;
     cell.mu().unlock();
-    release(node);
-    cell.mu().lock();  // for `lock`'s destructor
-    throw;
+    try {
+      node = make();
+    } catch (...) {  // also Boost.Context's forced_unwind: rethrown below
+      cell.mu().lock();
+      cell.abort_create(context);
+      cell.notify_all();
+      throw;
+    }
+    cell.mu().lock();
+    bool ours = false;
+    try {
+      // Our mark is gone only in a fork() child that dropped it: marks of threads gone at
+      // the fork are, and this is a fiber that began its factory on one of them.
+      ours = cell.creating(context);
+      if (ours) cell.finish_create(node, context);  // may allocate and throw
+    } catch (...) {
+      // Nothing stored: the mark goes, waiters wake and retry, and the value made is
+      // destroyed (outside the lock, as every value is) before the error goes on.
+      cell.abort_create(context);
+      cell.notify_all();
+      cell.mu().unlock();
+      release(node);
+      cell.mu().lock();  // for `lock`'s destructor
+      throw;
+    }
+    if (!ours) [[unlikely]] {
+      // What the child stored meanwhile, or is making, wins; ours is destroyed.
+      cell.mu().unlock();
+      release(node);
+      cell.mu().lock();
+      continue;
+    }
+    cell.notify_all();
+    *created = true;
+    return node;
   }
-  cell.notify_all();
-  *created = true;
-  return node;
 }
 
 // exchange

@@ -311,8 +311,33 @@ class KeyedCell {
     shard_.map.emplace(token_,
                        typename Store::Entry{nullptr, context, 0, current_thread_serial()});
   }
-  void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.map.erase(token_); }
-  void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+  bool creating(const void* context) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    auto it = shard_.map.find(token_);
+    return it != shard_.map.end() && it->second.node == nullptr &&
+           it->second.creator == context;
+  }
+  void abort_create(const void* context) noexcept ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
+    try {
+      auto it = shard_.map.find(token_);
+      if (it != shard_.map.end() && it->second.node == nullptr &&
+          it->second.creator == context) {
+        shard_.map.erase(it);
+      }
+      return;
+    } catch (...) {
+      // The token's hash or == threw: the mark is found by its creator alone, with no
+      // user code (a mark left behind would make every later caller wait for ever).
+    }
+    for (auto it = shard_.map.begin(); it != shard_.map.end();) {
+      if (it->second.node == nullptr && it->second.creator == context) {
+        shard_.map.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+  }
+  void finish_create(NodeBase* node, const void* /*context*/)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
     typename Store::Entry& entry = shard_.map[token_];
     entry = typename Store::Entry{node, nullptr};
     Store::count(shard_, +1);
@@ -339,7 +364,7 @@ class KeyedCell {
     return old;
   }
   void wait() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.cv.wait(shard_.mu); }
-  void notify_all() { shard_.cv.notify_all(); }
+  void notify_all() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) { shard_.cv.notify_all(); }
 
  private:
   Store& store_;

@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -87,6 +88,17 @@ class DyingList {
   void assert_domain(const Domain& held) const ABSL_ASSERT_EXCLUSIVE_LOCK(domain_.mu);
   // Makes room for one more add() (which then cannot throw). Throws std::bad_alloc.
   void reserve_one() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
+  // As reserve_one(), telling whether it could instead of throwing. Inline when there is
+  // room already (a scope's end asks before each value it takes).
+  bool make_room_for_one() noexcept ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) {
+    if (items_.size() < items_.capacity()) [[likely]] return true;
+    try {
+      reserve_one();
+      return true;
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
   void add(RegistryRecord* record, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu);
 
   bool empty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) { return items_.empty(); }
@@ -189,8 +201,9 @@ class RegistryRecord {
   // with a binding shard's mutex held: must not wait or call back into scopereg.
   virtual NodeBase* extract_for_end(TokenRef /*token*/) { return nullptr; }
   // Binds for `to` the value this registry holds for `from`, unless it holds one for `to`
-  // already; returns whether it did (the caller then records the binding). A binding it
-  // took and did not use is left in `unused`, for the caller to release with no lock held.
+  // already; returns whether it did (the caller recorded the binding in the index before
+  // the call, and drops it again when it did not). A binding of the value it took and did
+  // not use is left in `unused`, for the caller to release with no lock held.
   // Called with the process mutex held (the registry cannot be retiring).
   virtual bool share_for_copy(TokenRef /*from*/, TokenRef /*to*/, NodeBase*& /*unused*/) {
     return false;

@@ -30,7 +30,6 @@
 #include <bit>
 #include <concepts>
 #include <cstdint>
-#include <new>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -192,12 +191,7 @@ class ScopeState {
   }
   // Whether dying_ can take one more value without allocating, after trying to make room.
   bool dying_room() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    try {
-      dying_.reserve_one();
-      return true;
-    } catch (const std::bad_alloc&) {
-      return false;
-    }
+    return dying_.make_room_for_one();
   }
   NodeBase* dying_start_first() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu)
       ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -269,18 +263,25 @@ class SlotCell {
     state_.creating_.push_back(
         ScopeState::Creating{reg_.index_, context, current_thread_serial()});
   }
-  void abort_create() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+  bool creating(const void* context) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+    for (const ScopeState::Creating& c : state_.creating_) {
+      if (c.index == reg_.index_ && c.context == context) return true;
+    }
+    return false;
+  }
+  void abort_create(const void* context) noexcept ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     auto& creating = state_.creating_;
     for (auto it = creating.begin(); it != creating.end(); ++it) {
-      if (it->index == reg_.index_) {
+      if (it->index == reg_.index_ && it->context == context) {
         creating.erase(it);
         return;
       }
     }
   }
-  void finish_create(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
+  void finish_create(NodeBase* node, const void* context)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     state_.store(reg_.slot_, node);  // first: if it throws, the mark stays for the caller
-    abort_create();
+    abort_create(context);
   }
   NodeBase* swap(NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     NodeBase* old = state_.load(reg_.slot_);
