@@ -247,6 +247,65 @@ TEST(Pool, AWaitingCheckoutGetsTheObjectAnotherThreadReturns) {
   EXPECT_GE(pool.stats().max_wait, 30ms);
 }
 
+// A checkout whose object fails its checks takes another one, and may have to wait again
+// for it. It is still one waiting checkout: one wait in the stats, one on_wait call, and
+// no waiter count left behind when it ends (every later return would go to the shared
+// queue instead of parking: the parking fast path off for good).
+TEST(Pool, ACheckoutThatRetriesAfterWaitingCountsOneWaitAndLaterReturnsStillPark) {
+  Census census;
+  std::atomic<bool> dead{true};
+  std::atomic<int> on_wait_calls{0};
+  static thread_local int on_wait_calls_here = 0;
+  auto o = options(census);
+  o.pool_size = 2;
+  o.max_overflow = 0;
+  o.timeout = 10s;
+  o.ping = [&](Conn&) { return !dead.load(); };  // every idle object fails: a retry
+  o.on_wait = [&](Clock::duration) {
+    ++on_wait_calls;
+    ++on_wait_calls_here;
+  };
+  Pool<Conn> pool(o);
+  constexpr int kThreads = 8, kRounds = 400;
+  std::atomic<int> reported_twice{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < kRounds; ++i) {
+        on_wait_calls_here = 0;
+        {
+          Pool<Conn>::Lease lease = pool.checkout();
+          std::this_thread::yield();
+        }
+        if (on_wait_calls_here > 1) ++reported_twice;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  PoolStats s = pool.stats();
+  ASSERT_GT(s.ping_failures, 0u);
+  EXPECT_EQ(s.timeouts, 0u);
+  EXPECT_EQ(reported_twice.load(), 0) << "a checkout called on_wait more than once";
+  EXPECT_EQ(s.waits, static_cast<std::uint64_t>(on_wait_calls.load()))
+      << "a checkout counted more than one wait";
+
+  dead = false;
+  pool.dispose();  // empties the threads' parking slots
+  int first = 0, next = 0;
+  std::thread([&] {
+    auto a = pool.checkout();
+    auto b = pool.checkout();
+    first = a->id;
+    a.release();  // parked in this thread's slot
+    b.release();  // parked in its place: `a` goes to the shared queue
+  }).join();
+  // Thread serials are handed out in order: this thread, started after the one above
+  // ended, parks in another slot. It finds the queue holding only `a` -- unless the
+  // returns above did not park (a waiter still counted): then `b` came last to the queue.
+  std::thread([&] { next = pool.checkout()->id; }).join();
+  EXPECT_EQ(next, first) << "returns no longer park: a finished checkout still counts as waiting";
+}
+
 // ---------------------------------------------------------------------------------------
 // Recycle, pre-ping, order
 
@@ -481,6 +540,67 @@ TEST(Pool, APoolDestroyedWhileLeasesAreOutClosesTheirObjectsWhenReturned) {
   EXPECT_EQ(census.made.load(), census.destroyed.load());
 }
 
+// Busy-waits about `n` short steps (the racing test below varies the two threads' offset).
+void spin(int n) {
+  for (int i = 0; i < n; ++i) std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+
+// A return parks its object in its thread's slot without the pool's lock. When dispose()
+// or ~Pool runs at that moment, the object must still be closed, once: not left parked
+// (after ~Pool: never closed, and the pool's state never freed).
+TEST(Pool, AReturnRacingDisposeOrThePoolsDestructionClosesItsObjectExactlyOnce) {
+  Census census;
+  constexpr int kRounds = 20000, kStop = -1;
+  const auto give_up = Clock::now() + 1500ms;  // fewer rounds on a busy machine
+  std::atomic<int> go{0}, returned{0};
+  Pool<Conn>::Lease lease;  // handed to the returning thread for each round
+  std::thread returner([&] {
+    for (int r = 1;; ++r) {
+      int seen;
+      // Spins to start right with the other thread, but yields if it is not running.
+      for (int spins = 0; (seen = go.load()) != r && seen != kStop; ++spins) {
+        if (spins > 10000) std::this_thread::yield();
+      }
+      if (seen == kStop) return;
+      spin(r % 23);
+      lease.release();
+      returned = r;
+    }
+  });
+  std::string failure;
+  int rounds = 0;
+  while (rounds < kRounds && failure.empty() && Clock::now() < give_up) {
+    const int r = ++rounds;
+    auto pool = std::make_unique<Pool<Conn>>(options(census));
+    lease = pool->checkout();
+    const bool destroy = r % 2 == 0;
+    go = r;
+    spin(r % 17);
+    if (destroy) {
+      pool.reset();
+    } else {
+      pool->dispose();
+    }
+    while (returned.load() != r) std::this_thread::yield();
+    const std::string round =
+        "round " + std::to_string(r) + (destroy ? " (~Pool): " : " (dispose): ");
+    if (census.live.load() != 0) failure = round + "the returned object was not closed";
+    if (!destroy) {
+      const PoolStats s = pool->stats();
+      if (s.idle != 0 || s.checked_out != 0 || s.closes != 1) {
+        failure = round + "idle " + std::to_string(s.idle) + ", checked out " +
+                  std::to_string(s.checked_out) + ", closes " + std::to_string(s.closes);
+      }
+    }
+  }
+  go = kStop;
+  returner.join();
+  ASSERT_EQ(failure, "");
+  EXPECT_EQ(census.made.load(), rounds);
+  EXPECT_EQ(census.closed.load(), rounds);
+  EXPECT_EQ(census.destroyed.load(), rounds);
+}
+
 // A close that has not finished leaves its object alive: it must still count against
 // pool_size + max_overflow, or a new connection opens while the old one is still open.
 // `close_while` starts the close (in another thread); the test's checkout then must not
@@ -673,6 +793,85 @@ TEST(Pool, AThrowingErrorReporterDoesNotEscapeAReturn) {
   const std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_TRUE(contains(err, "rollback failed")) << err;  // not lost: stderr instead
   EXPECT_EQ(census.live.load(), 0);
+}
+
+// on_wait runs when the waiting checkout holds its object already: an error there must
+// not lose the object or its place (after pool_size + max_overflow of them, every checkout
+// would time out).
+TEST(Pool, AThrowingOnWaitIsReportedAndTheWaitingCheckoutStillGetsItsObject) {
+  Census census;
+  Reports reports;
+  auto o = options(census, "orders");
+  o.pool_size = 1;
+  o.max_overflow = 0;
+  o.timeout = 2s;
+  o.error_reporter = reports.reporter();
+  o.on_wait = [](Clock::duration) { throw std::runtime_error("metrics backend down"); };
+  Pool<Conn> pool(o);
+  auto held = pool.checkout();
+  std::atomic<int> got{0};
+  std::atomic<bool> threw{false};
+  std::thread waiter([&] {
+    try {
+      got = pool.checkout()->id;
+    } catch (...) {
+      threw = true;
+    }
+  });
+  while (pool.stats().waits == 0) std::this_thread::sleep_for(1ms);
+  held.release();
+  waiter.join();
+  EXPECT_FALSE(threw.load());
+  EXPECT_EQ(got.load(), 1);
+  const auto lines = reports.take();
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_TRUE(contains(lines[0], "Pool 'orders'")) << lines[0];
+  EXPECT_TRUE(contains(lines[0], "on_wait failed")) << lines[0];
+  EXPECT_TRUE(contains(lines[0], "metrics backend down")) << lines[0];
+  const PoolStats s = pool.stats();
+  ASSERT_EQ(s.checked_out, 0u) << "the waiting checkout's object was lost with its place";
+  EXPECT_EQ(s.idle, 1u);
+  EXPECT_EQ(s.checkouts, 2u);
+  EXPECT_EQ(s.checkins, 2u);
+  EXPECT_EQ(census.live.load(), 1);
+  EXPECT_EQ(census.closed.load(), 0);
+  EXPECT_EQ(pool.checkout()->id, 1);  // no PoolTimeout
+}
+
+// The clock is read after a checkout took an idle object (its age, with `recycle`) or
+// reserved a place for a new one (its birth): a throw there fails the checkout and gives
+// back what it held.
+TEST(Pool, AThrowingClockFailsTheCheckoutAndFreesThePlaceItHeld) {
+  Census census;
+  std::atomic<bool> broken{false};
+  auto o = options(census);
+  o.pool_size = 1;
+  o.max_overflow = 0;
+  o.timeout = 50ms;
+  o.recycle = 1h;
+  o.clock = [&] {
+    if (broken) throw std::runtime_error("clock unavailable");
+    return Clock::now();
+  };
+  Pool<Conn> pool(o);
+  broken = true;
+  EXPECT_THROW(pool.checkout(), std::runtime_error);  // a new object: its birth
+  EXPECT_EQ(census.made.load(), 0);
+  ASSERT_EQ(pool.stats().checked_out, 0u) << "the reserved place was not given back";
+  broken = false;
+  pool.checkout().release();  // one idle object
+  broken = true;
+  EXPECT_THROW(pool.checkout(), std::runtime_error);  // the idle one: its age
+  EXPECT_EQ(census.live.load(), 0);
+  EXPECT_EQ(census.closed.load(), 1);  // closed, not dropped unclosed
+  PoolStats s = pool.stats();
+  ASSERT_EQ(s.checked_out, 0u) << "the idle object's place was not given back";
+  EXPECT_EQ(s.invalidated, 1u);
+  broken = false;
+  EXPECT_TRUE(pool.checkout());  // no PoolTimeout
+  s = pool.stats();
+  EXPECT_EQ(s.connects, 2u);
+  EXPECT_EQ(s.checkouts, 2u);
 }
 
 // ---------------------------------------------------------------------------------------

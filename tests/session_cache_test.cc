@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <latch>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -384,6 +385,127 @@ TEST(SessionCache, AFactoryThatReentersItsSessionGetsAnErrorNamingTheSession) {
     EXPECT_NE(std::string(e.what()).find("session 'orders'"), std::string::npos) << e.what();
   }
   EXPECT_TRUE(sessions.used().empty() || sessions.used() == std::vector<std::string>{"orders"});
+}
+
+TEST(SessionCache, AReplacementWhoseFactoryThrowsLeavesNoValueAndTheNextGetRetries) {
+  SessionCache<int> cache;
+  bool valid = true, refuse = false;
+  int made = 0, closed = 0;
+  cache.add("db", {.factory = [&] {
+                     if (refuse) throw std::runtime_error("connection refused");
+                     return ++made;
+                   },
+                   .close = [&](int&) { ++closed; },
+                   .validate = [&](int&) { return valid; }});
+  EXPECT_EQ(cache.get("db"), 1);
+  valid = false;
+  refuse = true;
+  EXPECT_THROW(cache.get("db"), std::runtime_error);  // the stale value was closed first
+  EXPECT_EQ(closed, 1);
+  EXPECT_THROW(cache.get("db"), std::runtime_error);  // nothing left behind: made again
+  EXPECT_EQ(closed, 1);
+  EXPECT_TRUE(cache.clear_for_current_scope().ok());  // an empty slot closes nothing
+  EXPECT_EQ(closed, 1);
+  valid = true;
+  refuse = false;
+  EXPECT_EQ(cache.get("db"), 2);
+  EXPECT_TRUE(cache.clear_for_current_scope().ok());
+  EXPECT_EQ(closed, 2);
+}
+
+TEST(SessionCache, AFactoryThatReentersWhileReplacingAStaleValueGetsAnErrorNotAHang) {
+  SessionCache<int> sessions;
+  bool valid = true, reenter = false;
+  sessions.add("orders", {.factory = [&] { return reenter ? sessions.get("orders") + 1 : 1; },
+                          .validate = [&](int&) { return valid; }});
+  sessions.get("orders");
+  valid = false;
+  reenter = true;
+  try {
+    sessions.get("orders");
+    FAIL() << "expected ScopeError";
+  } catch (const ScopeError& e) {
+    EXPECT_NE(std::string(e.what()).find("session 'orders'"), std::string::npos) << e.what();
+  }
+  valid = true;
+  reenter = false;
+  EXPECT_EQ(sessions.get("orders"), 1);
+  EXPECT_TRUE(sessions.clear_for_current_scope().ok());
+}
+
+// A scope shared by threads: one ExplicitScope token active on several threads at once
+// (ScopeGuard on each, or work carried there with wrap()), as the file comment allows.
+
+TEST(SessionCacheSharedScope, NamesFirstUsedAtOnceByTheScopesThreadsAreAllClosedOnceByClear) {
+  constexpr int kNames = 24;
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 30;
+  SessionCache<int, ExplicitScope> cache;
+  std::vector<std::string> names;
+  std::vector<std::atomic<int>> made(kNames), closed(kNames);
+  for (int i = 0; i < kNames; ++i) {
+    names.push_back("db" + std::to_string(i));
+    cache.add(names.back(), {.factory = [&made, i] { return ++made[i]; },
+                             .close = [&closed, i](int&) { ++closed[i]; }});
+  }
+  for (int round = 0; round < kRounds; ++round) {
+    const std::string token = "shared-names-" + std::to_string(round);
+    ScopeGuard request(token);
+    std::latch start(kThreads);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        ScopeGuard same(token);  // the request's scope, active here too
+        start.arrive_and_wait();
+        // Each thread starts elsewhere in the list: first uses of different names overlap.
+        for (int k = 0; k < kNames; ++k) cache.get(names[(k + t * kNames / kThreads) % kNames]);
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    ASSERT_EQ(cache.used().size(), static_cast<std::size_t>(kNames)) << "round " << round;
+    EXPECT_TRUE(cache.clear_for_current_scope().ok());
+    for (int i = 0; i < kNames; ++i) {
+      ASSERT_EQ(made[i], round + 1) << names[i] << ", round " << round;
+      ASSERT_EQ(closed[i], round + 1) << names[i] << " not closed by the clear, round " << round;
+    }
+  }
+}
+
+TEST(SessionCacheSharedScope, AValueFoundStaleByManyThreadsAtOnceIsClosedOnceAndAllGetOneNew) {
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 200;
+  SessionCache<Conn, ExplicitScope> cache;
+  std::atomic<int> serial{0};
+  std::atomic<int> stale_up_to{0};  // values with a serial up to this fail validation
+  std::mutex mu;
+  std::map<int, int> closes;  // serial -> close hook calls
+  cache.add("db", {.factory = [&] { return Conn("db", ++serial); },
+                   .close = [&](Conn& c) {
+                     std::lock_guard<std::mutex> lock(mu);
+                     ++closes[c.serial];
+                   },
+                   .validate = [&](Conn& c) { return c.serial > stale_up_to; }});
+  ScopeGuard request(std::string("shared-stale"));
+  cache.get("db");
+  for (int round = 0; round < kRounds; ++round) {
+    stale_up_to = serial.load();  // the value dies "behind the cache's back"
+    std::latch start(kThreads);
+    std::vector<int> seen(kThreads);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back(wrap([&, t] {  // runs in the request's scope
+        start.arrive_and_wait();
+        seen[t] = cache.get("db").serial;
+      }));
+    }
+    for (auto& thread : threads) thread.join();
+    ASSERT_EQ(serial, round + 2) << "one replacement per round";
+    for (int t = 0; t < kThreads; ++t) ASSERT_EQ(seen[t], round + 2) << "round " << round;
+  }
+  EXPECT_TRUE(cache.clear_for_current_scope().ok());
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(closes.size(), static_cast<std::size_t>(kRounds + 1));
+  for (const auto& [made, calls] : closes) EXPECT_EQ(calls, 1) << "value #" << made;
 }
 
 }  // namespace

@@ -33,8 +33,9 @@
 //   `recycle`, the pool is full, or dispose() ran since it was checked out: then it is
 //   closed (`close` hook, then its destructor).
 // * Hooks may throw. `connect` and `on_checkout` errors reach the caller of checkout()
-//   (the object, if any, is closed; nothing leaks, limits stay exact). Errors of hooks run
-//   at return or close go to `error_reporter` (default: one line on stderr), never lost.
+//   (the object, if any, is closed; nothing leaks, limits stay exact). Errors of `on_wait`
+//   and of hooks run at return or close go to `error_reporter` (default: one line on
+//   stderr), never lost.
 // * dispose() closes every idle object now; objects checked out at that moment are closed
 //   when returned. The pool stays usable.
 // * Lifetime: a Lease keeps the pool's state alive; a Lease returned after the Pool was
@@ -99,8 +100,11 @@ struct PoolOptions {
   PoolOrder order = PoolOrder::kLifo;
   std::string name = "pool";                           // in error messages
   std::function<void(const absl::Status&)> error_reporter = {};  // default: stderr
-  std::function<Clock::time_point()> clock = {};       // default: steady_clock (tests)
-  // Called after a checkout that had to wait, with how long it waited (outside the lock).
+  // Default: steady_clock (tests). If it throws, the checkout reading it fails, as a
+  // throwing `connect` would.
+  std::function<Clock::time_point()> clock = {};
+  // Called once by a checkout that had to wait, when it hands its object out, with how
+  // long it waited (outside the lock). An error is reported; the checkout still succeeds.
   std::function<void(Clock::duration)> on_wait = {};
 };
 
@@ -243,9 +247,13 @@ class Pool {
     // Counts a waiting checkout while it lives (returns do not park while anyone waits).
     struct WaiterMark {
       std::atomic<int>* waiters = nullptr;
-      void set(std::atomic<int>& w) {
+      // Marks the checkout as waiting; true the first time. A checkout that retries (its
+      // object failed its checks) and waits again is still one waiter.
+      bool set(std::atomic<int>& w) {
+        if (waiters != nullptr) return false;
         waiters = &w;
         w.fetch_add(1, std::memory_order_seq_cst);
+        return true;
       }
       ~WaiterMark() {
         if (waiters != nullptr) waiters->fetch_sub(1, std::memory_order_seq_cst);
@@ -253,8 +261,6 @@ class Pool {
     };
 
     std::unique_ptr<Item> checkout(const std::shared_ptr<State>& self) {
-      Clock::time_point start{}, deadline{};
-      bool waited = false;
       const bool checks = checks_on_checkout();
       if (parking()) {
         Park& park = my_park();
@@ -267,14 +273,20 @@ class Pool {
             }
             if (std::unique_ptr<Item> ok = check_idle(std::move(item))) return ok;
           } else {
-            discard(std::move(item), &PoolStats::closes);  // from before a dispose()
+            keep_or_close(std::move(item), false, true);  // parked before a dispose()
           }
         }
       }
       WaiterMark waiting;
+      // Set by the first wait and kept by retries: one checkout waits at most `timeout` in
+      // all. `woke` is read right after each wait, before anything is taken: a throwing
+      // clock then leaves nothing to give back.
+      bool waited = false;
+      Clock::time_point start{}, deadline{}, woke{};
       for (;;) {
         std::unique_ptr<Item> item;
         bool make = false;
+        bool stale = false;  // parked before a dispose()
         {
           internal::MutexLock lock(mu);
           for (;;) {
@@ -287,39 +299,31 @@ class Pool {
                 idle.pop_front();
               }
               ++out;
-              if (!checks) ++stat.checkouts;  // nothing can fail any more
-              break;
-            }
-            if (parking()) {
+            } else if (Item* parked = parking() ? steal_parked() : nullptr) {
               // Objects other threads parked are idle too: take one before making one.
-              if (Item* parked = steal_parked()) {  // counted in `out` already
-                item.reset(parked);
-                if (!checks) ++stat.checkouts;
-                break;
-              }
-            }
-            if (total < options.pool_size + options.max_overflow) {
+              item.reset(parked);  // counted in `out` already
+            } else if (total < options.pool_size + options.max_overflow) {
               ++total;  // reserved for the object we are about to make
               ++out;
               make = true;
               break;
+            } else if (parking() && waiting.set(waiters)) {
+              // Marked as waiting: look at the slots again (see park()).
+              if (Item* parked = steal_parked()) item.reset(parked);
             }
-            if (parking() && !waited) {
-              waiting.set(waiters);  // then look again: see checkin()
-              if (Item* parked = steal_parked()) {
-                item.reset(parked);
-                if (!checks) ++stat.checkouts;
-                break;
-              }
+            if (item != nullptr) {
+              // dispose() changes the generation under mu only: this answer stays true.
+              stale = item->generation != generation.load(std::memory_order_relaxed);
+              if (!checks && !stale) ++stat.checkouts;  // nothing can fail any more
+              break;
             }
-            const Clock::time_point t = now();
             if (!waited) {
+              start = woke = now();
+              deadline = start + options.timeout;
               waited = true;
               ++stat.waits;
-              start = t;
-              deadline = t + options.timeout;
             }
-            if (t >= deadline) {
+            if (woke >= deadline) {
               ++stat.timeouts;
               throw PoolTimeout(
                   "scopereg: Pool '" + options.name + "': no object came free within the " +
@@ -332,32 +336,46 @@ class Pool {
                   "timeout");
             }
             wait_until(deadline);
+            woke = now();
           }
-          if (waited) note_wait(start);
+          if (waited) note_wait(woke - start);
         }
-        if (waited) {
-          if (options.on_wait) options.on_wait(now() - start);
-          waited = false;  // reported once
-        }
-        if (make) return connect_new(self);
-        if (item->generation != generation.load(std::memory_order_acquire)) {
-          discard(std::move(item), &PoolStats::closes);  // a parked one from before dispose()
+        std::unique_ptr<Item> got;
+        if (make) {
+          got = connect_new(self);
+        } else if (stale) {
+          keep_or_close(std::move(item), false, true);
+          continue;
+        } else if (!checks) {
+          got = std::move(item);
+        } else if (!(got = check_idle(std::move(item)))) {
           continue;
         }
-        if (!checks) return item;
-        if (std::unique_ptr<Item> ok = check_idle(std::move(item))) return ok;
+        if (waited && options.on_wait) {
+          try {
+            run_on_wait(woke - start);
+          } catch (...) {  // only a fiber's unwinding gets here: return the object first
+            checkin(std::move(got));
+            throw;
+          }
+        }
+        return got;
       }
     }
 
     // An idle object taken out: checks its age and, with pre_ping, that it still works,
     // and runs on_checkout. Null (the object discarded) when it failed a check.
     std::unique_ptr<Item> check_idle(std::unique_ptr<Item> item) {
-      if (too_old(*item)) {
-        discard(std::move(item), &PoolStats::recycled);
-        return nullptr;
+      bool old = false, dead = false;
+      try {
+        old = too_old(*item);
+        dead = !old && options.ping && !ping(*item);
+      } catch (...) {  // a throwing clock, or a fiber unwound inside ping
+        discard(std::move(item), &PoolStats::invalidated);
+        throw;
       }
-      if (options.ping && !ping(*item)) {
-        discard(std::move(item), &PoolStats::ping_failures);
+      if (old || dead) {
+        discard(std::move(item), old ? &PoolStats::recycled : &PoolStats::ping_failures);
         return nullptr;
       }
       return after_checkout(std::move(item));
@@ -384,18 +402,30 @@ class Pool {
       }
     }
 
-    void note_wait(Clock::time_point start) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-      const auto d = std::chrono::duration_cast<std::chrono::nanoseconds>(now() - start);
+    void note_wait(Clock::duration waited) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      const auto d = std::chrono::duration_cast<std::chrono::nanoseconds>(waited);
       if (d > stat.max_wait) stat.max_wait = d;
+    }
+
+    // Runs on_wait for a checkout that holds its object already: an error is reported,
+    // not thrown (it would lose the object, and the checkout succeeded).
+    void run_on_wait(Clock::duration waited) {
+      try {
+        options.on_wait(waited);
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        report("on_wait failed (ignored): " + internal::describe_current_exception());
+      }
     }
 
     std::unique_ptr<Item> connect_new(const std::shared_ptr<State>& self) {
       std::unique_ptr<Item> item;
-      const std::uint64_t gen = generation.load(std::memory_order_acquire);
-      const Clock::time_point created =
-          options.recycle != Clock::duration::zero() ? now() : Clock::time_point{};
       try {
-        item = std::make_unique<Item>(options.connect, created, gen, self);
+        // The clock is read here too: whatever throws gives the reserved place back.
+        const Clock::time_point created =
+            options.recycle != Clock::duration::zero() ? now() : Clock::time_point{};
+        item = std::make_unique<Item>(options.connect, created,
+                                      generation.load(std::memory_order_acquire), self);
       } catch (...) {
         internal::MutexLock lock(mu);
         --total;
@@ -433,13 +463,13 @@ class Pool {
       }
     }
 
-    // Closes a checked-out object and frees its place.
-    void discard(std::unique_ptr<Item> item, std::uint64_t PoolStats::*counter) {
+    // Closes a checked-out object and frees its place; `reason` counts why, besides closes.
+    void discard(std::unique_ptr<Item> item, std::uint64_t PoolStats::*reason) {
       close(std::move(item));  // its place stays taken until the close has finished
       internal::MutexLock lock(mu);
       --total;
       --out;
-      ++(stat.*counter);
+      ++(stat.*reason);
       ++stat.closes;
       cv.notify_one();
     }
@@ -460,58 +490,92 @@ class Pool {
     static void checkin(std::unique_ptr<Item> item) noexcept {
       State& s = *item->state;
       if (item->generation < s.forget_below.load(std::memory_order_acquire)) {
-        // dispose(false) ran: never touch it again (it belongs to the parent process).
-        const std::shared_ptr<State> keep = std::move(item->state);
-        {
-          internal::MutexLock lock(s.mu);
-          --s.out;
-          --s.total;
-          ++s.stat.checkins;
-          s.cv.notify_one();
-        }
-        (void)item.release();  // leaked on purpose
+        // dispose(false) ran: no hook may touch it (it belongs to the parent process).
+        s.keep_or_close(std::move(item), false, false);
         return;
       }
       if (!item->broken && s.options.reset_on_return) s.run_return_hook(s.options.reset_on_return, *item, "reset_on_return");
       if (!item->broken && s.options.on_checkin) s.run_return_hook(s.options.on_checkin, *item, "on_checkin");
       const bool old = s.too_old(*item);
-      bool counted = false;  // its check-in is counted already
       if (s.parking() && !item->broken && !old &&
-          item->generation == s.generation.load(std::memory_order_acquire) &&
-          s.total.load(std::memory_order_relaxed) <= s.options.pool_size &&
-          s.waiters.load(std::memory_order_seq_cst) == 0) {
-        Park& park = s.my_park();
-        Item* displaced = park.item.exchange(item.release(), std::memory_order_seq_cst);
-        park.checkins.fetch_add(1, std::memory_order_relaxed);
-        // Parked. Another object parked here before goes to the queue; and if a checkout
-        // started waiting meanwhile (it marks itself before it looks at the slots, we
-        // parked before we look at the mark: one of us sees the other), so does ours.
-        if (displaced == nullptr && s.waiters.load(std::memory_order_seq_cst) == 0) return;
-        if (displaced == nullptr) displaced = park.item.exchange(nullptr, std::memory_order_seq_cst);
-        if (displaced == nullptr) return;  // a waiter took it
-        item.reset(displaced);
-        counted = true;
+          s.total.load(std::memory_order_relaxed) <= s.options.pool_size) {
+        s.park(std::move(item));
+        return;
       }
+      s.keep_or_close(std::move(item), old, false);
+    }
+
+    // Parks a returned object in this thread's slot, unless a checkout waits or dispose()
+    // ran since it was checked out: then it goes through keep_or_close().
+    //
+    // Both are checked again after the exchange, each side storing before it looks at the
+    // other's store (all seq_cst): a checkout marks itself waiting, then looks at the slots
+    // (steal_parked); dispose() bumps the generation, then empties the slots. So either
+    // they find our object there, or we see their mark and take back what the slot holds
+    // (exchange: whoever gets an object owns it; a checkout hands one from before a
+    // dispose() to keep_or_close() too: closed, counted once). Without the second look
+    // a return that read the old generation could park after dispose() had emptied the
+    // slots: never closed (after ~Pool, a cycle: the Item holds the state, the state the
+    // Item), or closed by a later checkout.
+    //
+    // Known limit (as before this look was added): between the exchange and the second
+    // look the state is reached through the object only, which another thread may take
+    // meanwhile; if that thread returns and closes it after ~Pool, the state can go while
+    // we are still to read it. Closing that window costs two atomic operations on every
+    // parking return (measured: checkout + return 25 -> 35 ns), so it is left open: the
+    // return would have to stall between two adjacent instructions for that long.
+    void park(std::unique_ptr<Item> item) noexcept {
+      Park& slot = my_park();
+      const std::uint64_t gen = item->generation;
+      if (gen != generation.load(std::memory_order_seq_cst) ||
+          waiters.load(std::memory_order_seq_cst) != 0) {
+        keep_or_close(std::move(item), false, false);
+        return;
+      }
+      Item* displaced = slot.item.exchange(item.release(), std::memory_order_seq_cst);
+      slot.checkins.fetch_add(1, std::memory_order_relaxed);
+      Item* back = nullptr;
+      if (waiters.load(std::memory_order_seq_cst) != 0 ||
+          generation.load(std::memory_order_seq_cst) != gen) {
+        back = slot.item.exchange(nullptr, std::memory_order_seq_cst);
+      }
+      // Their check-ins were counted when they were parked.
+      if (displaced != nullptr) keep_or_close(std::unique_ptr<Item>(displaced), false, true);
+      if (back != nullptr) keep_or_close(std::unique_ptr<Item>(back), false, true);
+    }
+
+    // Keeps a returned object idle, or closes it (see the file comment), or -- of a
+    // generation dispose(false) forgot -- frees its place without touching it. `counted`:
+    // its check-in is counted already.
+    void keep_or_close(std::unique_ptr<Item> item, bool old, bool counted) noexcept {
+      std::shared_ptr<State> keep;  // outlives the lock: may be the last reference
       {
-        internal::MutexLock lock(s.mu);
-        --s.out;
-        if (!counted) ++s.stat.checkins;
-        if (!item->broken && !old &&
-            item->generation == s.generation.load(std::memory_order_relaxed) &&
-            s.idle.size() < s.options.pool_size) {
-          s.idle.push_back(std::move(item));
-          s.cv.notify_one();
+        internal::MutexLock lock(mu);
+        --out;
+        if (!counted) ++stat.checkins;
+        if (item->generation < forget_below.load(std::memory_order_relaxed)) {
+          --total;
+          cv.notify_one();
+          keep = std::move(item->state);
+          (void)item.release();  // leaked on purpose: no close hook, no destructor
           return;
         }
-        ++s.stat.closes;
-        if (item->broken) ++s.stat.invalidated;
-        else if (old) ++s.stat.recycled;
+        if (!item->broken && !old &&
+            item->generation == generation.load(std::memory_order_relaxed) &&
+            idle.size() < options.pool_size) {
+          idle.push_back(std::move(item));
+          cv.notify_one();
+          return;
+        }
+        ++stat.closes;
+        if (item->broken) ++stat.invalidated;
+        else if (old) ++stat.recycled;
       }
       // The item may hold the last reference to the state (the Pool is gone): keep it
       // alive until the close is done.
-      const std::shared_ptr<State> keep = item->state;
-      s.close(std::move(item));
-      s.closed_one();  // counts against the limits until its close has finished
+      keep = item->state;
+      close(std::move(item));
+      closed_one();  // counts against the limits until its close has finished
     }
 
     // An object finished closing: its place is free.
@@ -537,7 +601,7 @@ class Pool {
       {
         internal::MutexLock lock(mu);
         const std::uint64_t next = generation.load(std::memory_order_relaxed) + 1;
-        generation.store(next, std::memory_order_release);
+        generation.store(next, std::memory_order_seq_cst);  // before the slots: see park()
         closing.swap(idle);
         while (Item* parked = steal_parked()) {  // parked ones count as out: now idle
           closing.emplace_back(parked);

@@ -49,12 +49,27 @@
 //
 // Thread safety: every member may be called concurrently from any scope, except that
 // add()/set_resolver()/set_error_reporter() must not race with the destructor.
+// A scope shared by several threads (an ExplicitScope token active on several threads,
+// work posted with wrap()) is one scope: its threads get the same value per name, so T
+// must be safe for the concurrent use they make of it. Its threads may call get(),
+// intern() and used() at once: every name any of them uses first is recorded once in
+// used() (and so is closed by a clear); a value found stale or too old is closed and
+// replaced once, by the thread that found it, while the scope's other threads getting
+// that name wait and then get the replacement. What ends a value ends it for all of the
+// scope's threads: a reference taken earlier, on any thread, must not be used after
+// another thread's get() replaced it, or after clear_for_current_scope(), invalidate() or
+// a TeardownGuard removed it. Call those three once the scope's other threads are done
+// with the cache (as at the end of a request): overlapping them with the scope's other
+// threads' calls on the same names is a race.
 // Cost: get(name) hashes the name and probes a lock-free index, then does a registry hit;
 // get(SessionName) skips the name (an interned handle from intern(), like folly's
-// RequestToken); a name with validation reads the steady clock on each get. See
+// RequestToken); a name with validation or max_age reads the steady clock on each get.
+// No get of an existing value takes a lock; one that runs the validate hook (or replaces
+// the value) also claims the value with one atomic compare-and-swap. See
 // benchmarks/session_cache_benchmark.cc.
 // Misuse: get() with no active scope (ExplicitScope) throws ScopeError from the registry;
-// a hook that re-enters the cache for the value being created throws ScopeError.
+// a hook that re-enters the cache for the value being created, checked or replaced throws
+// ScopeError (inside a validate hook, that counts as a failed check).
 
 #ifndef SCOPEREG_SESSION_CACHE_H_
 #define SCOPEREG_SESSION_CACHE_H_
@@ -62,6 +77,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -76,6 +92,7 @@
 #include "absl/status/status.h"
 #include "absl/base/thread_annotations.h"
 #include "scopereg/error.h"
+#include "scopereg/internal/context_state.h"
 #include "scopereg/internal/creation.h"
 #include "scopereg/internal/fork.h"
 #include "scopereg/internal/mutex.h"
@@ -178,6 +195,7 @@ class SessionCache {
   std::vector<std::string> used() const {
     std::vector<std::string> names;
     if (const UsedList* list = used_.find()) {
+      internal::MutexLock lock(used_mu_);  // another thread of the scope may be adding
       for (Entry* e : *list) names.push_back(e->name());
     }
     return names;
@@ -265,70 +283,218 @@ class SessionCache {
     std::size_t live_ ABSL_GUARDED_BY(mu_) = 0;
   };
 
-  // One value with its bookkeeping: a T built in place (T need not be movable), or, for a
-  // pooled name, a lease on a pooled T.
+  // One scope's value of one name, with its bookkeeping: a T built in place (T need not be
+  // movable), or, for a pooled name, a lease on a pooled T.
+  //
+  // The Slot lives as long as the scope's registry entry; recycling a stale value replaces
+  // the value inside it. Replacing the Slot itself (registry clear + create) would free it
+  // under the other threads of a shared scope that are checking it at that moment.
+  //
+  // Only the thread that claims the slot (refresh(): makes `seq_` odd) checks, closes or
+  // replaces the value; the scope's other threads wait for it, so a stale value is closed
+  // once and everyone gets its replacement. The hit path (quick()) takes no claim: it reads
+  // value_, created_ and checked_ between two reads of `seq_`, as a seqlock reader, so that
+  // it never pairs the value of one generation with the timestamps of another (a new
+  // checked_ with the old value would pass it off as checked). lease_, storage_ and
+  // closed_ are touched only under the claim, on construction, or by the operations that
+  // end the value (close(), mark_broken(), the destructor), which the file comment says
+  // not to overlap with the scope's other threads.
   class Slot {
    public:
-    explicit Slot(Entry* entry) : entry_(entry), permit_(entry) {
-      if (const auto& pool = entry->options().pool) {
-        lease_ = pool->checkout();
-        value_ = &*lease_;
-      } else {
-        value_ = ::new (static_cast<void*>(storage_)) T(entry->options().factory());
-      }
-    }
+    // Throws what the factory (or the pool, or the cap) throws: nothing is stored.
+    explicit Slot(Entry* entry) : entry_(entry) { make(); }
     Slot(const Slot&) = delete;
     Slot& operator=(const Slot&) = delete;
     ~Slot() {
-      if (!closed_ && !lease_) {
-        std::string error;
-        if (!entry_->close_value(*value_, &error)) {
-          entry_->cache().report(absl::UnknownError(entry_->name() + ": close failed: " + error));
-        }
-      }
-      if (!lease_) value_->~T();
-      // A lease returns its object to the pool here (reset_on_return, then kept or closed).
+      if (value_.load(std::memory_order_relaxed) != nullptr) drop();
     }
 
-    T& value() { return *value_; }
+    // Only for names without checks: their value is never replaced, so it is always there.
+    T& value() { return *value_.load(std::memory_order_relaxed); }
+    // The value, or null after a replacement whose factory threw (until the next get).
+    T* find() { return value_.load(std::memory_order_relaxed); }
+
+    // The value if nothing is due: no other thread is checking or replacing it, it is not
+    // too old, and no validation is due. Null sends the caller to refresh(). Inline and
+    // lock-free: it is the hit path of a name with checks.
+    T* quick() const {
+      const std::uint32_t seq = seq_.load(std::memory_order_acquire);
+      if (seq & 1) return nullptr;  // claimed: being checked or replaced
+      // Acquire loads, matched by release stores: whatever they read from a claim that
+      // began after `seq` was read, the second read of seq_ below sees that claim.
+      T* const value = value_.load(std::memory_order_acquire);
+      if (value == nullptr) return nullptr;
+      const Clock::time_point now = Clock::now();
+      if (too_old(now, created_.load(std::memory_order_acquire)) ||
+          validation_due(now, checked_.load(std::memory_order_acquire))) {
+        return nullptr;
+      }
+      // Ordered after the acquire loads above.
+      if (seq_.load(std::memory_order_relaxed) != seq) return nullptr;
+      return value;
+    }
+
+    // The slow path of a name with checks: claims the slot (waiting while another thread
+    // of the scope holds it), then validates the value, or closes and replaces it when it
+    // is stale, too old, or missing. Throws what the factory throws (the slot is then
+    // empty, and the next get retries), and ScopeError when a hook re-enters get() for
+    // the value it is checking or making (it would wait for itself).
+    [[gnu::noinline]] T& refresh() {
+      const void* const self = internal::current_context_id();
+      std::uint32_t seq = seq_.load(std::memory_order_acquire);
+      for (;;) {
+        if ((seq & 1) == 0) {
+          if (seq_.compare_exchange_weak(seq, seq + 1, std::memory_order_acquire)) break;
+          continue;  // `seq` now holds the current value
+        }
+        if (owner_.load(std::memory_order_relaxed) == self) {
+          throw ScopeError("scopereg: SessionCache session '" + entry_->name() +
+                           "': a hook (factory, validate or close) called get() for the "
+                           "value it is checking or making; it would wait for itself");
+        }
+        // Inside a scopereg Fiber, yield: the holder may be a fiber of this thread whose
+        // factory yields, and a blocked thread would never resume it.
+        if (internal::can_yield()) {
+          internal::yield_now();
+        } else {
+          seq_.wait(seq, std::memory_order_acquire);
+        }
+        if (T* value = quick()) return *value;  // checked or replaced by the other thread
+        seq = seq_.load(std::memory_order_acquire);
+      }
+      owner_.store(self, std::memory_order_relaxed);
+      Claim claim(this, seq + 2);  // released also when the factory throws
+      const Clock::time_point now = Clock::now();
+      T* const value = value_.load(std::memory_order_relaxed);
+      if (value != nullptr && !too_old(now, created_.load(std::memory_order_relaxed))) {
+        if (!validation_due(now, checked_.load(std::memory_order_relaxed))) {
+          return *value;  // checked by another thread while this one waited
+        }
+        if (passes_validation(*value)) {
+          checked_.store(now, std::memory_order_release);
+          return *value;
+        }
+      }
+      if (value != nullptr) retire();
+      make();
+      return *value_.load(std::memory_order_relaxed);
+    }
+
     // Runs the close hook once; false (with `error`) if it threw. A pooled value is not
-    // closed: it goes back to its pool when the Slot is destroyed.
+    // closed: it goes back to its pool when dropped. True when there is no value.
     bool close(std::string* error) {
+      T* const value = value_.load(std::memory_order_relaxed);
+      if (value == nullptr) return true;
       closed_ = true;
       if (lease_) return true;
-      return entry_->close_value(*value_, error);
+      return entry_->close_value(*value, error);
     }
     // The value must not be reused: a pooled one is closed by its pool on return.
     void mark_broken() {
       if (lease_) lease_.invalidate();
     }
-    bool stale() {
+
+   private:
+    // Releases the claim of refresh() and wakes the threads waiting for it.
+    class Claim {
+     public:
+      Claim(Slot* slot, std::uint32_t next) : slot_(slot), next_(next) {}
+      Claim(const Claim&) = delete;
+      Claim& operator=(const Claim&) = delete;
+      ~Claim() {
+        slot_->owner_.store(nullptr, std::memory_order_relaxed);
+        slot_->seq_.store(next_, std::memory_order_release);
+        slot_->seq_.notify_all();  // no system call when no thread waits
+      }
+
+     private:
+      Slot* const slot_;
+      const std::uint32_t next_;  // even: free
+    };
+
+    bool too_old(Clock::time_point now, Clock::time_point created) const {
       const Options& o = entry_->options();
-      const Clock::time_point now = Clock::now();
-      if (o.max_age != Clock::duration::zero() && now - created_ > o.max_age) return true;
-      if (!o.validate || now - checked_ < o.validate_every) return false;
-      checked_ = now;
+      return o.max_age != Clock::duration::zero() && now - created > o.max_age;
+    }
+    // validate_every = 0 means on every get; tested apart, as `now` may be a little older
+    // than a check another thread has just recorded.
+    bool validation_due(Clock::time_point now, Clock::time_point checked) const {
+      const Options& o = entry_->options();
+      return o.validate && (o.validate_every == Clock::duration::zero() ||
+                            now - checked >= o.validate_every);
+    }
+
+    // Makes the value (value_ is null). The permit is taken first and given back if the
+    // factory throws: a failed make leaves nothing.
+    void make() {
+      entry_->limiter().acquire(*entry_);
+      T* value;
       try {
-        return !o.validate(*value_);
+        if (const auto& pool = entry_->options().pool) {
+          lease_ = pool->checkout();
+          value = &*lease_;
+        } else {
+          value = ::new (static_cast<void*>(storage_)) T(entry_->options().factory());
+        }
+      } catch (...) {  // also a fiber's forced_unwind: rethrown
+        entry_->limiter().release(*entry_);
+        throw;
+      }
+      const Clock::time_point now = Clock::now();
+      created_.store(now, std::memory_order_release);  // release: see quick()
+      checked_.store(now, std::memory_order_release);
+      closed_ = false;
+      value_.store(value, std::memory_order_release);
+    }
+
+    // Ends the value (value_ is not null): the close hook unless close() ran it (a failure
+    // goes to the error reporter), then destruction (a pooled value goes back to its pool),
+    // then the permit.
+    void drop() {
+      T* const value = value_.load(std::memory_order_relaxed);
+      if (!closed_ && !lease_) {
+        std::string error;
+        if (!entry_->close_value(*value, &error)) {
+          entry_->cache().report(absl::UnknownError(entry_->name() + ": close failed: " + error));
+        }
+      }
+      value_.store(nullptr, std::memory_order_release);
+      if (lease_) {
+        lease_.release();  // reset_on_return, then kept or closed
+      } else {
+        value->~T();
+      }
+      entry_->limiter().release(*entry_);
+    }
+
+    // Closes a stale value through its hook (a failure is reported) and drops it.
+    void retire() {
+      mark_broken();
+      std::string error;
+      if (!close(&error)) {
+        entry_->cache().report(
+            absl::UnknownError(entry_->name() + ": close of a stale value failed: " + error));
+      }
+      drop();
+    }
+
+    bool passes_validation(T& value) {
+      try {
+        return entry_->options().validate(value);
       } catch (...) {
         internal::rethrow_if_unwinding();
-        return true;
+        return false;
       }
     }
 
-   private:
-    struct Permit {
-      explicit Permit(Entry* e) : entry(e) { e->limiter().acquire(*e); }
-      ~Permit() { entry->limiter().release(*entry); }
-      Entry* entry;
-    };
-    Entry* entry_;
-    Permit permit_;  // before the value: released after it is destroyed, also if T() throws
+    Entry* const entry_;
+    std::atomic<std::uint32_t> seq_{0};        // odd while a thread holds the claim
+    std::atomic<const void*> owner_{nullptr};  // its context (to detect a hook re-entering)
+    std::atomic<T*> value_{nullptr};
+    std::atomic<Clock::time_point> created_{};
+    std::atomic<Clock::time_point> checked_{};
     typename Pool<T>::Lease lease_;
     alignas(T) unsigned char storage_[sizeof(T)];
-    T* value_ = nullptr;
-    const Clock::time_point created_ = Clock::now();
-    Clock::time_point checked_ = created_;
     bool closed_ = false;
   };
 
@@ -351,8 +517,9 @@ class SessionCache {
     // The hit is kept inline (a call here would double its cost); misses go out of line.
     [[gnu::always_inline]] T& get() {
       Slot& slot = registry_();
-      if (!checks_ || !slot.stale()) [[likely]] return slot.value();
-      return recycle(slot);
+      if (!checks_) [[likely]] return slot.value();
+      if (T* value = slot.quick()) [[likely]] return *value;
+      return slot.refresh();
     }
 
     // Closes and removes the calling scope's value; false (with `error`) if close threw.
@@ -366,9 +533,10 @@ class SessionCache {
 
     bool teardown(bool success, std::string* error) {
       Slot* slot = registry_.find();
-      if (slot == nullptr || !options_.teardown) return true;
+      T* value = slot == nullptr ? nullptr : slot->find();
+      if (value == nullptr || !options_.teardown) return true;
       try {
-        options_.teardown(slot->value(), success);
+        options_.teardown(*value, success);
         return true;
       } catch (...) {
         internal::rethrow_if_unwinding();
@@ -401,16 +569,6 @@ class SessionCache {
     std::int64_t live() const { return registry_.size(); }
 
    private:
-    [[gnu::noinline]] T& recycle(Slot& stale) {
-      std::string error;
-      stale.mark_broken();
-      if (!stale.close(&error)) {
-        cache_->report(absl::UnknownError(name_ + ": close of a stale value failed: " + error));
-      }
-      registry_.clear();
-      return registry_().value();
-    }
-
     Slot make_slot() {
       cache_->note_used(this);
       return Slot(this);
@@ -484,7 +642,11 @@ class SessionCache {
   }
 
   void note_used(Entry* entry) {
+    // Fetched before locking: it may create the list, which takes the registry's locks
+    // (used_mu_ is a leaf lock).
     UsedList& list = used_();
+    // Threads sharing the scope may be making values of different names at once.
+    internal::MutexLock lock(used_mu_);
     if (std::find(list.begin(), list.end(), entry) == list.end()) list.push_back(entry);
   }
 
@@ -493,8 +655,11 @@ class SessionCache {
   void clear_used(std::vector<std::string>& failures, const bool* success) {
     UsedList* list = used_.find();
     if (list == nullptr) return;
-    const UsedList names = std::move(*list);
-    list->clear();
+    UsedList names;
+    {
+      internal::MutexLock lock(used_mu_);
+      names.swap(*list);
+    }
     std::string error;
     if (success != nullptr) {
       for (auto it = names.rbegin(); it != names.rend(); ++it) {
@@ -533,6 +698,12 @@ class SessionCache {
   std::function<void(const absl::Status&)> reporter_ ABSL_GUARDED_BY(reporter_mu_);
   Scope scope_;
   ScopedRegistry<UsedList, Scope> used_;
+  // Guards every scope's UsedList in used_ (which the analysis cannot see): threads sharing
+  // a scope append to one list. One lock for the cache, not one per scope, because it must
+  // be a ForkSafeMutex (a shared scope lives on in a fork() child), and registering one per
+  // scope would cost every scope a process-wide lock; it is taken only when a scope makes a
+  // value, and by used() and clears, each time for a few instructions.
+  mutable internal::ForkSafeMutex used_mu_;
   internal::ForkSafeMutex mu_;  // serialises adding names (a leaf lock)
   std::function<std::optional<Options>(std::string_view)> resolver_ ABSL_GUARDED_BY(mu_);
   std::atomic<const Index*> index_;
