@@ -704,6 +704,36 @@ TEST(Pool, AThrowingOnCheckoutReachesTheCallerClosesTheObjectAndFreesItsPlace) {
   EXPECT_EQ(census.max_live.load(), 1);
 }
 
+// A return cannot throw: a clock that throws while it decides whether the returned object
+// is too old (`recycle`) is reported, and the object closed as if it were (it used to
+// call std::terminate).
+TEST(Pool, AClockThatThrowsOnReturnIsReportedAndTheObjectClosed) {
+  Census census;
+  Reports reports;
+  std::atomic<bool> broken{false};
+  auto o = options(census);
+  o.recycle = std::chrono::hours(1);
+  o.error_reporter = reports.reporter();
+  o.clock = [&] {
+    if (broken) throw std::runtime_error("clock unavailable");
+    return Clock::now();
+  };
+  Pool<Conn> pool(o);
+  {
+    auto lease = pool.checkout();
+    broken = true;
+  }  // returned here
+  broken = false;
+  const std::vector<std::string> lines = reports.take();
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_NE(lines[0].find("clock unavailable"), std::string::npos) << lines[0];
+  EXPECT_EQ(census.closed.load(), 1);
+  EXPECT_EQ(census.live.load(), 0);
+  EXPECT_EQ(pool.stats().checked_out, 0u);
+  EXPECT_EQ(pool.stats().idle, 0u);
+  EXPECT_EQ(pool.checkout()->id, 2);  // a new one: its place was freed
+}
+
 // Which return-time hook throws.
 enum class Failing { kResetOnReturn, kOnCheckin };
 

@@ -64,6 +64,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -183,7 +184,10 @@ class Pool {
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
   // Closes the idle objects; leases still out close theirs when returned.
-  ~Pool() { state_->dispose(true); }
+  ~Pool() {
+    state_->dispose(true);
+    state_->wait_for_returns();  // the few instructions of returns parking right now
+  }
 
   // Checks an object out (see the file comment). Throws PoolTimeout; whatever `connect`
   // or `on_checkout` throws.
@@ -223,6 +227,18 @@ class Pool {
     bool too_old(const Item& item) const {
       return options.recycle != Clock::duration::zero() && now() - item.created >= options.recycle;
     }
+    // As too_old(), for a return (which cannot throw): a clock that throws there is
+    // reported, and the object is closed as if it were too old.
+    bool too_old_on_return(const Item& item) noexcept {
+      try {
+        return too_old(item);
+      } catch (...) {
+        internal::rethrow_if_unwinding();
+        report("clock failed on return (the object is closed): " +
+               internal::describe_current_exception());
+        return true;
+      }
+    }
 
     // Whether a checked-out idle object needs work outside the lock before it is handed out.
     bool checks_on_checkout() const {
@@ -239,7 +255,52 @@ class Pool {
     struct alignas(64) Park {
       std::atomic<Item*> item{nullptr};
       std::atomic<std::uint64_t> checkouts{0};
-      std::atomic<std::uint64_t> checkins{0};
+      // Returns that parked here, and those inside park() right now (which may still
+      // read the state after their object became someone else's: ~Pool waits for them),
+      // in one word, so that a return pays one atomic for both:
+      //   [fork tag: 8 bits][checkins: 40 bits][inside park(): 16 bits]
+      // The tag is the fork generation (mutex.h): in a forked child, the count of returns
+      // inside park() left by the parent's threads, which do not exist there, is ignored
+      // and dropped at the next return. Checkins past 2^40 move to `checkins_carried`.
+      std::atomic<std::uint64_t> returns{0};
+      std::atomic<std::uint64_t> checkins_carried{0};
+
+      static constexpr int kCheckinsShift = 16;
+      static constexpr std::uint64_t kInside = (std::uint64_t{1} << kCheckinsShift) - 1;
+      static constexpr std::uint64_t kCheckins = (std::uint64_t{1} << 40) - 1;
+      static constexpr int kTagShift = 56;
+      static std::uint64_t tag() {
+        return std::uint64_t{internal::g_fork_generation.load(std::memory_order_relaxed) &
+                             0xff} << kTagShift;
+      }
+      // Counts a check-in and the caller as inside park().
+      void enter() {
+        const std::uint64_t now_tag = tag();
+        std::uint64_t seen = returns.load(std::memory_order_relaxed);
+        for (;;) {
+          std::uint64_t checkins = ((seen >> kCheckinsShift) & kCheckins) + 1;
+          const bool carry = checkins > kCheckins;
+          if (carry) checkins = 0;
+          const std::uint64_t inside =
+              ((seen >> kTagShift) << kTagShift) == now_tag ? (seen & kInside) : 0;
+          const std::uint64_t next = now_tag | (checkins << kCheckinsShift) | (inside + 1);
+          if (returns.compare_exchange_weak(seen, next, std::memory_order_seq_cst,
+                                            std::memory_order_relaxed)) {
+            if (carry) checkins_carried.fetch_add(kCheckins + 1, std::memory_order_relaxed);
+            return;
+          }
+        }
+      }
+      void leave() { returns.fetch_sub(1, std::memory_order_seq_cst); }
+      bool busy() const {
+        const std::uint64_t seen = returns.load(std::memory_order_seq_cst);
+        return ((seen >> kTagShift) << kTagShift) == tag() && (seen & kInside) != 0;
+      }
+      std::uint64_t checkins() const {
+        const std::uint64_t seen = returns.load(std::memory_order_relaxed);
+        return ((seen >> kCheckinsShift) & kCheckins) +
+               checkins_carried.load(std::memory_order_relaxed);
+      }
     };
     static constexpr std::size_t kParks = 16;
     Park& my_park() { return parks[internal::current_thread_serial() % kParks]; }
@@ -465,6 +526,11 @@ class Pool {
 
     // Closes a checked-out object and frees its place; `reason` counts why, besides closes.
     void discard(std::unique_ptr<Item> item, std::uint64_t PoolStats::*reason) {
+      if (item->generation < forget_below.load(std::memory_order_acquire)) {
+        // dispose(false) ran meanwhile: it belongs to the parent process, not ours to close.
+        keep_or_close(std::move(item), false, true);
+        return;
+      }
       close(std::move(item));  // its place stays taken until the close has finished
       internal::MutexLock lock(mu);
       --total;
@@ -496,7 +562,7 @@ class Pool {
       }
       if (!item->broken && s.options.reset_on_return) s.run_return_hook(s.options.reset_on_return, *item, "reset_on_return");
       if (!item->broken && s.options.on_checkin) s.run_return_hook(s.options.on_checkin, *item, "on_checkin");
-      const bool old = s.too_old(*item);
+      const bool old = s.too_old_on_return(*item);
       if (s.parking() && !item->broken && !old &&
           s.total.load(std::memory_order_relaxed) <= s.options.pool_size) {
         s.park(std::move(item));
@@ -518,27 +584,31 @@ class Pool {
     // slots: never closed (after ~Pool, a cycle: the Item holds the state, the state the
     // Item), or closed by a later checkout.
     //
-    // Known limit (as before this look was added): between the exchange and the second
-    // look the state is reached through the object only, which another thread may take
-    // meanwhile; if that thread returns and closes it after ~Pool, the state can go while
-    // we are still to read it. Closing that window costs two atomic operations on every
-    // parking return (measured: checkout + return 25 -> 35 ns), so it is left open: the
-    // return would have to stall between two adjacent instructions for that long.
+    //
+    // Once the object is parked, someone else may take and close it -- dispose() in ~Pool
+    // does -- and that can drop the last reference to the state while we still look at
+    // it: the slot counts us as inside meanwhile (enter()), and ~Pool waits for the count
+    // (wait_for_returns()). We enter before reading the generation: a return ~Pool did
+    // not wait for sees the generation dispose() bumped and does not park. What we hold
+    // when we leave -- an object displaced from the slot or taken back -- keeps the state
+    // alive by itself. enter() also counts the check-in: one atomic for both.
     void park(std::unique_ptr<Item> item) noexcept {
       Park& slot = my_park();
       const std::uint64_t gen = item->generation;
+      slot.enter();
       if (gen != generation.load(std::memory_order_seq_cst) ||
           waiters.load(std::memory_order_seq_cst) != 0) {
-        keep_or_close(std::move(item), false, false);
+        slot.leave();
+        keep_or_close(std::move(item), false, true);  // its check-in counted by enter()
         return;
       }
       Item* displaced = slot.item.exchange(item.release(), std::memory_order_seq_cst);
-      slot.checkins.fetch_add(1, std::memory_order_relaxed);
       Item* back = nullptr;
       if (waiters.load(std::memory_order_seq_cst) != 0 ||
           generation.load(std::memory_order_seq_cst) != gen) {
         back = slot.item.exchange(nullptr, std::memory_order_seq_cst);
       }
+      slot.leave();
       // Their check-ins were counted when they were parked.
       if (displaced != nullptr) keep_or_close(std::unique_ptr<Item>(displaced), false, true);
       if (back != nullptr) keep_or_close(std::unique_ptr<Item>(back), false, true);
@@ -625,13 +695,20 @@ class Pool {
       }
     }
 
+    // For ~Pool, after dispose(): returns still inside park() are done with the state.
+    void wait_for_returns() {
+      for (const Park& slot : parks) {
+        while (slot.busy()) std::this_thread::yield();
+      }
+    }
+
     PoolStats stats() {
       internal::MutexLock lock(mu);
       PoolStats s = stat;
       std::size_t parked = 0;
       for (Park& park : parks) {
         s.checkouts += park.checkouts.load(std::memory_order_relaxed);
-        s.checkins += park.checkins.load(std::memory_order_relaxed);
+        s.checkins += park.checkins();
         if (park.item.load(std::memory_order_acquire) != nullptr) ++parked;
       }
       s.idle = idle.size() + parked;

@@ -69,7 +69,9 @@
 // benchmarks/session_cache_benchmark.cc.
 // Misuse: get() with no active scope (ExplicitScope) throws ScopeError from the registry;
 // a hook that re-enters the cache for the value being created, checked or replaced throws
-// ScopeError (inside a validate hook, that counts as a failed check).
+// ScopeError (inside a validate hook, that counts as a failed check). A scopereg Fiber
+// waiting for another thread of its scope to finish checking a value yields in a loop:
+// alone on its thread, it polls until then.
 
 #ifndef SCOPEREG_SESSION_CACHE_H_
 #define SCOPEREG_SESSION_CACHE_H_
@@ -342,10 +344,25 @@ class SessionCache {
     [[gnu::noinline]] T& refresh() {
       const void* const self = internal::current_context_id();
       std::uint32_t seq = seq_.load(std::memory_order_acquire);
+      std::uint32_t claimed = 0;  // the odd value of seq_ our claim holds
       for (;;) {
         if ((seq & 1) == 0) {
-          if (seq_.compare_exchange_weak(seq, seq + 1, std::memory_order_acquire)) break;
+          note_claimant();
+          if (seq_.compare_exchange_weak(seq, seq + 1, std::memory_order_acq_rel)) {
+            claimed = seq + 1;
+            break;
+          }
           continue;  // `seq` now holds the current value
+        }
+        if (claim_lost_in_fork()) {
+          // A forked child: the holder was a thread that is gone, and never lets go. The
+          // value is checked (or made) afresh by whoever takes the claim over.
+          note_claimant();
+          if (seq_.compare_exchange_strong(seq, seq + 2, std::memory_order_acq_rel)) {
+            claimed = seq + 2;
+            break;
+          }
+          continue;
         }
         if (owner_.load(std::memory_order_relaxed) == self) {
           throw ScopeError("scopereg: SessionCache session '" + entry_->name() +
@@ -363,7 +380,7 @@ class SessionCache {
         seq = seq_.load(std::memory_order_acquire);
       }
       owner_.store(self, std::memory_order_relaxed);
-      Claim claim(this, seq + 2);  // released also when the factory throws
+      Claim claim(this, claimed + 1);  // released also when the factory throws
       const Clock::time_point now = Clock::now();
       T* const value = value_.load(std::memory_order_relaxed);
       if (value != nullptr && !too_old(now, created_.load(std::memory_order_relaxed))) {
@@ -395,6 +412,22 @@ class SessionCache {
     }
 
    private:
+    // Who is about to claim the slot, written before the claim's compare-and-swap (which
+    // publishes it): a thread that sees the claim sees these, or newer ones of a live
+    // thread that tried at the same time.
+    void note_claimant() {
+      owner_thread_.store(internal::current_thread_serial(), std::memory_order_relaxed);
+      owner_fork_.store(internal::g_fork_generation.load(std::memory_order_relaxed),
+                        std::memory_order_relaxed);
+    }
+    // In a forked child: whether the claim was taken before the fork by a thread that is
+    // gone (not the one that forked).
+    bool claim_lost_in_fork() const {
+      return owner_fork_.load(std::memory_order_relaxed) !=
+                 internal::g_fork_generation.load(std::memory_order_relaxed) &&
+             internal::thread_gone_in_child(owner_thread_.load(std::memory_order_relaxed));
+    }
+
     // Releases the claim of refresh() and wakes the threads waiting for it.
     class Claim {
      public:
@@ -490,6 +523,8 @@ class SessionCache {
     Entry* const entry_;
     std::atomic<std::uint32_t> seq_{0};        // odd while a thread holds the claim
     std::atomic<const void*> owner_{nullptr};  // its context (to detect a hook re-entering)
+    std::atomic<std::uint64_t> owner_thread_{0};  // its thread (fork: gone or not)
+    std::atomic<std::uint32_t> owner_fork_{0};    // the fork generation it claimed in
     std::atomic<T*> value_{nullptr};
     std::atomic<Clock::time_point> created_{};
     std::atomic<Clock::time_point> checked_{};

@@ -346,6 +346,40 @@ TEST(Fork, AFiberInsideAFactoryBegunOnAThreadThatIsGoneGetsTheChildsValue) {
   EXPECT_EQ(counts.alive(), 0);
 }
 
+// A SessionCache value being checked (its validate hook running) by a thread that is gone
+// in the child: the child's get() takes the check over instead of waiting for ever.
+TEST(Fork, ASessionBeingCheckedByAThreadThatIsGoneDoesNotBlockTheChild) {
+  if (kThreadSanitizer) GTEST_SKIP() << "ThreadSanitizer: see the fork storm test";
+  std::atomic<bool> block{false}, in_validate{false}, release{false};
+  SessionCache<int, ExplicitScope> cache;
+  cache.add("db", {.factory = [] { return 5; },
+                   .validate =
+                       [&](int&) {
+                         if (getpid() == parent_pid() && block.exchange(false)) {
+                           in_validate = true;
+                           while (!release) {
+                             std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                           }
+                         }
+                         return true;
+                       },
+                   .validate_every = std::chrono::steady_clock::duration::zero()});
+  ScopeGuard request(77);
+  ASSERT_EQ(cache.get("db"), 5);
+  block = true;  // the next check, on another thread of this scope, blocks
+  std::thread checker(wrap([&] { cache.get("db"); }));
+  while (!in_validate) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+
+  const int status = in_child_after_fork([&] {
+    alarm(20);  // a hang ends the child with SIGALRM
+    return cache.get("db") == 5 ? 0 : 1;
+  });
+  EXPECT_EQ(status, 0) << "1: another value; 114: the child hung";
+  release = true;
+  checker.join();
+  EXPECT_EQ(cache.get("db"), 5);
+}
+
 TEST(Fork, PoolDisposeWithoutCloseForgetsTheParentsConnections) {
   if (kThreadSanitizer) GTEST_SKIP() << "ThreadSanitizer: see the fork storm test";
   std::atomic<int> closes{0};
