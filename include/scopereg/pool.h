@@ -56,6 +56,7 @@
 #ifndef SCOPEREG_POOL_H_
 #define SCOPEREG_POOL_H_
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -258,35 +259,53 @@ class Pool {
       // Returns that parked here, and those inside park() right now (which may still
       // read the state after their object became someone else's: ~Pool waits for them),
       // in one word, so that a return pays one atomic for both:
-      //   [fork tag: 8 bits][checkins: 40 bits][inside park(): 16 bits]
+      //   [fork tag: 16 bits][checkins: 32 bits][inside park(): 16 bits]
       // The tag is the fork generation (mutex.h): in a forked child, the count of returns
       // inside park() left by the parent's threads, which do not exist there, is ignored
-      // and dropped at the next return. Checkins past 2^40 move to `checkins_carried`.
+      // and dropped at the next return. Check-ins past 2^32 move to `checkins_carried`,
+      // under the pool's mutex (stats() reads both under it). The inside count assumes
+      // fewer than 65,536 threads of one slot inside park()'s few instructions at once.
       std::atomic<std::uint64_t> returns{0};
       std::atomic<std::uint64_t> checkins_carried{0};
 
       static constexpr int kCheckinsShift = 16;
       static constexpr std::uint64_t kInside = (std::uint64_t{1} << kCheckinsShift) - 1;
-      static constexpr std::uint64_t kCheckins = (std::uint64_t{1} << 40) - 1;
-      static constexpr int kTagShift = 56;
+      static constexpr std::uint64_t kCheckins = (std::uint64_t{1} << 32) - 1;
+      static constexpr int kTagShift = 48;
       static std::uint64_t tag() {
         return std::uint64_t{internal::g_fork_generation.load(std::memory_order_relaxed) &
-                             0xff} << kTagShift;
+                             0xffff} << kTagShift;
       }
-      // Counts a check-in and the caller as inside park().
-      void enter() {
+      static std::uint64_t inside_of(std::uint64_t seen, std::uint64_t now_tag) {
+        return ((seen >> kTagShift) << kTagShift) == now_tag ? (seen & kInside) : 0;
+      }
+      // Counts a check-in and the caller as inside park(); false, counting nothing, when
+      // the check-in count is full: then enter_carrying(), with the pool's mutex held.
+      bool enter() {
         const std::uint64_t now_tag = tag();
         std::uint64_t seen = returns.load(std::memory_order_relaxed);
         for (;;) {
-          std::uint64_t checkins = ((seen >> kCheckinsShift) & kCheckins) + 1;
-          const bool carry = checkins > kCheckins;
-          if (carry) checkins = 0;
-          const std::uint64_t inside =
-              ((seen >> kTagShift) << kTagShift) == now_tag ? (seen & kInside) : 0;
-          const std::uint64_t next = now_tag | (checkins << kCheckinsShift) | (inside + 1);
+          const std::uint64_t checkins = (seen >> kCheckinsShift) & kCheckins;
+          if (checkins == kCheckins) return false;
+          const std::uint64_t next = now_tag | ((checkins + 1) << kCheckinsShift) |
+                                     (inside_of(seen, now_tag) + 1);
           if (returns.compare_exchange_weak(seen, next, std::memory_order_seq_cst,
                                             std::memory_order_relaxed)) {
-            if (carry) checkins_carried.fetch_add(kCheckins + 1, std::memory_order_relaxed);
+            return true;
+          }
+        }
+      }
+      void enter_carrying() {
+        const std::uint64_t now_tag = tag();
+        std::uint64_t seen = returns.load(std::memory_order_relaxed);
+        for (;;) {
+          const std::uint64_t checkins = (seen >> kCheckinsShift) & kCheckins;
+          const bool full = checkins == kCheckins;
+          const std::uint64_t next = now_tag | ((full ? 0 : checkins + 1) << kCheckinsShift) |
+                                     (inside_of(seen, now_tag) + 1);
+          if (returns.compare_exchange_weak(seen, next, std::memory_order_seq_cst,
+                                            std::memory_order_relaxed)) {
+            if (full) checkins_carried.fetch_add(kCheckins + 1, std::memory_order_relaxed);
             return;
           }
         }
@@ -294,7 +313,7 @@ class Pool {
       void leave() { returns.fetch_sub(1, std::memory_order_seq_cst); }
       bool busy() const {
         const std::uint64_t seen = returns.load(std::memory_order_seq_cst);
-        return ((seen >> kTagShift) << kTagShift) == tag() && (seen & kInside) != 0;
+        return inside_of(seen, tag()) != 0;
       }
       std::uint64_t checkins() const {
         const std::uint64_t seen = returns.load(std::memory_order_relaxed);
@@ -595,7 +614,10 @@ class Pool {
     void park(std::unique_ptr<Item> item) noexcept {
       Park& slot = my_park();
       const std::uint64_t gen = item->generation;
-      slot.enter();
+      if (!slot.enter()) {
+        internal::MutexLock lock(mu);
+        slot.enter_carrying();
+      }
       if (gen != generation.load(std::memory_order_seq_cst) ||
           waiters.load(std::memory_order_seq_cst) != 0) {
         slot.leave();
@@ -666,32 +688,47 @@ class Pool {
       }
     }
 
+    // dispose(false)'s end of an object: its place is freed (by the caller), the object
+    // itself never touched again (it belongs to the parent process).
+    static void forget(std::unique_ptr<Item> item) {
+      item->state.reset();   // not the last reference: the Pool holds one
+      (void)item.release();  // leaked on purpose
+    }
+
     void dispose(bool close_them) {
       std::deque<std::unique_ptr<Item>> closing;
+      std::array<std::unique_ptr<Item>, kParks> parked;
+      std::size_t parked_count = 0;
       {
         internal::MutexLock lock(mu);
         const std::uint64_t next = generation.load(std::memory_order_relaxed) + 1;
         generation.store(next, std::memory_order_seq_cst);  // before the slots: see park()
         closing.swap(idle);
-        while (Item* parked = steal_parked()) {  // parked ones count as out: now idle
-          closing.emplace_back(parked);
-          --out;
+        // One pass, into fixed room (no allocation: ~Pool cannot throw): a return that
+        // parks after the pass sees the new generation and takes its object back (park()).
+        for (Park& park : parks) {
+          if (Item* item = park.item.exchange(nullptr, std::memory_order_seq_cst)) {
+            parked[parked_count++].reset(item);
+            --out;  // parked ones count as out: now idle
+          }
         }
         if (!close_them) {
           forget_below.store(next, std::memory_order_release);
-          total -= closing.size();
-          for (auto& item : closing) {
-            item->state.reset();     // not the last reference: the Pool holds one
-            (void)item.release();    // leaked on purpose
-          }
+          total -= closing.size() + parked_count;
+          for (auto& item : closing) forget(std::move(item));
+          for (std::size_t i = 0; i < parked_count; ++i) forget(std::move(parked[i]));
           cv.notify_all();
           return;
         }
-        stat.closes += closing.size();
+        stat.closes += closing.size() + parked_count;
       }
       for (auto& item : closing) {
         close(std::move(item));
         closed_one();  // counts against the limits until its close has finished
+      }
+      for (std::size_t i = 0; i < parked_count; ++i) {
+        close(std::move(parked[i]));
+        closed_one();
       }
     }
 
