@@ -49,9 +49,13 @@
 //
 // Thread safety: every member may be called concurrently from any thread. A Lease is used
 // by one thread at a time (moving it to another thread is fine).
-// Cost: a checkout or a return of an idle object is one mutex lock and a deque operation,
-// plus the hooks; the clock is read only with `recycle` set or when a checkout must wait;
-// no reference count is touched (see benchmarks/pool_benchmark.cc).
+// Cost: with the default LIFO order a return parks its object in a slot of its thread's
+// and that thread's next checkout takes it back: a few atomic operations and no lock
+// (about 32 ns for the pair on the project's machine); otherwise, or while a checkout
+// waits, one mutex lock and a deque operation. Plus the hooks; the clock is read only
+// with `recycle` set or when a checkout must wait; no reference count is touched (see
+// benchmarks/pool_benchmark.cc). ~Pool waits for returns that are parking at that moment
+// (a few instructions each), so that none reads the pool's state after it is gone.
 
 #ifndef SCOPEREG_POOL_H_
 #define SCOPEREG_POOL_H_
