@@ -49,6 +49,9 @@
 //
 // Thread safety: every member may be called concurrently from any thread. A Lease is used
 // by one thread at a time (moving it to another thread is fine).
+// Misuse: dereferencing an empty Lease (moved from, or after release()) is undefined; test
+// it with `if (lease)`. A hook that checks out of its own exhausted pool waits for itself
+// until PoolTimeout. Pool calls from a signal handler are not supported.
 // Cost: with the default LIFO order a return parks its object in a slot of its thread's
 // and that thread's next checkout takes it back: a few atomic operations and no lock
 // (about 32 ns for the pair on the project's machine); otherwise, or while a checkout
@@ -283,34 +286,22 @@ class Pool {
       static std::uint64_t inside_of(std::uint64_t seen, std::uint64_t now_tag) {
         return ((seen >> kTagShift) << kTagShift) == now_tag ? (seen & kInside) : 0;
       }
-      // Counts a check-in and the caller as inside park(); false, counting nothing, when
-      // the check-in count is full: then enter_carrying(), with the pool's mutex held.
-      bool enter() {
-        const std::uint64_t now_tag = tag();
-        std::uint64_t seen = returns.load(std::memory_order_relaxed);
-        for (;;) {
-          const std::uint64_t checkins = (seen >> kCheckinsShift) & kCheckins;
-          if (checkins == kCheckins) return false;
-          const std::uint64_t next = now_tag | ((checkins + 1) << kCheckinsShift) |
-                                     (inside_of(seen, now_tag) + 1);
-          if (returns.compare_exchange_weak(seen, next, std::memory_order_seq_cst,
-                                            std::memory_order_relaxed)) {
-            return true;
-          }
-        }
-      }
-      void enter_carrying() {
+      // Counts a check-in and the caller as inside park(). When the check-in count is
+      // full it carries it to `checkins_carried` if `may_carry` (the pool's mutex held),
+      // else returns false, counting nothing.
+      bool enter(bool may_carry) {
         const std::uint64_t now_tag = tag();
         std::uint64_t seen = returns.load(std::memory_order_relaxed);
         for (;;) {
           const std::uint64_t checkins = (seen >> kCheckinsShift) & kCheckins;
           const bool full = checkins == kCheckins;
+          if (full && !may_carry) return false;
           const std::uint64_t next = now_tag | ((full ? 0 : checkins + 1) << kCheckinsShift) |
                                      (inside_of(seen, now_tag) + 1);
           if (returns.compare_exchange_weak(seen, next, std::memory_order_seq_cst,
                                             std::memory_order_relaxed)) {
             if (full) checkins_carried.fetch_add(kCheckins + 1, std::memory_order_relaxed);
-            return;
+            return true;
           }
         }
       }
@@ -618,9 +609,9 @@ class Pool {
     void park(std::unique_ptr<Item> item) noexcept {
       Park& slot = my_park();
       const std::uint64_t gen = item->generation;
-      if (!slot.enter()) {
+      if (!slot.enter(/*may_carry=*/false)) {
         internal::MutexLock lock(mu);
-        slot.enter_carrying();
+        slot.enter(/*may_carry=*/true);
       }
       if (gen != generation.load(std::memory_order_seq_cst) ||
           waiters.load(std::memory_order_seq_cst) != 0) {

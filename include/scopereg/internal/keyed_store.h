@@ -261,12 +261,21 @@ class KeyedStore final : public RegistryRecord {
   void forget_gone_creators_in_child() override {
     for (Shard& shard : shards_) {
       MutexLock lock(shard.mu);
-      for (auto it = shard.map.begin(); it != shard.map.end();) {
-        if (it->second.node == nullptr && thread_gone_in_child(it->second.creator_thread)) {
-          shard.map.erase(it++);  // never finishes: a caller here makes the value anew
-        } else {
-          ++it;
-        }
+      // They never finish: a caller here makes the value anew.
+      erase_marks_if(shard,
+                     [](const Entry& e) { return thread_gone_in_child(e.creator_thread); });
+    }
+  }
+
+  // Erases the creation marks (entries with no value yet) that `pred` picks, without
+  // hashing or comparing a token (no user code runs).
+  template <typename Pred>
+  static void erase_marks_if(Shard& shard, Pred pred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    for (auto it = shard.map.begin(); it != shard.map.end();) {
+      if (it->second.node == nullptr && pred(it->second)) {
+        shard.map.erase(it++);
+      } else {
+        ++it;
       }
     }
   }
@@ -328,13 +337,9 @@ class KeyedCell {
       // The token's hash or == threw: the mark is found by its creator alone, with no
       // user code (a mark left behind would make every later caller wait for ever).
     }
-    for (auto it = shard_.map.begin(); it != shard_.map.end();) {
-      if (it->second.node == nullptr && it->second.creator == context) {
-        shard_.map.erase(it++);
-      } else {
-        ++it;
-      }
-    }
+    Store::erase_marks_if(shard_, [context](const typename Store::Entry& e) {
+      return e.creator == context;
+    });
   }
   void finish_create(NodeBase* node, const void* /*context*/)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard_.mu) {
