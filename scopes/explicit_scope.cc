@@ -7,12 +7,6 @@
 #include <thread>
 #include <utility>
 
-#if defined(__linux__)
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include "scopereg/internal/fork.h"
 
 namespace scopereg {
@@ -21,56 +15,6 @@ namespace internal {
 class ScopeRecord;
 
 namespace {
-
-// A one-word mutex, so that a shard's lock and its entries share one cache line: a scope's
-// start and end then touch one line of the table (two threads entering unrelated tokens
-// move one line between their cores, not four). Uncontended: one compare-and-swap to lock,
-// one exchange to unlock. Contended (two tokens of one shard at the same moment, or a
-// holder descheduled): a short spin, then a futex wait (Drepper's three-state mutex).
-class ABSL_LOCKABLE WordMutex {
- public:
-  constexpr WordMutex() noexcept = default;
-  void lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() {
-    std::uint32_t expected = 0;
-    if (word_.compare_exchange_strong(expected, 1, std::memory_order_acquire)) [[likely]] {
-      return;
-    }
-    lock_slow();
-  }
-  void unlock() ABSL_UNLOCK_FUNCTION() {
-    if (word_.exchange(0, std::memory_order_release) == 2) [[unlikely]] wake_one();
-  }
-
- private:
-  void lock_slow() noexcept {
-    for (int spin = 0; spin < 64; ++spin) {
-      std::uint32_t expected = 0;
-      if (word_.load(std::memory_order_relaxed) == 0 &&
-          word_.compare_exchange_weak(expected, 1, std::memory_order_acquire)) {
-        return;
-      }
-      cpu_pause();
-    }
-    // 2: locked, and someone may be waiting (unlock() then wakes one).
-    while (word_.exchange(2, std::memory_order_acquire) != 0) wait();
-  }
-  void wait() noexcept {
-#if defined(__linux__)
-    syscall(SYS_futex, &word_, FUTEX_WAIT_PRIVATE, 2, nullptr, nullptr, 0);
-#else
-    std::this_thread::yield();
-#endif
-  }
-  void wake_one() noexcept {
-#if defined(__linux__)
-    syscall(SYS_futex, &word_, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
-#endif
-  }
-
-  std::atomic<std::uint32_t> word_{0};
-};
-
-using WordMutexLock = BasicMutexLock<WordMutex>;
 
 // One cache line of the token table: its lock, up to three live tokens' records with their
 // hashes (a look-up compares hashes without touching other threads' records), and a chain
@@ -81,7 +25,7 @@ struct alignas(64) Shard {
     ScopeRecord* record;
   };
   static constexpr std::uint32_t kInline = 3;
-  WordMutex mu;
+  Mutex mu;  // one word (mutex.h): the lock and its entries share one cache line
   std::uint32_t size ABSL_GUARDED_BY(mu) = 0;  // entries in use, from the front
   Entry entries[kInline] ABSL_GUARDED_BY(mu) = {};
   ScopeRecord* overflow ABSL_GUARDED_BY(mu) = nullptr;  // linked through ScopeRecord::next_
@@ -286,7 +230,7 @@ ScopeRecord* new_private_record() {
 
 ScopeRecord* acquire_record(const TokenProbe& probe, ScopeLifetime lifetime) {
   Shard& shard = shard_for(probe.hash);
-  WordMutexLock lock(shard.mu);
+  MutexLock lock(shard.mu);
   ScopeRecord* record = find_locked(shard, probe);
   if (record == nullptr) {
     // Made under the lock (usually a record from this thread's cache; the lock spins
@@ -329,7 +273,7 @@ void release_record(ScopeRecord* record) noexcept {
   }
   Shard& shard = *record->shard_;
   {
-    WordMutexLock lock(shard.mu);
+    MutexLock lock(shard.mu);
     record->assert_shard(shard);
     if (record->refs_.load(std::memory_order_acquire) == 1) {
       record->refs_.store(0, std::memory_order_relaxed);  // end_token() reads it
@@ -350,7 +294,7 @@ void end_token(const TokenProbe& probe) {
   Shard& shard = shard_for(probe.hash);
   ScopeRecord* to_end = nullptr;
   {
-    WordMutexLock lock(shard.mu);
+    MutexLock lock(shard.mu);
     ScopeRecord* record = find_locked(shard, probe);
     if (record == nullptr) return;
     unlink_locked(shard, record);
