@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "boost/context/pooled_fixedsize_stack.hpp"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/fiber_scope.h"
 
@@ -109,36 +110,40 @@ class ThreadDispatcher final : public Dispatcher {
 class FiberDispatcher final : public Dispatcher {
  public:
   FiberDispatcher(const StrategyOptions& o, Store& store)
-      : service_(store), queues_(o.workers), fibers_per_thread_(o.fibers) {
-    for (auto& queue : queues_) threads_.emplace_back([this, &queue] { run(queue); });
+      : service_(store), fibers_per_thread_(o.fibers) {
+    for (int i = 0; i < o.workers; ++i) threads_.emplace_back([this] { run(); });
   }
   ~FiberDispatcher() override { shutdown(); }
   void submit(HttpRequest request, std::function<void(HttpResponse)> done) override {
-    const std::size_t i = next_++ % queues_.size();
-    queues_[i].push([this, request = std::move(request), done = std::move(done)] {
+    queue_.push([this, request = std::move(request), done = std::move(done)] {
       done(service_.handle(request));  // this fiber's scope
     });
   }
   void shutdown() override {
-    for (auto& queue : queues_) queue.stop();
+    queue_.stop();
     for (auto& t : threads_) {
       if (t.joinable()) t.join();
     }
   }
 
  private:
-  // One thread's scheduler: starts a fiber per job (up to the limit) and resumes the
-  // unfinished ones round-robin; sleeps on the queue when it has no fiber.
-  void run(JobQueue& queue) {
+  // One thread's scheduler, on the queue all threads share: resumes its unfinished fibers
+  // round-robin and starts at most one new fiber per round (up to the limit), so that a
+  // thread whose fibers do not yield (a blocking database call) does not take jobs an idle
+  // thread could run; sleeps on the queue when it has no fiber.
+  void run() {
+    // Stacks are reused by this thread's next fibers (not freed and allocated again per
+    // request). Declared first: destroyed after the fibers using them.
+    boost::context::pooled_fixedsize_stack stacks(kFiberStack);
     std::vector<scopereg::Fiber> fibers;
     for (;;) {
-      while (static_cast<int>(fibers.size()) < fibers_per_thread_) {
-        Job job = queue.pop(fibers.empty());
-        if (!job) break;
-        fibers.emplace_back(std::move(job), boost::context::fixedsize_stack(kFiberStack));
+      if (static_cast<int>(fibers.size()) < fibers_per_thread_) {
+        if (Job job = queue_.pop(fibers.empty())) {
+          fibers.emplace_back(std::move(job), stacks);
+        }
       }
       if (fibers.empty()) {
-        if (queue.stopped()) return;
+        if (queue_.stopped()) return;
         continue;
       }
       for (auto& f : fibers) f.resume();
@@ -147,9 +152,8 @@ class FiberDispatcher final : public Dispatcher {
   }
 
   OrderService<scopereg::FiberScope> service_;
-  std::vector<JobQueue> queues_;
+  JobQueue queue_;
   const int fibers_per_thread_;
-  std::atomic<std::size_t> next_{0};
   std::vector<std::thread> threads_;
 };
 
