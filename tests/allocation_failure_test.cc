@@ -17,6 +17,12 @@
 #include "scopereg/explicit_scope.h"
 #include "scopereg/scoped_registry.h"
 
+// The replacements below pair malloc with free; once inlined, g++ sees a pointer from
+// operator new reach free() and warns (-Wmismatched-new-delete), wrongly here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
 namespace {
 std::atomic<bool> g_fail_next_array{false};
 }  // namespace
