@@ -598,20 +598,61 @@ template <typename E, HoldKind Kind = hold_kind<E>()>
 class TaskHold;
 struct FromKey {};
 
+// A binding pointer and a generation, written together by one 16-byte store. Asio's
+// any_executor moves the executor it holds with one 16-byte load; had the two words just
+// been written by two 8-byte stores, the load could not be forwarded from them and would
+// wait for both to reach the cache (measured: about 10 ns per co_await of a task).
+template <typename B>
+class BindingAndGeneration {
+ public:
+  BindingAndGeneration(B* binding, std::uint64_t gen) noexcept { set(binding, gen); }
+  B* binding() const noexcept {
+#if defined(__GNUC__)
+    return reinterpret_cast<B*>(static_cast<std::uintptr_t>(words_[0]));
+#else
+    return binding_;
+#endif
+  }
+  std::uint64_t generation() const noexcept {
+#if defined(__GNUC__)
+    return words_[1];
+#else
+    return gen_;
+#endif
+  }
+  void set(B* binding, std::uint64_t gen) noexcept {
+#if defined(__GNUC__)
+    words_ = Words{static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(binding)), gen};
+#else
+    binding_ = binding;
+    gen_ = gen;
+#endif
+  }
+
+ private:
+#if defined(__GNUC__)
+  // Aligned as the two words (any_executor's buffer is aligned for pointers only).
+  typedef std::uint64_t Words __attribute__((vector_size(16), aligned(alignof(void*))));
+  Words words_;
+#else
+  B* binding_;
+  std::uint64_t gen_;
+#endif
+};
+
 template <typename E>
 class TaskHold<E, HoldKind::kKeptUntracked> {
  public:
   TaskHold(AsioTask* task, std::uint64_t gen, const E& inner)
-      : binding_(task->bind<Binding<E>>(inner)), gen_(gen) {}
-  const E& inner() const noexcept { return binding_->inner; }
+      : words_(task->bind<Binding<E>>(inner), gen) {}
+  const E& inner() const noexcept { return words_.binding()->inner; }
   // What functions are executed on and queries asked of.
-  const E& runner() const noexcept { return binding_->inner; }
-  AsioTask* task() const noexcept { return binding_->task; }
-  std::uint64_t generation() const noexcept { return gen_; }
+  const E& runner() const noexcept { return words_.binding()->inner; }
+  AsioTask* task() const noexcept { return words_.binding()->task; }
+  std::uint64_t generation() const noexcept { return words_.generation(); }
 
  private:
-  Binding<E>* binding_;
-  std::uint64_t gen_;
+  BindingAndGeneration<Binding<E>> words_;
 };
 
 template <typename E>
@@ -623,33 +664,32 @@ class TaskHold<E, HoldKind::kKeptTracked> {
   // From `key`, E without its work (no E is made: Asio's post and work guards rewrap an
   // executor to its tracked form once per operation).
   TaskHold(AsioTask* task, std::uint64_t gen, FromKey, const untracked_t<E>& key)
-      : binding_(task->bind<TrackedBinding<E>>(key)), gen_(gen) {
-    binding_->acquire();
+      : words_(task->bind<TrackedBinding<E>>(key), gen) {
+    words_.binding()->acquire();
   }
-  TaskHold(const TaskHold& other) noexcept : binding_(other.binding_), gen_(other.gen_) {
-    binding_->acquire();
+  TaskHold(const TaskHold& other) noexcept : words_(other.words_) {
+    words_.binding()->acquire();
   }
-  TaskHold(TaskHold&& other) noexcept
-      : binding_(std::exchange(other.binding_, nullptr)), gen_(other.gen_) {}
+  TaskHold(TaskHold&& other) noexcept : words_(other.words_) {
+    other.words_.set(nullptr, other.words_.generation());
+  }
   TaskHold& operator=(TaskHold other) noexcept {
-    std::swap(binding_, other.binding_);
-    std::swap(gen_, other.gen_);
+    std::swap(words_, other.words_);
     return *this;
   }
   ~TaskHold() {
-    if (binding_ != nullptr) binding_->release();
+    if (TrackedBinding<E>* binding = words_.binding()) binding->release();
   }
   // A new copy of E (it counts its own work while it lives).
-  E inner() const noexcept { return binding_->inner(); }
+  E inner() const noexcept { return words_.binding()->inner(); }
   // E without its work: executes as E does (the work bit changes only what a copy counts).
-  const untracked_t<E>& key() const noexcept { return binding_->key(); }
-  const untracked_t<E>& runner() const noexcept { return binding_->key(); }
-  AsioTask* task() const noexcept { return binding_->task; }
-  std::uint64_t generation() const noexcept { return gen_; }
+  const untracked_t<E>& key() const noexcept { return words_.binding()->key(); }
+  const untracked_t<E>& runner() const noexcept { return words_.binding()->key(); }
+  AsioTask* task() const noexcept { return words_.binding()->task; }
+  std::uint64_t generation() const noexcept { return words_.generation(); }
 
  private:
-  TrackedBinding<E>* binding_;
-  std::uint64_t gen_;
+  BindingAndGeneration<TrackedBinding<E>> words_;
 };
 
 template <typename E>
