@@ -3,9 +3,10 @@
 #include <algorithm>
 #include <cassert>
 #include <exception>
+#include <unordered_map>
 #include <utility>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/hash/hash.h"
 #include "scopereg/internal/fork.h"
 
 namespace scopereg::internal {
@@ -39,7 +40,11 @@ struct Holding {
 using Holdings = absl::InlinedVector<Holding, 2>;
 struct alignas(64) BindingShard {
   Mutex mu;
-  absl::flat_hash_map<std::pair<const void*, std::size_t>, Holdings> map ABSL_GUARDED_BY(mu);
+  // Not absl::flat_hash_map: see KeyedStore::Shard (out of memory in its growth leaves
+  // it corrupt; a bind must fail cleanly instead).
+  std::unordered_map<std::pair<const void*, std::size_t>, Holdings,
+                     absl::Hash<std::pair<const void*, std::size_t>>>
+      map ABSL_GUARDED_BY(mu);
   std::atomic<std::size_t> size{0};  // map.size(), for a lock-free "nothing bound here"
 };
 constexpr int kBindingShardBits = 6;
@@ -224,11 +229,16 @@ namespace {
 // Adds `delta` to `holder`'s count under `key`, removing what reaches 0.
 void add_binding(BindingShard& shard, std::pair<const void*, std::size_t> key,
                  RegistryRecord* holder, int delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
-  Holdings& holdings = shard.map[key];
+  Holdings& holdings = shard.map[key];  // may throw: nothing changed then
   auto pos = std::find_if(holdings.begin(), holdings.end(),
                           [holder](const Holding& h) { return h.holder == holder; });
   if (pos == holdings.end()) {
-    holdings.push_back(Holding{holder, delta});
+    try {
+      holdings.push_back(Holding{holder, delta});
+    } catch (...) {  // no memory: leave no empty entry behind
+      if (holdings.empty()) shard.map.erase(key);
+      throw;
+    }
   } else if ((pos->count += delta) == 0) {
     holdings.erase(pos);
     if (holdings.empty()) shard.map.erase(key);

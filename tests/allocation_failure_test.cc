@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -16,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/scoped_registry.h"
+#include "scopereg/session_cache.h"
 
 // The replacements below pair malloc with free; once inlined, g++ sees a pointer from
 // operator new reach free() and warns (-Wmismatched-new-delete), wrongly here.
@@ -37,9 +39,18 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 std::atomic<int> g_fail_scalar{0};  // how many of the next scalar allocations fail
+std::atomic<int> g_skip_scalar{0};  // how many succeed first, once g_fail_scalar is set
 }  // namespace
 
 void* operator new(std::size_t n) {
+  if (g_fail_scalar.load() > 0) {
+    for (int skip = g_skip_scalar.load(); skip > 0;) {
+      if (g_skip_scalar.compare_exchange_weak(skip, skip - 1)) {
+        if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+        throw std::bad_alloc();
+      }
+    }
+  }
   for (int left = g_fail_scalar.load(); left > 0;) {
     if (g_fail_scalar.compare_exchange_weak(left, left - 1)) throw std::bad_alloc();
   }
@@ -139,6 +150,74 @@ TEST(AllocationFailure, AScopeEndingWithNoMemoryLeftStillDestroysEveryValue) {
     }
     EXPECT_EQ(counts.made.load(), 15);
   }
+}
+
+// A token-keyed value records a binding in the process's binding index (so that the
+// scope's end finds it); that record allocates. Running out of memory at any allocation
+// of a creation -- the binding's, the store's entry, the value's -- throws std::bad_alloc
+// to the caller and leaves nothing half-made: no value without its binding (found by no
+// scope end), no binding without its value. (Out of memory in the binding, made after the
+// value was stored, used to call std::terminate.)
+TEST(AllocationFailure, ATokenKeyedCreationOutOfMemoryAnywhereLeavesNothingHalfMade) {
+  Counts counts;
+  ScopedRegistry<Counted, FuncScope> reg([&] { return Counted(counts); },
+                                         ExplicitScope::func());
+  int failed = 0;
+  int succeeded = 0;
+  // Fresh tokens spread over the index's shards: some find no room for one more binding.
+  for (int round = 0; round < 16; ++round) {
+    for (int skip = 0; skip < 4; ++skip) {
+      {
+        ScopeGuard guard(fresh_scope);
+        g_skip_scalar = skip;
+        g_fail_scalar = 1;  // the allocation after `skip` successful ones fails
+        try {
+          reg();
+          ++succeeded;
+        } catch (const std::bad_alloc&) {
+          ++failed;
+        }
+        g_fail_scalar = 0;
+        g_skip_scalar = 0;
+        // Whatever failed, the scope works: one value, made now or before.
+        reg();
+        EXPECT_EQ(counts.alive(), 1);
+        EXPECT_EQ(reg.size(), 1);
+      }
+      // Its end found the value through its binding.
+      EXPECT_EQ(counts.alive(), 0) << "round " << round << ", skip " << skip;
+      EXPECT_EQ(reg.size(), 0);
+    }
+  }
+  EXPECT_GT(failed, 0);
+  EXPECT_GT(succeeded, 0);
+}
+
+// A SessionCache publishes each new name in a fresh copy of its name index. Running out
+// of memory anywhere in add() throws std::bad_alloc and leaves the cache as it was: the
+// name can be added again, the names before it still work. (The index's copy used to
+// corrupt itself or leak when its allocation failed.)
+TEST(AllocationFailure, ASessionCacheNameAddedWithNoMemoryLeftFailsCleanly) {
+  SessionCache<int> cache;
+  int failed = 0;
+  constexpr int kNames = 24;
+  for (int skip = 0; skip < kNames; ++skip) {
+    const std::string name = "name" + std::to_string(skip);
+    bool added = false;
+    g_skip_scalar = skip;
+    g_fail_scalar = 1;
+    try {
+      cache.add(name, {.factory = [skip] { return skip; }});
+      added = true;
+    } catch (const std::bad_alloc&) {
+      ++failed;
+    }
+    g_fail_scalar = 0;
+    g_skip_scalar = 0;
+    if (!added) cache.add(name, {.factory = [skip] { return skip; }});  // not half-added
+  }
+  EXPECT_GT(failed, 0);
+  for (int i = 0; i < kNames; ++i) EXPECT_EQ(cache.get("name" + std::to_string(i)), i);
 }
 
 }  // namespace

@@ -87,10 +87,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/base/thread_annotations.h"
 #include "scopereg/error.h"
@@ -253,7 +253,9 @@ class SessionCache {
  private:
   using Clock = std::chrono::steady_clock;
   using UsedList = std::vector<Entry*>;
-  using Index = absl::flat_hash_map<std::string_view, Entry*>;
+  // Not absl::flat_hash_map: Debian's Abseil (20220623) leaves one corrupt when the
+  // allocation for its growth throws; a name added with no memory left must fail cleanly.
+  using Index = std::unordered_map<std::string_view, Entry*>;
 
   // Caps live values of one name.
   class Limiter {
@@ -668,11 +670,14 @@ class SessionCache {
 
   Entry& publish_locked(std::unique_ptr<Entry> entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const Index* old = index_.load(std::memory_order_relaxed);
-    auto* next = new Index(*old);
+    // Everything that can fail first (out of memory: nothing changed, nothing leaked).
+    auto next = std::make_unique<Index>(*old);
     next->emplace(entry->name(), entry.get());
+    entries_.reserve(entries_.size() + 1);
+    retired_.reserve(retired_.size() + 1);
     entries_.push_back(std::move(entry));
-    index_.store(next, std::memory_order_release);
     retired_.push_back(old);
+    index_.store(next.release(), std::memory_order_release);
     return *entries_.back();
   }
 

@@ -10,6 +10,9 @@
 // A backend describes one place where a registry's value for one scope lives as a *cell*:
 //
 //   Mutex& mu()                         the lock guarding the cell
+//   void reserve_store()                called (no lock held) before get_or_create() or
+//                                       exchange() with a value: makes sure a store made
+//                                       by them needs nothing that can fail afterwards
 //   NodeBase* load()                    the value, or null              (mu held)
 //   const void* creator()               the context running the factory, or null  (mu held)
 //   void check_can_create(bool set)     throws ScopeError when the scope no longer takes

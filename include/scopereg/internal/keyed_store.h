@@ -23,13 +23,14 @@
 #define SCOPEREG_INTERNAL_KEYED_STORE_H_
 
 #include <atomic>
+#include <cassert>
 #include <cstdint>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/functional/function_ref.h"
 #include "absl/hash/hash.h"
 #include "scopereg/internal/creation.h"
@@ -139,7 +140,11 @@ class KeyedStore final : public RegistryRecord {
   struct alignas(64) Shard {
     Mutex mu;
     CondVar cv;
-    absl::flat_hash_map<Token, Entry, absl::Hash<Token>> map ABSL_GUARDED_BY(mu);
+    // std::unordered_map, not absl::flat_hash_map: Debian's Abseil (20220623) leaves a
+    // flat_hash_map corrupt when the allocation for its growth throws (its next growth
+    // frees memory it does not own), and an insert here must survive running out of
+    // memory (the caller gets std::bad_alloc, the store stays usable).
+    std::unordered_map<Token, Entry, absl::Hash<Token>> map ABSL_GUARDED_BY(mu);
     std::atomic<std::int64_t> live{0};  // values in `map`; written under mu
   };
   static constexpr int kShardBits = 4;
@@ -296,11 +301,22 @@ class KeyedCell {
       : store_(store), shard_(store.shard_for(token)), token_(std::move(token)) {}
   KeyedCell(const KeyedCell&) = delete;
   KeyedCell& operator=(const KeyedCell&) = delete;
-  // Records in the binding index what the protocol stored or removed, now that the
-  // shard's mutex is free (the index is locked before a store's shards, never after).
+  // Records in the binding index what the protocol removed (or reserved and did not
+  // store), now that the shard's mutex is free (the index is locked before a store's
+  // shards, never after). Dropping a binding allocates nothing, so this cannot fail.
   ~KeyedCell() {
-    for (; bound_ > 0; --bound_) store_.bind(TokenRef::of(token_));
-    for (; bound_ < 0; ++bound_) store_.unbind(TokenRef::of(token_));
+    int net = bound_ - (reserved_ ? 1 : 0);
+    assert(net <= 0 && "a value was stored without reserve_store()");
+    for (; net < 0; ++net) store_.unbind(TokenRef::of(token_));
+  }
+
+  // Before a protocol step that may store a value (creation, set()): records its binding
+  // in the index now, where running out of memory throws before anything changed; after
+  // the store, recording it could only fail in the destructor. A scope end meanwhile
+  // finds no value to take and leaves the reserved binding alone.
+  void reserve_store() {
+    store_.bind(TokenRef::of(token_));
+    reserved_ = true;
   }
 
   Mutex& mu() const ABSL_LOCK_RETURNED(shard_.mu) { return shard_.mu; }
@@ -375,7 +391,8 @@ class KeyedCell {
   Store& store_;
   typename Store::Shard& shard_;
   const Token token_;
-  int bound_ = 0;  // bindings to add (> 0) or drop (< 0) once unlocked
+  int bound_ = 0;  // values stored (> 0) or removed (< 0) by the protocol
+  bool reserved_ = false;  // reserve_store() recorded one binding ahead
 };
 
 // KeyedBackend: the registry-side interface of the keyed backend (the same members as

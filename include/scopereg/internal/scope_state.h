@@ -247,6 +247,7 @@ class SlotCell {
   SlotCell(ScopeState& state, SlotRegistry& reg) : state_(state), reg_(reg) {}
 
   Mutex& mu() const ABSL_LOCK_RETURNED(state_.mu_) { return state_.mu_; }
+  void reserve_store() {}  // a slot's store records nothing elsewhere
   NodeBase* load() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_.mu_) {
     return state_.load(reg_.slot_);
   }
