@@ -8,7 +8,6 @@
 #include <thread>
 #include <vector>
 
-#include "boost/context/pooled_fixedsize_stack.hpp"
 #include "scopereg/explicit_scope.h"
 #include "scopereg/fiber_scope.h"
 
@@ -132,14 +131,11 @@ class FiberDispatcher final : public Dispatcher {
   // thread whose fibers do not yield (a blocking database call) does not take jobs an idle
   // thread could run; sleeps on the queue when it has no fiber.
   void run() {
-    // Stacks are reused by this thread's next fibers (not freed and allocated again per
-    // request). Declared first: destroyed after the fibers using them.
-    boost::context::pooled_fixedsize_stack stacks(kFiberStack);
     std::vector<scopereg::Fiber> fibers;
     for (;;) {
       if (static_cast<int>(fibers.size()) < fibers_per_thread_) {
         if (Job job = queue_.pop(fibers.empty())) {
-          fibers.emplace_back(std::move(job), stacks);
+          fibers.emplace_back(std::move(job), boost::context::fixedsize_stack(kFiberStack));
         }
       }
       if (fibers.empty()) {

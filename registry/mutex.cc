@@ -1,7 +1,6 @@
 #include "scopereg/internal/mutex.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <climits>
 #include <thread>
 
@@ -35,7 +34,16 @@ namespace {
 long futex(std::atomic<std::uint32_t>& word, int op, std::uint32_t value,
            const struct timespec* timeout) noexcept {
   static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
-  return syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), op, value, timeout,
+#if !defined(__LP64__) && defined(SYS_futex_time64) && !defined(SYS_futex)
+  constexpr long kFutex = SYS_futex_time64;
+#elif !defined(__LP64__) && defined(SYS_futex_time64)
+  // A 32-bit target: its struct timespec may have a 64-bit time_t, which only
+  // futex_time64 reads (the timeout is used by waits with a deadline alone).
+  constexpr long kFutex = sizeof(time_t) == 8 ? SYS_futex_time64 : SYS_futex;
+#else
+  constexpr long kFutex = SYS_futex;
+#endif
+  return syscall(kFutex, reinterpret_cast<std::uint32_t*>(&word), op, value, timeout,
                  nullptr, FUTEX_BITSET_MATCH_ANY);
 }
 }  // namespace
@@ -56,8 +64,10 @@ bool wait_on_word_until(std::atomic<std::uint32_t>& word, std::uint32_t expected
       secs.count(), std::chrono::seconds::rep{LONG_MAX}));
   at.tv_nsec = static_cast<long>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
-  if (futex(word, FUTEX_WAIT_BITSET_PRIVATE, expected, &at) == 0) return true;
-  return errno != ETIMEDOUT;
+  futex(word, FUTEX_WAIT_BITSET_PRIVATE, expected, &at);  // woken, EAGAIN, EINTR, ETIMEDOUT
+  // As std::condition_variable::wait_until: timed out when the deadline has passed, however
+  // the wait ended.
+  return std::chrono::steady_clock::now() < deadline;
 }
 
 void wake_one_on_word(std::atomic<std::uint32_t>& word) noexcept {

@@ -27,12 +27,12 @@ Subscribers& subscribers() {
 
 // The binding index: (token type, token hash) -> the registries holding a value for a
 // token with that type and hash, each with its count of bindings (binds minus unbinds).
-// A registry binds and unbinds after its own shard's lock is released (the index is
-// locked before a store's shards, never after), so two threads' changes for one token can
-// arrive in either order: a value made on one thread and cleared on another may have its
-// unbind applied before its bind. The count then goes to -1 and back to 0, instead of the
-// unbind finding nothing and the late bind leaving a binding no value backs (which would
-// outlive the registry). Holdings whose count reaches 0 are removed.
+// The index is locked before a store's shards, never after: a registry binds before it
+// stores (KeyedCell::reserve_store, so that running out of memory fails before anything
+// changed) and unbinds after its shard's lock is released. A count therefore counts
+// values stored plus stores still on their way. (Should an unbind ever arrive before its
+// bind, the count goes to -1 and back to 0 rather than losing either.) Holdings whose
+// count reaches 0 are removed.
 struct Holding {
   RegistryRecord* holder;
   int count;

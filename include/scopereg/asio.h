@@ -640,6 +640,10 @@ class BindingAndGeneration {
 #endif
 };
 
+static_assert(sizeof(BindingAndGeneration<void>) == 16 &&
+                  alignof(BindingAndGeneration<void>) == alignof(void*),
+              "two words, aligned as a pointer: any_executor stores it inline");
+
 template <typename E>
 class TaskHold<E, HoldKind::kKeptUntracked> {
  public:

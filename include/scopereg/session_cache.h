@@ -668,7 +668,10 @@ class SessionCache {
     return std::make_unique<Entry>(this, std::move(name), std::move(options));
   }
 
-  Entry& publish_locked(std::unique_ptr<Entry> entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Takes `entry` only once nothing can fail: on failure (out of memory) it stays with the
+  // caller, destroyed after mu_ is released (an Entry holds fork-safe mutexes, made and
+  // destroyed with no scopereg lock held).
+  Entry& publish_locked(std::unique_ptr<Entry>&& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const Index* old = index_.load(std::memory_order_relaxed);
     // Everything that can fail first (out of memory: nothing changed, nothing leaked).
     auto next = std::make_unique<Index>(*old);

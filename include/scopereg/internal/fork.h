@@ -18,8 +18,8 @@
 // scopes are unlinked and their values are neither destroyed nor reachable (their
 // destructors would act on the parent's resources, such as its database connections).
 // Their creations in progress are dropped (a caller in the child makes the value anew),
-// no one counts as waiting, and every condition variable is made anew at its first use
-// (mutex.h): a notify never waits for a thread that is gone.
+// no one counts as waiting, and every condition variable forgets its waiters at its first
+// use (mutex.h): no notify is spent on a thread that is gone.
 
 #ifndef SCOPEREG_INTERNAL_FORK_H_
 #define SCOPEREG_INTERNAL_FORK_H_

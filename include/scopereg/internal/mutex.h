@@ -32,7 +32,8 @@ inline void cpu_pause() noexcept {
 // elsewhere. Every wait may also return spuriously; callers re-check in a loop.
 // Returns when `word` no longer holds `expected`, or on a wake.
 void wait_on_word(std::atomic<std::uint32_t>& word, std::uint32_t expected) noexcept;
-// As wait_on_word(), giving up at `deadline`: returns false if the deadline passed.
+// As wait_on_word(), giving up at `deadline`: returns false if the deadline has passed
+// when it returns (whatever ended the wait).
 bool wait_on_word_until(std::atomic<std::uint32_t>& word, std::uint32_t expected,
                         std::chrono::steady_clock::time_point deadline) noexcept;
 // Wakes one, or every, thread sleeping on `word`. Harmless when none is.
@@ -121,7 +122,8 @@ class CondVar {
     mu.lock();
     --waiters_;
   }
-  // As wait(), giving up at `deadline`: returns false if it timed out.
+  // As wait(), giving up at `deadline`: returns false if the deadline has passed
+  // (std::condition_variable's meaning of a timeout).
   template <typename Duration>
   bool wait_until(Mutex& mu,
                   const std::chrono::time_point<std::chrono::steady_clock, Duration>& deadline)
