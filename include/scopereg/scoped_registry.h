@@ -166,7 +166,6 @@ class ScopedRegistry {
   T& set(Args&&... args) {
     auto node = std::make_unique<internal::Node<T>>(std::in_place, std::forward<Args>(args)...);
     auto cell = backend_.cell(scope_);
-    cell.reserve_store();
     internal::NodeBase* old = internal::exchange(cell, node.get(), name_.c_str());
     internal::Node<T>* installed = node.release();
     if constexpr (kHooked) {
@@ -251,7 +250,6 @@ class ScopedRegistry {
   internal::NodeBase* get_or_create(absl::FunctionRef<internal::NodeBase*()> make,
                                     bool* created) {
     auto cell = backend_.cell(scope_);
-    cell.reserve_store();
     return internal::get_or_create(cell, make, created, name_.c_str());
   }
 

@@ -10,9 +10,9 @@
 // A backend describes one place where a registry's value for one scope lives as a *cell*:
 //
 //   Mutex& mu()                         the lock guarding the cell
-//   void reserve_store()                called (no lock held) before get_or_create() or
-//                                       exchange() with a value: makes sure a store made
-//                                       by them needs nothing that can fail afterwards
+//   void reserve_store()                called by the protocol (no lock held) before a
+//                                       step that may store a value: makes sure the store
+//                                       needs nothing that can fail afterwards
 //   NodeBase* load()                    the value, or null              (mu held)
 //   const void* creator()               the context running the factory, or null  (mu held)
 //   void check_can_create(bool set)     throws ScopeError when the scope no longer takes
@@ -116,6 +116,7 @@ template <typename Cell>
 NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* created,
                         const char* registry) {
   const void* const context = current_context_id();
+  cell.reserve_store();
   MutexLock lock(cell.mu());
   for (;;) {
     if (NodeBase* node = cell.load()) {
@@ -178,6 +179,7 @@ NodeBase* get_or_create(Cell& cell, absl::FunctionRef<NodeBase*()> make, bool* c
 template <typename Cell>
 NodeBase* exchange(Cell& cell, NodeBase* node, const char* registry) {
   const void* const context = current_context_id();
+  if (node != nullptr) cell.reserve_store();
   MutexLock lock(cell.mu());
   for (;;) {
     const void* creator = cell.creator();

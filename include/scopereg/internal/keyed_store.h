@@ -306,14 +306,15 @@ class KeyedCell {
   // shards, never after). Dropping a binding allocates nothing, so this cannot fail.
   ~KeyedCell() {
     int net = bound_ - (reserved_ ? 1 : 0);
-    assert(net <= 0 && "a value was stored without reserve_store()");
+    assert(net <= 0 && "a value was stored without reserve_store() (creation.h)");
     for (; net < 0; ++net) store_.unbind(TokenRef::of(token_));
   }
 
-  // Before a protocol step that may store a value (creation, set()): records its binding
-  // in the index now, where running out of memory throws before anything changed; after
-  // the store, recording it could only fail in the destructor. A scope end meanwhile
-  // finds no value to take and leaves the reserved binding alone.
+  // Called by the creation protocol before a step that may store a value (creation, a
+  // set() of a value): records its binding in the index now, where running out of memory
+  // throws before anything changed; after the store, recording it could only fail in the
+  // destructor. A scope end meanwhile finds no value to take and leaves the reserved
+  // binding alone.
   void reserve_store() {
     store_.bind(TokenRef::of(token_));
     reserved_ = true;
