@@ -78,6 +78,16 @@ PoolOptions<Conn> options(Census& census, std::string name = "test-pool") {
   return o;
 }
 
+// A pool of exactly one object whose checkouts give up after 50 ms: a place lost by a
+// failed checkout shows as a PoolTimeout at the next one.
+PoolOptions<Conn> one_object(Census& census) {
+  auto o = options(census);
+  o.pool_size = 1;
+  o.max_overflow = 0;
+  o.timeout = 50ms;
+  return o;
+}
+
 // Collects what an error reporter receives, from any thread.
 struct Reports {
   std::mutex mu;
@@ -651,10 +661,7 @@ TEST(Pool, AnIdleObjectClosedByDisposeCountsAgainstTheLimitUntilItsCloseFinishes
 TEST(Pool, AThrowingConnectReachesTheCallerLeaksNothingAndFreesItsPlace) {
   Census census;
   std::atomic<int> calls{0};
-  auto o = options(census);
-  o.pool_size = 1;
-  o.max_overflow = 0;
-  o.timeout = 50ms;
+  auto o = one_object(census);
   o.connect = [&] {
     if (++calls == 1) throw std::runtime_error("connection refused");
     return Conn(census, ++census.serial);
@@ -677,10 +684,7 @@ TEST(Pool, AThrowingConnectReachesTheCallerLeaksNothingAndFreesItsPlace) {
 TEST(Pool, AThrowingOnCheckoutReachesTheCallerClosesTheObjectAndFreesItsPlace) {
   Census census;
   std::atomic<bool> fail{true};
-  auto o = options(census);
-  o.pool_size = 1;
-  o.max_overflow = 0;
-  o.timeout = 50ms;
+  auto o = one_object(census);
   o.on_checkout = [&](Conn&) {
     if (fail) throw std::runtime_error("SET search_path failed");
   };
@@ -874,10 +878,7 @@ TEST(Pool, AThrowingOnWaitIsReportedAndTheWaitingCheckoutStillGetsItsObject) {
 TEST(Pool, AThrowingClockFailsTheCheckoutAndFreesThePlaceItHeld) {
   Census census;
   std::atomic<bool> broken{false};
-  auto o = options(census);
-  o.pool_size = 1;
-  o.max_overflow = 0;
-  o.timeout = 50ms;
+  auto o = one_object(census);
   o.recycle = 1h;
   o.clock = [&] {
     if (broken) throw std::runtime_error("clock unavailable");

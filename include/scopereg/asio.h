@@ -607,37 +607,24 @@ class BindingAndGeneration {
  public:
   BindingAndGeneration(B* binding, std::uint64_t gen) noexcept { set(binding, gen); }
   B* binding() const noexcept {
-#if defined(__GNUC__)
     return reinterpret_cast<B*>(static_cast<std::uintptr_t>(words_[0]));
-#else
-    return binding_;
-#endif
   }
-  std::uint64_t generation() const noexcept {
-#if defined(__GNUC__)
-    return words_[1];
-#else
-    return gen_;
-#endif
-  }
+  std::uint64_t generation() const noexcept { return words_[1]; }
   void set(B* binding, std::uint64_t gen) noexcept {
-#if defined(__GNUC__)
     words_ = Words{static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(binding)), gen};
-#else
-    binding_ = binding;
-    gen_ = gen;
-#endif
   }
 
  private:
 #if defined(__GNUC__)
   // Aligned as the two words (any_executor's buffer is aligned for pointers only).
   typedef std::uint64_t Words __attribute__((vector_size(16), aligned(alignof(void*))));
-  Words words_;
-#else
-  B* binding_;
-  std::uint64_t gen_;
+#else  // two plain words (the compiler may store them one by one)
+  struct Words {
+    std::uint64_t word[2];
+    std::uint64_t operator[](int i) const { return word[i]; }
+  };
 #endif
+  Words words_;
 };
 
 static_assert(sizeof(BindingAndGeneration<void>) == 16 &&

@@ -598,7 +598,6 @@ class Pool {
     // slots: never closed (after ~Pool, a cycle: the Item holds the state, the state the
     // Item), or closed by a later checkout.
     //
-    //
     // Once the object is parked, someone else may take and close it -- dispose() in ~Pool
     // does -- and that can drop the last reference to the state while we still look at
     // it: the slot counts us as inside meanwhile (enter()), and ~Pool waits for the count
