@@ -175,8 +175,8 @@ RegistryRecord::RegistryRecord() : stack_owner_(stack_owner(this)) {}
 
 bool RegistryRecord::on_dead_stack_in_child() const { return on_dead_stack(stack_owner_); }
 
-void RegistryRecord::retire(std::vector<NodeBase*>& out,
-                            absl::FunctionRef<void(Domain&)> in_domain) {
+void RegistryRecord::retire(DeferredReleases& out,
+                            absl::FunctionRef<bool(Domain&)> in_domain) {
   Domain* const domains = all_domains();
   for (std::size_t d = 0; d < kDomains; ++d) {
     Domain& domain = domains[d];
@@ -185,7 +185,7 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out,
       // Again after every wait: a value destroyed meanwhile may have made a new value of
       // this registry in its scope, of this domain (a destructor calling its own slot
       // registry in the scope being ended: tolerated, see ScopedRegistry's contract).
-      in_domain(domain);
+      bool refused = !in_domain(domain);
       // Counted as waiting before looking (see DyingList::finish_alone).
       domain.waiting.fetch_add(1, std::memory_order_seq_cst);
       bool in_progress = false;
@@ -195,12 +195,24 @@ void RegistryRecord::retire(std::vector<NodeBase*>& out,
           if (item.record != this) continue;
           const DyingList::State state = DyingList::load_state(item);
           if (state == DyingList::State::kPending) {
+            if (refused || !out.add(item.node)) {
+              refused = true;  // left pending, for the next visit
+              continue;
+            }
             item.state = DyingList::State::kGone;  // pending items change only under mu
-            out.push_back(item.node);
           } else if (state == DyingList::State::kDestroying) {
             in_progress = true;
           }
         }
+      }
+      if (refused) {
+        // No memory left to list another value: release those listed (no lock held, as
+        // for every value), then visit this domain again.
+        domain.waiting.fetch_sub(1, std::memory_order_relaxed);
+        domain.mu.unlock();
+        out.flush();
+        domain.mu.lock();
+        continue;
       }
       if (in_progress) domain.destroyed.wait(domain.mu);
       domain.waiting.fetch_sub(1, std::memory_order_relaxed);

@@ -105,24 +105,32 @@ SlotRegistry::SlotRegistry() {
 
 SlotRegistry::~SlotRegistry() {
   sharing_cell(index_)->store(false, std::memory_order_release);  // no new shared bindings
-  std::vector<NodeBase*> nodes;
+  DeferredReleases nodes;
   // In every domain: empty our slot in each scope, take back our values that dying scopes
   // have not started destroying, and wait for those they have.
   retire(nodes, [this, &nodes](Domain& domain) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    for_each_scope(domain, [this, &nodes](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    bool listed_all = true;
+    for_each_scope(domain, [&](ScopeState* scope) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      if (!listed_all) return;
       MutexLock scope_lock(scope->mu_);
       if (NodeBase* n = scope->load(slot_)) {
-        scope->store(slot_, nullptr);
-        nodes.push_back(n);
+        listed_all = nodes.add(n);  // else left in its slot for the next visit
+        if (listed_all) scope->store(slot_, nullptr);
       }
     });
+    return listed_all;
   });
   {
     MutexLock lock(g_process_mutex);
     set_registry_at(index_, nullptr);
-    slots().free_indices.push_back(index_);
+    try {
+      slots().free_indices.push_back(index_);
+    } catch (const std::bad_alloc&) {
+      // No memory to list the index for reuse: it stays unused (a new registry takes the
+      // next one).
+    }
   }
-  for (NodeBase* n : nodes) release(n);
+  nodes.flush();
 }
 
 std::int64_t SlotRegistry::size() const {

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -191,6 +192,54 @@ TEST(AllocationFailure, ATokenKeyedCreationOutOfMemoryAnywhereLeavesNothingHalfM
   }
   EXPECT_GT(failed, 0);
   EXPECT_GT(succeeded, 0);
+}
+
+// A registry's destruction takes its values out of every scope and lists them, to destroy
+// them once no lock is held; the list grows past 32 values. With no memory left at all, the
+// destruction still destroys every value exactly once, slot-based and token-keyed alike,
+// and the scopes that held them go on working. (It used to call std::terminate: a
+// destructor cannot throw std::bad_alloc.)
+template <typename Strategy>
+void DestroyRegistryWithNoMemoryLeft(std::function<std::unique_ptr<ScopedRegistry<Counted, Strategy>>(Counts&)> make) {
+  constexpr int kScopes = 100;
+  constexpr int kAllFail = 1 << 30;
+  Counts counts;
+  std::vector<CapturedScope> scopes;
+  for (int i = 0; i < kScopes; ++i) scopes.push_back(CapturedScope::fresh());
+  auto reg = make(counts);
+  for (const CapturedScope& scope : scopes) scope.run([&] { (*reg)(); });
+  ASSERT_EQ(counts.alive(), kScopes);
+  g_fail_scalar = kAllFail;  // every allocation from here on fails
+  reg.reset();
+  EXPECT_LT(g_fail_scalar.exchange(0), kAllFail) << "the destruction did not try to allocate";
+  EXPECT_EQ(counts.destroyed.load(), kScopes);
+  EXPECT_EQ(counts.alive(), 0);
+  // A new registry starts empty in those scopes, and their ends find nothing left over.
+  auto again = make(counts);
+  for (const CapturedScope& scope : scopes) {
+    scope.run([&] {
+      EXPECT_FALSE(again->has());
+      (*again)();
+    });
+  }
+  EXPECT_EQ(counts.alive(), kScopes);
+  scopes.clear();
+  EXPECT_EQ(counts.alive(), 0);
+  EXPECT_EQ(counts.made.load(), 2 * kScopes);
+}
+
+TEST(AllocationFailure, ASlotRegistryDestroyedWithNoMemoryLeftDestroysEveryValueOnce) {
+  DestroyRegistryWithNoMemoryLeft<ExplicitScope>([](Counts& counts) {
+    return std::make_unique<ScopedRegistry<Counted, ExplicitScope>>(
+        [&counts] { return Counted(counts); });
+  });
+}
+
+TEST(AllocationFailure, ATokenKeyedRegistryDestroyedWithNoMemoryLeftDestroysEveryValueOnce) {
+  DestroyRegistryWithNoMemoryLeft<FuncScope>([](Counts& counts) {
+    return std::make_unique<ScopedRegistry<Counted, FuncScope>>(
+        [&counts] { return Counted(counts); }, ExplicitScope::func());
+  });
 }
 
 // A SessionCache publishes each new name in a fresh copy of its name index. Running out

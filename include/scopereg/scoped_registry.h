@@ -31,7 +31,9 @@
 // switch hook (scope_switch.h) is running on another thread at that moment is destroyed
 // when the hook returns, on that thread, after the registry's destructor has returned
 // (code that unloads a plugin holding the registry must first stop the threads that
-// switch scopes holding its hooked values).
+// switch scopes holding its hooked values). The destruction allocates nothing it cannot
+// do without: out of memory, it still destroys every value, exactly once (some earlier
+// than it otherwise would, between its visits of the scopes).
 //
 // T: any object type; it need not be copyable or movable (values are built in place).
 // Concurrent use of one value from several threads (possible only when a scope is shared,

@@ -22,6 +22,7 @@
 #ifndef SCOPEREG_INTERNAL_KEYED_STORE_H_
 #define SCOPEREG_INTERNAL_KEYED_STORE_H_
 
+#include <array>
 #include <atomic>
 #include <cassert>
 #include <cstdint>
@@ -78,24 +79,49 @@ class KeyedStore final : public RegistryRecord {
   KeyedStore() { subscribe_to_scope_ends(); }
 
   ~KeyedStore() {
-    std::vector<NodeBase*> nodes;
-    // After this no scope end or copy reaches us; then take back what dying scopes hold.
-    leave_index<Token>([this, &nodes] {
-      std::vector<Token> bound;
-      for (Shard& shard : shards_) {
-        MutexLock lock(shard.mu);
-        for (auto& [token, entry] : shard.map) {
-          if (entry.node != nullptr) {
-            nodes.push_back(entry.node);
-            bound.push_back(token);
+    DeferredReleases nodes;
+    // Every entry out of the maps, its binding dropped, under the process mutex (so that
+    // no copy_bound() shares a value meanwhile): afterwards no scope end or copy reaches
+    // this store. A batch of entries at a time, each moved out of its map whole (no
+    // allocation: out of memory, a destruction must still finish); the bindings dropped
+    // once the shard's lock is free (the index is locked before a store's shards, never
+    // after), the values kept in `nodes` (or, with no memory left to list them, released
+    // between batches, with no lock held).
+    bool unsubscribed = false;
+    for (bool more = true; more;) {
+      std::array<typename Map::node_type, kTakeBatch> taken;
+      std::size_t n = 0;
+      {
+        MutexLock lock(g_process_mutex);
+        if (!unsubscribed) {
+          unsubscribe_locked();
+          unsubscribed = true;
+        }
+        for (Shard& shard : shards_) {
+          MutexLock shard_lock(shard.mu);
+          while (n < kTakeBatch && !shard.map.empty()) {
+            auto it = shard.map.begin();
+            if (it->second.node != nullptr) {
+              forget(it->second);
+              count(shard, -1);
+            }
+            taken[n++] = shard.map.extract(it);  // a creation mark goes too (misuse)
           }
         }
-        shard.map.clear();
+        more = n == kTakeBatch;
+        for (std::size_t i = 0; i < n; ++i) {
+          if (taken[i].mapped().node != nullptr) unbind(TokenRef::of(taken[i].key()));
+        }
+        if (!more) drop_leftover_bindings();
       }
-      return bound;
-    });
+      for (std::size_t i = 0; i < n; ++i) {
+        NodeBase* const node = taken[i].mapped().node;
+        if (node != nullptr && !nodes.add(node)) release(node);
+      }
+    }
+    // Then take back what dying scopes hold.
     retire(nodes);
-    for (NodeBase* n : nodes) release(n);
+    nodes.flush();
   }
 
   // Lock-free for ScopeToken keys on a cache hit; otherwise one shard lock.
@@ -137,6 +163,10 @@ class KeyedStore final : public RegistryRecord {
     std::uint64_t creator_thread = 0;  // its current_thread_serial() (fork: gone or not)
   };
   static constexpr std::uint64_t kManyThreads = ~std::uint64_t{0};
+  // std::unordered_map, not absl::flat_hash_map: see Shard::map.
+  using Map = std::unordered_map<Token, Entry, absl::Hash<Token>>;
+  // Entries the destructor moves out of the maps at a time.
+  static constexpr std::size_t kTakeBatch = 32;
   struct alignas(64) Shard {
     Mutex mu;
     CondVar cv;
@@ -144,7 +174,7 @@ class KeyedStore final : public RegistryRecord {
     // flat_hash_map corrupt when the allocation for its growth throws (its next growth
     // frees memory it does not own), and an insert here must survive running out of
     // memory (the caller gets std::bad_alloc, the store stays usable).
-    std::unordered_map<Token, Entry, absl::Hash<Token>> map ABSL_GUARDED_BY(mu);
+    Map map ABSL_GUARDED_BY(mu);
     std::atomic<std::int64_t> live{0};  // values in `map`; written under mu
   };
   static constexpr int kShardBits = 4;

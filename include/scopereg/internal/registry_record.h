@@ -141,6 +141,42 @@ class DyingList {
   bool registered_ ABSL_GUARDED_BY(domain_.mu) = false;
 };
 
+// DeferredReleases
+//
+// Values taken out of a registry being destroyed, released (release(), node.h) together
+// once no lock is held. Never throws: when no memory is left to list one more value,
+// add() refuses it, and the caller, with its locks dropped, flush()es what it holds and
+// goes on. A destruction therefore never stops half-way for want of memory; it only
+// destroys some values earlier than it otherwise would.
+class DeferredReleases {
+ public:
+  DeferredReleases() = default;
+  DeferredReleases(const DeferredReleases&) = delete;
+  DeferredReleases& operator=(const DeferredReleases&) = delete;
+  ~DeferredReleases() { flush(); }
+
+  // Lists `node`; false (nothing listed) when no memory is left to.
+  [[nodiscard]] bool add(NodeBase* node) noexcept {
+    if (nodes_.size() == nodes_.capacity()) {
+      try {
+        nodes_.reserve(2 * nodes_.size());
+      } catch (const std::bad_alloc&) {
+        return false;
+      }
+    }
+    nodes_.push_back(node);
+    return true;
+  }
+  // Releases every listed value, here: call with no lock held.
+  void flush() noexcept {
+    for (NodeBase* node : nodes_) release(node);
+    nodes_.clear();
+  }
+
+ private:
+  absl::InlinedVector<NodeBase*, 32> nodes_;
+};
+
 class RegistryRecord {
  public:
   RegistryRecord();
@@ -152,25 +188,21 @@ class RegistryRecord {
 
   // Called by the derived destructor once no new scope end can reach this registry: visits
   // every domain; in each, with its mutex held, calls `in_domain(domain)` (the slot
-  // backend empties its slots in that domain's scopes there), takes every value of this
-  // registry that dying scopes have not started destroying (appended to `out`), and waits
-  // for those they have.
-  void retire(std::vector<NodeBase*>& out,
-              absl::FunctionRef<void(Domain&)> in_domain = [](Domain&) {});
+  // backend empties its slots in that domain's scopes there, into `out`; it returns false
+  // when `out` refused a value), takes every value of this registry that dying scopes
+  // have not started destroying (into `out`), and waits for those they have. Allocates
+  // nothing itself: when `out` refuses a value (no memory left), the domain's mutex is
+  // dropped, `out` is flushed, and the domain visited again.
+  void retire(DeferredReleases& out, absl::FunctionRef<bool(Domain&)> in_domain =
+                                         [](Domain&) { return true; });
   // Registers a token-keyed registry: fork() locks it (lock_for_fork), and a forked
   // child drops it if it lived on a thread that is gone.
   void subscribe_to_scope_ends() ABSL_LOCKS_EXCLUDED(g_process_mutex);
-  // The first part of a token-keyed registry's destruction: under the process mutex (so
-  // that no copy_bound() is sharing its values meanwhile), unsubscribes, calls
-  // `take_all()` (which empties the registry and returns the tokens it held values for)
-  // and drops their bindings. Afterwards no scope end or copy reaches the registry.
-  template <typename Token, typename TakeAll>
-  void leave_index(TakeAll&& take_all) ABSL_LOCKS_EXCLUDED(g_process_mutex) {
-    MutexLock lock(g_process_mutex);
-    unsubscribe_locked();
-    for (const Token& token : take_all()) unbind(TokenRef::of(token));
-    drop_leftover_bindings();
-  }
+  // The first step of a token-keyed registry's destruction, with the process mutex held
+  // (so that no copy_bound() is sharing one of its values meanwhile): fork() no longer
+  // reaches it. The registry then takes its values out, dropping each one's binding, under
+  // the same lock: afterwards no scope end or copy reaches it.
+  void unsubscribe_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
 
   // Bindings (token-keyed registries): records that this registry holds a value for
   // `token` / no longer does. Call with none of the registry's own locks held. Bindings
@@ -215,8 +247,6 @@ class RegistryRecord {
   // In a forked child (every lock free, the process mutex held): drops the values being
   // created by threads that are gone (thread_gone_in_child in fork.h).
   virtual void forget_gone_creators_in_child() {}
-
-  void unsubscribe_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_process_mutex);
 
   bool subscribed_ ABSL_GUARDED_BY(g_process_mutex) = false;
 };
