@@ -268,10 +268,9 @@ void ScopeState::hooked_not_in(const ScopeState* other,
   });
 }
 
-void ScopeState::share_from(ScopeState& from) {
-  if (&from == this) return;
-  // A scope with no slot value has nothing to share: no lock. (values_ is read relaxed: a
-  // value created in `from` that happens-before this copy is seen; one created
+void ScopeState::share_values_from(ScopeState& from) {
+  // A scope with no slot value has no slot value to share: no lock. (values_ is read
+  // relaxed: a value created in `from` that happens-before this copy is seen; one created
   // concurrently may or may not be, as with the locked path.)
   if (from.values_.load(std::memory_order_relaxed) != 0) {
     // Both scopes locked (in address order: the only place two scope mutexes are held),
@@ -496,14 +495,7 @@ void ScopeState::leave_domain() noexcept {
 void ScopeState::end_impl(bool for_reuse) noexcept {
   // A scope ended for reuse is one no code can reach any more; any other may still get
   // values from its own values' destructors, hence the rounds.
-  const bool reachable = !for_reuse;
-  if (for_reuse && values_.load(std::memory_order_relaxed) == 0 &&
-      (!any_keyed_registry() || !has_bound_at(placement_of(token_)))) {
-    // The common request scope with no value left: nothing to take, no lock. Unreachable,
-    // so only a registry's destructor can change values_ now, and only downwards.
-    // (closing_ stays as it is: no creator can reach this scope any more.)
-    return;
-  }
+  const bool reachable = !for_reuse;  // (end_for_reuse() returned early if nothing to end)
   // A pass cut short because no memory was left to list another value (DyingList::add
   // must not fail once a value is out of its slot) destroys what it took and goes on:
   // the list keeps room for two values without allocating, so every pass takes some. Such

@@ -126,6 +126,10 @@ class ScopeState {
   // linked and empty, to be given a new life with reuse() (ExplicitScope recycles its
   // records per thread) or destroyed after leave_domain().
   void end_for_reuse() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) {
+    // The common request scope with no value left: nothing to take, no lock, no call.
+    // Unreachable, so only a registry's destructor can change values_ now, and only
+    // downwards. (closing_ stays as it is: no creator can reach this scope any more.)
+    if (holds_nothing()) [[likely]] return;
     end_impl(/*for_reuse=*/true);
   }
   // A new life under a new token, after end_for_reuse(), by the only owner of the state.
@@ -138,7 +142,10 @@ class ScopeState {
   // Binds in this scope every value `from` binds, for each registry where this scope has
   // none (values are shared, not copied: see node.h), slot-based and token-keyed alike.
   // Holds both scopes' mutexes at once, taken in address order.
-  void share_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_);
+  // Inline when `from` holds no value (a copy of an empty scope).
+  void share_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_) {
+    if (&from != this && !from.holds_nothing()) share_values_from(from);
+  }
   // Tells the analysis that this scope's mutex is held (by a caller that locked it through
   // another name).
   void assert_held() const ABSL_ASSERT_EXCLUSIVE_LOCK(mu_) {}
@@ -165,6 +172,15 @@ class ScopeState {
     std::uint64_t thread;  // current_thread_serial() of the creator (fork: gone or not)
   };
   static constexpr std::uint32_t kNoIndex = ~std::uint32_t{0};
+  // Whether this scope binds no value, slot-based or token-keyed. No lock: values_ is read
+  // relaxed (a value stored before, in happens-before order, is seen; one stored
+  // concurrently may or may not be) and the binding index's shard size once.
+  bool holds_nothing() const noexcept {
+    return values_.load(std::memory_order_relaxed) == 0 &&
+           (!any_keyed_registry() || !has_bound_at(placement_of(token_)));
+  }
+  // share_from() past its inline check.
+  void share_values_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_);
   void store(SlotId slot, NodeBase* node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // share_from() into a scope holding no value whose inline place is free (both mutexes
   // held).
