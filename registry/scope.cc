@@ -6,7 +6,7 @@ namespace scopereg {
 
 namespace internal {
 namespace {
-constexpr char kScopeTokenTag = 0;
+char kScopeTokenTag = 0;  // writable: never folded with other data (token_ref.h)
 }  // namespace
 
 template <>

@@ -364,7 +364,7 @@ struct BindingBase {
 template <typename E>
 struct Binding final : BindingBase {
   using Key = E;  // found by the executor itself
-  static constexpr char kTag = 0;
+  static inline char kTag = 0;  // writable: never folded with other data (token_ref.h)
   Binding(AsioTask* t, const E& e) : BindingBase{&kTag, nullptr, t}, inner(e) {}
   const E& key() const noexcept { return inner; }
   const E inner;
@@ -378,7 +378,7 @@ template <typename E>
 struct TrackedBinding final : BindingBase {
   using Key = untracked_t<E>;
   static_assert(is_asio_bits_executor_v<Key> && static_work<Key>() == StaticWork::kUntracked);
-  static constexpr char kTag = 0;
+  static inline char kTag = 0;  // writable: never folded with other data (token_ref.h)
   TrackedBinding(AsioTask* t, Key k) : BindingBase{&kTag, nullptr, t}, key_(std::move(k)) {}
   const Key& key() const noexcept { return key_; }
 

@@ -18,9 +18,12 @@ class ScopeToken;
 
 namespace scopereg::internal {
 
-// One distinct address per type: tokens of different types never match.
+// One distinct address per type: tokens of different types never match. Writable on
+// purpose: a linker folding identical read-only data (MSVC's /OPT:ICF, lld's --icf=all
+// with --ignore-data-address-equality) could give two types' constant tags one address;
+// writable data is never folded. Never written.
 template <typename K>
-inline constexpr char kTokenTypeTag = 0;
+inline char kTokenTypeTag = 0;
 
 template <typename K>
 const void* token_type_tag() noexcept {
