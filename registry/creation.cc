@@ -4,7 +4,9 @@
 #include <exception>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <string>
+#include <string_view>
 
 #include "scopereg/error.h"
 
@@ -94,6 +96,22 @@ void report_to(const std::function<void(const absl::Status&)>& reporter,
     rethrow_if_unwinding();
   }
   report_to_stderr(status);
+}
+
+void report_without_memory(std::string_view context, std::string_view what) noexcept {
+  std::fprintf(stderr, "scopereg: %.*s: %.*s (out of memory: the error could not be described)\n",
+               static_cast<int>(context.size()), context.data(), static_cast<int>(what.size()),
+               what.data());
+}
+
+void describe_current_exception_to(std::string* out) noexcept {
+  try {
+    *out = describe_current_exception();
+  } catch (const std::bad_alloc&) {
+    // Short enough for the string's own inline buffer: assigning it cannot allocate.
+    static_assert(sizeof("out of memory") <= 16);
+    out->assign("out of memory");
+  }
 }
 
 void report_to_stderr(const absl::Status& status) {

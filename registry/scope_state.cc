@@ -89,6 +89,11 @@ SlotRegistry::SlotRegistry() {
   install_fork_handlers();
   Slots& s = slots();
   MutexLock lock(g_process_mutex);
+  // Room for every index ever handed out, so that the destructor's push_back cannot
+  // allocate (it must not throw).
+  if (s.free_indices.capacity() <= s.next_index) {
+    s.free_indices.reserve(std::max<std::size_t>(2 * s.free_indices.capacity(), 16));
+  }
   if (!s.free_indices.empty()) {
     index_ = s.free_indices.back();
     s.free_indices.pop_back();
@@ -123,12 +128,7 @@ SlotRegistry::~SlotRegistry() {
   {
     MutexLock lock(g_process_mutex);
     set_registry_at(index_, nullptr);
-    try {
-      slots().free_indices.push_back(index_);
-    } catch (const std::bad_alloc&) {
-      // No memory to list the index for reuse: it stays unused (a new registry takes the
-      // next one).
-    }
+    slots().free_indices.push_back(index_);  // room reserved by the constructor
   }
   nodes.flush();
 }

@@ -38,7 +38,8 @@ void report_hook_failure(const char* what) noexcept {
     report_to_stderr(absl::InternalError(std::string("scopereg: a scope-switch ") + what +
                                          " threw; the switch went on: " +
                                          describe_current_exception()));
-  } catch (...) {
+  } catch (...) {  // no memory for the message
+    report_without_memory("a scope-switch hook threw", what);
   }
 }
 

@@ -6,10 +6,11 @@
 
 #include <atomic>
 #include <chrono>
-#include <functional>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "counted.h"
 #include "gtest/gtest.h"
 #include "scopereg/explicit_scope.h"
+#include "scopereg/pool.h"
 #include "scopereg/scoped_registry.h"
 #include "scopereg/session_cache.h"
 
@@ -200,7 +202,8 @@ TEST(AllocationFailure, ATokenKeyedCreationOutOfMemoryAnywhereLeavesNothingHalfM
 // and the scopes that held them go on working. (It used to call std::terminate: a
 // destructor cannot throw std::bad_alloc.)
 template <typename Strategy>
-void DestroyRegistryWithNoMemoryLeft(std::function<std::unique_ptr<ScopedRegistry<Counted, Strategy>>(Counts&)> make) {
+void DestroyRegistryWithNoMemoryLeft(
+    std::function<std::unique_ptr<ScopedRegistry<Counted, Strategy>>(Counts&)> make) {
   constexpr int kScopes = 100;
   constexpr int kAllFail = 1 << 30;
   Counts counts;
@@ -267,6 +270,67 @@ TEST(AllocationFailure, ASessionCacheNameAddedWithNoMemoryLeftFailsCleanly) {
   }
   EXPECT_GT(failed, 0);
   for (int i = 0; i < kNames; ++i) EXPECT_EQ(cache.get("name" + std::to_string(i)), i);
+}
+
+// A TeardownGuard ends a unit of work: every used name's teardown hook, then its close. A
+// hook that throws is reported, never thrown (the guard is in a destructor). With no
+// memory left even to describe the failure, the guard still closes every value, and the
+// failure still reaches stderr in a line built without allocating. (Describing it used to
+// throw std::bad_alloc out of the destructor: std::terminate.)
+TEST(AllocationFailure, ATeardownWithNoMemoryLeftClosesEveryValueAndStillReports) {
+  constexpr int kAllFail = 1 << 30;
+  SessionCache<int, ExplicitScope> cache;
+  int closed = 0;
+  for (const char* name : {"first", "second"}) {
+    cache.add(name, {.factory = [] { return 7; },
+                     .close = [&closed](int&) {
+                       ++closed;
+                       throw std::runtime_error("close failed");
+                     },
+                     .teardown = [](int&, bool) { throw std::runtime_error("teardown failed"); }});
+  }
+  ScopeGuard scope(fresh_scope);
+  ::testing::internal::CaptureStderr();
+  {
+    SessionCache<int, ExplicitScope>::TeardownGuard teardown(cache);
+    cache.get("first");
+    cache.get("second");
+    g_fail_scalar = kAllFail;  // every allocation from here on fails
+  }
+  const int left = g_fail_scalar.exchange(0);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_LT(left, kAllFail) << "the teardown did not try to allocate";
+  EXPECT_EQ(closed, 2);
+  EXPECT_TRUE(cache.used().empty());
+  EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
+}
+
+// ~Pool closes the idle objects through the close hook; a hook that throws is reported.
+// With no memory left, every object is still closed and the failures still reach stderr.
+// (~Pool made a std::deque, which allocates in libstdc++ even when empty: std::terminate.)
+TEST(AllocationFailure, APoolDestroyedWithNoMemoryLeftClosesEveryObjectAndStillReports) {
+  constexpr int kAllFail = 1 << 30;
+  int closed = 0;
+  auto pool = std::make_unique<Pool<int>>(PoolOptions<int>{
+      .connect = [] { return 1; },
+      .close = [&closed](int&) {
+        ++closed;
+        throw std::runtime_error("close failed");
+      },
+      .pool_size = 40});
+  {
+    std::vector<Pool<int>::Lease> out;
+    for (int i = 0; i < 40; ++i) out.push_back(pool->checkout());
+  }  // all 40 back: some parked, the rest idle (more than dispose() closes in one batch)
+  ::testing::internal::CaptureStderr();
+  g_fail_scalar = kAllFail;
+  pool.reset();
+  const int left = g_fail_scalar.exchange(0);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_LT(left, kAllFail) << "the pool's end did not try to allocate";
+  EXPECT_EQ(closed, 40);
+  EXPECT_NE(err.find("close failed"), std::string::npos) << err;
+  EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
 }
 
 }  // namespace

@@ -1087,9 +1087,14 @@ class TaskLife {
     try {
       teardown_(std::make_exception_ptr(TaskAbandoned()));
     } catch (...) {
-      scopereg::internal::report_to_stderr(absl::InternalError(
-          "scopereg::asio: the teardown of a task destroyed before it finished threw: " +
-          scopereg::internal::describe_current_exception()));
+      try {
+        scopereg::internal::report_to_stderr(absl::InternalError(
+            "scopereg::asio: the teardown of a task destroyed before it finished threw: " +
+            scopereg::internal::describe_current_exception()));
+      } catch (const std::bad_alloc&) {
+        scopereg::internal::report_without_memory(
+            "scopereg::asio", "the teardown of a task destroyed before it finished threw");
+      }
     }
   }  // then pin_ goes: the task may end here
   Body& body() noexcept { return body_; }

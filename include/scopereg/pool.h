@@ -35,11 +35,13 @@
 // * Hooks may throw. `connect` and `on_checkout` errors reach the caller of checkout()
 //   (the object, if any, is closed; nothing leaks, limits stay exact). Errors of `on_wait`
 //   and of hooks run at return or close go to `error_reporter` (default: one line on
-//   stderr), never lost.
+//   stderr), never lost: with no memory left to build the report, a line naming the pool
+//   and the hook goes to stderr, written without allocating.
 // * dispose() closes every idle object now; objects checked out at that moment are closed
 //   when returned. The pool stays usable.
 // * Lifetime: a Lease keeps the pool's state alive; a Lease returned after the Pool was
-//   destroyed closes its object. Destroying the Pool closes its idle objects.
+//   destroyed closes its object. Destroying the Pool closes its idle objects (allocating
+//   nothing: it finishes even with no memory left).
 //
 // Waiting: a checkout that must wait blocks its thread on a condition variable; inside a
 // scopereg Fiber it yields instead (polling every resume until the deadline), so other
@@ -71,6 +73,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <new>
 #include <string>
 #include <thread>
 #include <utility>
@@ -242,8 +245,7 @@ class Pool {
         return too_old(item);
       } catch (...) {
         internal::rethrow_if_unwinding();
-        report("clock failed on return (the object is closed): " +
-               internal::describe_current_exception());
+        report_exception("clock failed on return (the object is closed): ");
         return true;
       }
     }
@@ -317,6 +319,7 @@ class Pool {
       }
     };
     static constexpr std::size_t kParks = 16;
+    static constexpr std::size_t kCloseBatch = 16;  // idle objects dispose() closes at a time
     Park& my_park() { return parks[internal::current_thread_serial() % kParks]; }
 
     // Counts a waiting checkout while it lives (returns do not park while anyone waits).
@@ -489,7 +492,7 @@ class Pool {
         options.on_wait(waited);
       } catch (...) {
         internal::rethrow_if_unwinding();
-        report("on_wait failed (ignored): " + internal::describe_current_exception());
+        report_exception("on_wait failed (ignored): ");
       }
     }
 
@@ -561,7 +564,7 @@ class Pool {
           options.close(item->value);
         } catch (...) {
           internal::rethrow_if_unwinding();
-          report("close failed: " + internal::describe_current_exception());
+          report_exception("close failed: ");
         }
       }
       item.reset();
@@ -677,8 +680,7 @@ class Pool {
       } catch (...) {
         internal::rethrow_if_unwinding();
         item.broken = true;
-        report(std::string(what) + " failed (the object is closed, not reused): " +
-               internal::describe_current_exception());
+        report_exception(what, " failed (the object is closed, not reused): ");
       }
     }
 
@@ -690,16 +692,17 @@ class Pool {
     }
 
     void dispose(bool close_them) {
-      std::deque<std::unique_ptr<Item>> closing;
+      // Fixed room only, nothing allocated: ~Pool calls this and cannot throw. (Not even a
+      // std::deque to swap the idle objects into: libstdc++'s allocates when it is made.)
       std::array<std::unique_ptr<Item>, kParks> parked;
       std::size_t parked_count = 0;
+      std::uint64_t next = 0;
       {
         internal::MutexLock lock(mu);
-        const std::uint64_t next = generation.load(std::memory_order_relaxed) + 1;
+        next = generation.load(std::memory_order_relaxed) + 1;
         generation.store(next, std::memory_order_seq_cst);  // before the slots: see park()
-        closing.swap(idle);
-        // One pass, into fixed room (no allocation: ~Pool cannot throw): a return that
-        // parks after the pass sees the new generation and takes its object back (park()).
+        // One pass: a return that parks after it sees the new generation and takes its
+        // object back (park()).
         for (Park& park : parks) {
           if (Item* item = park.item.exchange(nullptr, std::memory_order_seq_cst)) {
             parked[parked_count++].reset(item);
@@ -708,21 +711,41 @@ class Pool {
         }
         if (!close_them) {
           forget_below.store(next, std::memory_order_release);
-          total -= closing.size() + parked_count;
-          for (auto& item : closing) forget(std::move(item));
+          total -= idle.size() + parked_count;
+          for (auto& item : idle) forget(std::move(item));
+          idle.clear();
           for (std::size_t i = 0; i < parked_count; ++i) forget(std::move(parked[i]));
           cv.notify_all();
           return;
         }
-        stat.closes += closing.size() + parked_count;
-      }
-      for (auto& item : closing) {
-        close(std::move(item));
-        closed_one();  // counts against the limits until its close has finished
+        stat.closes += parked_count;
       }
       for (std::size_t i = 0; i < parked_count; ++i) {
         close(std::move(parked[i]));
-        closed_one();
+        closed_one();  // counts against the limits until its close has finished
+      }
+      // The idle objects, a batch at a time; only those of older generations (objects made
+      // since may have come back meanwhile).
+      for (;;) {
+        std::array<std::unique_ptr<Item>, kCloseBatch> batch;
+        std::size_t n = 0;
+        {
+          internal::MutexLock lock(mu);
+          for (auto it = idle.begin(); it != idle.end() && n < batch.size();) {
+            if ((*it)->generation < next) {
+              batch[n++] = std::move(*it);
+              it = idle.erase(it);
+            } else {
+              ++it;
+            }
+          }
+          stat.closes += n;
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+          close(std::move(batch[i]));
+          closed_one();
+        }
+        if (n < batch.size()) break;
       }
     }
 
@@ -747,9 +770,17 @@ class Pool {
       return s;
     }
 
-    void report(const std::string& what) {
-      internal::report_to(options.error_reporter,
-                          absl::UnknownError("Pool '" + options.name + "': " + what));
+    // Reports the exception in flight (call from a catch block), after `what` and `more`.
+    // Out of memory, one line goes to stderr instead: never std::bad_alloc. (A fiber's
+    // unwinding from the reporter goes on: internal::report_to.)
+    void report_exception(const char* what, const char* more = "") {
+      try {
+        internal::report_to(options.error_reporter,
+                            absl::UnknownError("Pool '" + options.name + "': " + what + more +
+                                               internal::describe_current_exception()));
+      } catch (const std::bad_alloc&) {
+        internal::report_without_memory(options.name, what);
+      }
     }
 
     const Options options;

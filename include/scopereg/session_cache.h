@@ -84,6 +84,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -206,7 +207,7 @@ class SessionCache {
   // Closes and removes every value the calling scope used, in reverse order of first use.
   // Never stops half-way; returns OK or a status naming every failure.
   absl::Status clear_for_current_scope() {
-    std::vector<std::string> failures;
+    Failures failures;
     clear_used(failures, nullptr);
     return to_status(failures);
   }
@@ -228,7 +229,9 @@ class SessionCache {
   // The end of a unit of work (Flask's teardown_appcontext): on destruction, calls every
   // used name's teardown hook with whether the work succeeded (no exception escaped the
   // guard's scope, and fail() was not called), in reverse order of first use, then
-  // clear_for_current_scope(). Never throws: failures go to the cache's error reporter.
+  // clear_for_current_scope(). Never throws: failures go to the cache's error reporter
+  // (with no memory left to describe them, a line on stderr says so; every value is still
+  // torn down and closed).
   class TeardownGuard {
    public:
     explicit TeardownGuard(SessionCache& cache)
@@ -237,9 +240,9 @@ class SessionCache {
     TeardownGuard& operator=(const TeardownGuard&) = delete;
     ~TeardownGuard() {
       const bool success = !failed_ && std::uncaught_exceptions() == exceptions_;
-      std::vector<std::string> failures;
+      Failures failures;
       cache_.clear_used(failures, &success);
-      if (!failures.empty()) cache_.report(to_status(failures));
+      cache_.report(failures);
     }
     // Marks the work as failed: teardown hooks are told success = false.
     void fail() { failed_ = true; }
@@ -577,8 +580,8 @@ class SessionCache {
         return true;
       } catch (...) {
         internal::rethrow_if_unwinding();
-        *error = internal::describe_current_exception();
         slot->mark_broken();  // a pooled object in an unknown state is not reused
+        internal::describe_current_exception_to(error);
         return false;
       }
     }
@@ -598,7 +601,7 @@ class SessionCache {
         return true;
       } catch (...) {
         internal::rethrow_if_unwinding();
-        *error = internal::describe_current_exception();
+        internal::describe_current_exception_to(error);
         return false;
       }
     }
@@ -695,7 +698,23 @@ class SessionCache {
 
   // Teardown hooks (when `success` is given), then close + remove, both in reverse order
   // of first use; every failure is collected, nothing stops the loop.
-  void clear_used(std::vector<std::string>& failures, const bool* success) {
+  // What a teardown or clear failed at. Never throws: a failure whose message cannot be
+  // made for want of memory is counted instead (and reported as such).
+  struct Failures {
+    std::vector<std::string> messages;
+    int undescribed = 0;
+
+    void add(const Entry& entry, const char* what, const std::string& error) noexcept {
+      try {
+        messages.push_back(entry.name() + what + error);
+      } catch (const std::bad_alloc&) {
+        ++undescribed;
+      }
+    }
+    bool empty() const noexcept { return messages.empty() && undescribed == 0; }
+  };
+
+  void clear_used(Failures& failures, const bool* success) {
     UsedList* list = used_.find();
     if (list == nullptr) return;
     UsedList names;
@@ -706,25 +725,38 @@ class SessionCache {
     std::string error;
     if (success != nullptr) {
       for (auto it = names.rbegin(); it != names.rend(); ++it) {
-        if (!(*it)->teardown(*success, &error)) {
-          failures.push_back((*it)->name() + ": teardown failed: " + error);
-        }
+        if (!(*it)->teardown(*success, &error)) failures.add(**it, ": teardown failed: ", error);
       }
     }
     for (auto it = names.rbegin(); it != names.rend(); ++it) {
-      if (!(*it)->close_and_remove(&error)) {
-        failures.push_back((*it)->name() + ": close failed: " + error);
-      }
+      if (!(*it)->close_and_remove(&error)) failures.add(**it, ": close failed: ", error);
     }
   }
 
-  static absl::Status to_status(const std::vector<std::string>& failures) {
+  static absl::Status to_status(const Failures& failures) {
     if (failures.empty()) return absl::OkStatus();
-    std::string message = std::to_string(failures.size()) + " failure(s): ";
-    for (std::size_t i = 0; i < failures.size(); ++i) {
-      message += (i ? "; " : "") + failures[i];
+    const std::vector<std::string>& messages = failures.messages;
+    std::string message =
+        std::to_string(messages.size() + failures.undescribed) + " failure(s): ";
+    for (std::size_t i = 0; i < messages.size(); ++i) {
+      message += (i ? "; " : "") + messages[i];
+    }
+    if (failures.undescribed > 0) {
+      message += (messages.empty() ? "" : "; ") + std::to_string(failures.undescribed) +
+                 " not described (out of memory)";
     }
     return absl::UnknownError(message);
+  }
+
+  // Reports `failures` (if any) to the error reporter. Never throws: with no memory left
+  // to build the report, one line goes to stderr instead.
+  void report(const Failures& failures) noexcept {
+    if (failures.empty()) return;
+    try {
+      report(to_status(failures));
+    } catch (const std::bad_alloc&) {
+      internal::report_without_memory("SessionCache", "a teardown or close failed");
+    }
   }
 
   void report(const absl::Status& status) {

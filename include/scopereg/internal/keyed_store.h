@@ -80,44 +80,46 @@ class KeyedStore final : public RegistryRecord {
 
   ~KeyedStore() {
     DeferredReleases nodes;
-    // Every entry out of the maps, its binding dropped, under the process mutex (so that
-    // no copy_bound() shares a value meanwhile): afterwards no scope end or copy reaches
-    // this store. A batch of entries at a time, each moved out of its map whole (no
-    // allocation: out of memory, a destruction must still finish); the bindings dropped
-    // once the shard's lock is free (the index is locked before a store's shards, never
-    // after), the values kept in `nodes` (or, with no memory left to list them, released
-    // between batches, with no lock held).
-    bool unsubscribed = false;
-    for (bool more = true; more;) {
-      std::array<typename Map::node_type, kTakeBatch> taken;
-      std::size_t n = 0;
+    // Every entry out of the maps, its binding dropped, all under one hold of the process
+    // mutex (so that no copy_bound() shares a value meanwhile, and fork() sees the store
+    // whole or gone); then unsubscribed: afterwards no scope end or copy reaches it. A
+    // batch of entries at a time, each moved out of its map whole (no allocation: out of
+    // memory, a destruction must still finish), its binding dropped once the shard's lock
+    // is free (the index is locked before a store's shards, never after), its value kept
+    // in `nodes`. Only when `nodes` cannot take one more (no memory left) is the process
+    // mutex dropped, those values released, and the work resumed, the store still
+    // subscribed and its remaining values still bound.
+    for (bool done = false; !done;) {
+      std::array<NodeBase*, kTakeBatch> refused;
+      std::size_t refused_count = 0;
       {
         MutexLock lock(g_process_mutex);
-        if (!unsubscribed) {
-          unsubscribe_locked();
-          unsubscribed = true;
-        }
-        for (Shard& shard : shards_) {
-          MutexLock shard_lock(shard.mu);
-          while (n < kTakeBatch && !shard.map.empty()) {
-            auto it = shard.map.begin();
-            if (it->second.node != nullptr) {
-              forget(it->second);
-              count(shard, -1);
+        while (!done && refused_count == 0) {
+          std::array<typename Map::node_type, kTakeBatch> taken;
+          std::size_t n = 0;
+          for (Shard& shard : shards_) {
+            MutexLock shard_lock(shard.mu);
+            while (n < kTakeBatch && !shard.map.empty()) {
+              auto it = shard.map.begin();
+              // (No cache needs forgetting: store ids are never reused.)
+              if (it->second.node != nullptr) count(shard, -1);
+              taken[n++] = shard.map.extract(it);  // a creation mark goes too (misuse)
             }
-            taken[n++] = shard.map.extract(it);  // a creation mark goes too (misuse)
+          }
+          for (std::size_t i = 0; i < n; ++i) {
+            NodeBase* const node = taken[i].mapped().node;
+            if (node == nullptr) continue;
+            unbind(TokenRef::of(taken[i].key()));
+            if (!nodes.add(node)) refused[refused_count++] = node;
+          }
+          if (n < kTakeBatch) {  // every map is empty
+            unsubscribe_locked();
+            drop_leftover_bindings();
+            done = true;
           }
         }
-        more = n == kTakeBatch;
-        for (std::size_t i = 0; i < n; ++i) {
-          if (taken[i].mapped().node != nullptr) unbind(TokenRef::of(taken[i].key()));
-        }
-        if (!more) drop_leftover_bindings();
       }
-      for (std::size_t i = 0; i < n; ++i) {
-        NodeBase* const node = taken[i].mapped().node;
-        if (node != nullptr && !nodes.add(node)) release(node);
-      }
+      for (std::size_t i = 0; i < refused_count; ++i) release(refused[i]);
     }
     // Then take back what dying scopes hold.
     retire(nodes);

@@ -126,7 +126,8 @@ class ScopeState {
   // linked and empty, to be given a new life with reuse() (ExplicitScope recycles its
   // records per thread) or destroyed after leave_domain().
   void end_for_reuse() noexcept ABSL_LOCKS_EXCLUDED(domain_.mu, mu_) {
-    // The common request scope with no value left: nothing to take, no lock, no call.
+    // The common request scope with no value left: nothing to take, no lock (and no call
+    // while no token-keyed registry exists).
     // Unreachable, so only a registry's destructor can change values_ now, and only
     // downwards. (closing_ stays as it is: no creator can reach this scope any more.)
     if (holds_nothing()) [[likely]] return;
