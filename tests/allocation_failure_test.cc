@@ -305,6 +305,36 @@ TEST(AllocationFailure, ATeardownWithNoMemoryLeftClosesEveryValueAndStillReports
   EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
 }
 
+// Destroying a SessionCache closes every value in every scope through the close hook; a
+// hook that throws is reported. With no memory left, every value is still closed and
+// destroyed, and the failure still reaches stderr. (Describing it used to throw
+// std::bad_alloc out of the value's destructor: std::terminate.)
+TEST(AllocationFailure, ASessionCacheDestroyedWithNoMemoryLeftClosesEveryValue) {
+  constexpr int kAllFail = 1 << 30;
+  constexpr int kScopes = 10;
+  Counts counts;
+  int closed = 0;
+  auto cache = std::make_unique<SessionCache<Counted, ExplicitScope>>();
+  cache->add("db", {.factory = [&counts] { return Counted(counts); },
+                    .close = [&closed](Counted&) {
+                      ++closed;
+                      throw std::runtime_error("close failed");
+                    }});
+  std::vector<CapturedScope> scopes;
+  for (int i = 0; i < kScopes; ++i) scopes.push_back(CapturedScope::fresh());
+  for (const CapturedScope& scope : scopes) scope.run([&] { cache->get("db"); });
+  ASSERT_EQ(counts.alive(), kScopes);
+  ::testing::internal::CaptureStderr();
+  g_fail_scalar = kAllFail;
+  cache.reset();
+  const int left = g_fail_scalar.exchange(0);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_LT(left, kAllFail) << "the cache's end did not try to allocate";
+  EXPECT_EQ(closed, kScopes);
+  EXPECT_EQ(counts.alive(), 0);
+  EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
+}
+
 // ~Pool closes the idle objects through the close hook; a hook that throws is reported.
 // With no memory left, every object is still closed and the failures still reach stderr.
 // (~Pool made a std::deque, which allocates in libstdc++ even when empty: std::terminate.)

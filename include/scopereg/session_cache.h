@@ -493,7 +493,7 @@ class SessionCache {
       if (!closed_ && !lease_) {
         std::string error;
         if (!entry_->close_value(*value, &error)) {
-          entry_->cache().report(absl::UnknownError(entry_->name() + ": close failed: " + error));
+          entry_->cache().report_failure(*entry_, ": close failed: ", error);
         }
       }
       value_.store(nullptr, std::memory_order_release);
@@ -510,8 +510,7 @@ class SessionCache {
       mark_broken();
       std::string error;
       if (!close(&error)) {
-        entry_->cache().report(
-            absl::UnknownError(entry_->name() + ": close of a stale value failed: " + error));
+        entry_->cache().report_failure(*entry_, ": close of a stale value failed: ", error);
       }
       drop();
     }
@@ -748,9 +747,19 @@ class SessionCache {
     return absl::UnknownError(message);
   }
 
+  // Reports `entry`'s failure `what` `error` to the error reporter (a value's end, which
+  // cannot throw). Out of memory, one line goes to stderr instead: never std::bad_alloc.
+  void report_failure(const Entry& entry, const char* what, const std::string& error) {
+    try {
+      report(absl::UnknownError(entry.name() + what + error));
+    } catch (const std::bad_alloc&) {
+      internal::report_without_memory("SessionCache", what);
+    }
+  }
+
   // Reports `failures` (if any) to the error reporter. Never throws: with no memory left
   // to build the report, one line goes to stderr instead.
-  void report(const Failures& failures) noexcept {
+  void report(const Failures& failures) {
     if (failures.empty()) return;
     try {
       report(to_status(failures));
