@@ -363,5 +363,30 @@ TEST(AllocationFailure, APoolDestroyedWithNoMemoryLeftClosesEveryObjectAndStillR
   EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
 }
 
+// A returned object is kept idle in the pool's list, which grows by a block now and then.
+// With no memory for that block, the return (which cannot throw) closes the object
+// instead, and the pool goes on working. (std::bad_alloc from the return terminated.)
+TEST(AllocationFailure, AReturnWithNoMemoryToKeepTheObjectIdleClosesIt) {
+  constexpr int kAllFail = 1 << 30;
+  constexpr int kObjects = 70;  // past the idle list's first block (64 in libstdc++)
+  int closed = 0;
+  Pool<int> pool(PoolOptions<int>{.connect = [] { return 1; },
+                                  .close = [&closed](int&) { ++closed; },
+                                  .pool_size = 100});
+  {
+    std::vector<Pool<int>::Lease> out;
+    for (int i = 0; i < kObjects; ++i) out.push_back(pool.checkout());
+    g_fail_scalar = kAllFail;
+  }  // every object returned with no memory left
+  const int left = g_fail_scalar.exchange(0);
+  EXPECT_LT(left, kAllFail) << "no return tried to allocate";
+  EXPECT_GT(closed, 0);
+  const PoolStats stats = pool.stats();
+  EXPECT_EQ(stats.checked_out, 0u);
+  EXPECT_EQ(stats.idle + static_cast<std::size_t>(closed), static_cast<std::size_t>(kObjects));
+  EXPECT_EQ(stats.closes, static_cast<std::uint64_t>(closed));
+  EXPECT_EQ(*pool.checkout(), 1);  // still usable
+}
+
 }  // namespace
 }  // namespace scopereg

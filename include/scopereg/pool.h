@@ -652,9 +652,13 @@ class Pool {
         if (!item->broken && !old &&
             item->generation == generation.load(std::memory_order_relaxed) &&
             idle.size() < options.pool_size) {
-          idle.push_back(std::move(item));
-          cv.notify_one();
-          return;
+          try {
+            idle.push_back(std::move(item));  // (a new block every 64 objects)
+            cv.notify_one();
+            return;
+          } catch (const std::bad_alloc&) {
+            // No memory to keep it idle: closed below instead (a return cannot throw).
+          }
         }
         ++stat.closes;
         if (item->broken) ++stat.invalidated;
