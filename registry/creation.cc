@@ -98,19 +98,28 @@ void report_to(const std::function<void(const absl::Status&)>& reporter,
   report_to_stderr(status);
 }
 
-void report_without_memory(std::string_view context, std::string_view what) noexcept {
-  std::fprintf(stderr, "scopereg: %.*s: %.*s (out of memory: the error could not be described)\n",
+void report_without_memory(std::string_view context, std::string_view what,
+                           std::string_view more) noexcept {
+  // "close failed: " reads "close failed" here: the description it led to is missing.
+  std::string_view& last = more.empty() ? what : more;
+  while (!last.empty() && (last.back() == ' ' || last.back() == ':')) last.remove_suffix(1);
+  std::fprintf(stderr,
+               "scopereg: %.*s: %.*s%.*s (out of memory: the error could not be described)\n",
                static_cast<int>(context.size()), context.data(), static_cast<int>(what.size()),
-               what.data());
+               what.data(), static_cast<int>(more.size()), more.data());
 }
 
 void describe_current_exception_to(std::string* out) noexcept {
   try {
     *out = describe_current_exception();
   } catch (const std::bad_alloc&) {
-    // Short enough for the string's own inline buffer: assigning it cannot allocate.
-    static_assert(sizeof("out of memory") <= 16);
-    out->assign("out of memory");
+    try {
+      // Short enough for any std::string's inline buffer (10 characters and more): no
+      // allocation, except with a copy-on-write string (libstdc++'s old ABI), where it
+      // may fail too and `out` is left as it was.
+      out->assign("no memory");
+    } catch (const std::bad_alloc&) {
+    }
   }
 }
 

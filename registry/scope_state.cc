@@ -264,7 +264,8 @@ void ScopeState::hooked_not_in(const ScopeState* other,
   for_each_value([&](std::uint32_t index, NodeBase* node) {
     if (!node->hooked) return;
     if (other != nullptr && other->load(slot_id_for(index)) == node) return;  // stays current
-    out.push_back(share(node));
+    out.push_back(node);  // first: if it throws (no memory), no binding was taken
+    share(node);
   });
 }
 

@@ -7,10 +7,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <new>
-#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -68,6 +68,12 @@ namespace {
 
 using ::scopereg::testing::Counted;
 using ::scopereg::testing::Counts;
+
+// What the tests' hooks throw: it allocates nothing (std::runtime_error's message would,
+// and fail first, when every allocation is made to fail).
+struct HookFailed : std::exception {
+  const char* what() const noexcept override { return "hook failed"; }
+};
 
 // A scope's second registry needs a slot chunk, allocated when the value made by the
 // factory is stored. When that allocation fails: the caller gets std::bad_alloc, the value
@@ -281,13 +287,17 @@ TEST(AllocationFailure, ATeardownWithNoMemoryLeftClosesEveryValueAndStillReports
   constexpr int kAllFail = 1 << 30;
   SessionCache<int, ExplicitScope> cache;
   int closed = 0;
+  int torn_down = 0;
   for (const char* name : {"first", "second"}) {
     cache.add(name, {.factory = [] { return 7; },
                      .close = [&closed](int&) {
                        ++closed;
-                       throw std::runtime_error("close failed");
+                       throw HookFailed();
                      },
-                     .teardown = [](int&, bool) { throw std::runtime_error("teardown failed"); }});
+                     .teardown = [&torn_down](int&, bool) {
+                       ++torn_down;
+                       throw HookFailed();
+                     }});
   }
   ScopeGuard scope(fresh_scope);
   ::testing::internal::CaptureStderr();
@@ -300,6 +310,7 @@ TEST(AllocationFailure, ATeardownWithNoMemoryLeftClosesEveryValueAndStillReports
   const int left = g_fail_scalar.exchange(0);
   const std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_LT(left, kAllFail) << "the teardown did not try to allocate";
+  EXPECT_EQ(torn_down, 2);
   EXPECT_EQ(closed, 2);
   EXPECT_TRUE(cache.used().empty());
   EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
@@ -318,7 +329,7 @@ TEST(AllocationFailure, ASessionCacheDestroyedWithNoMemoryLeftClosesEveryValue) 
   cache->add("db", {.factory = [&counts] { return Counted(counts); },
                     .close = [&closed](Counted&) {
                       ++closed;
-                      throw std::runtime_error("close failed");
+                      throw HookFailed();
                     }});
   std::vector<CapturedScope> scopes;
   for (int i = 0; i < kScopes; ++i) scopes.push_back(CapturedScope::fresh());
@@ -345,7 +356,7 @@ TEST(AllocationFailure, APoolDestroyedWithNoMemoryLeftClosesEveryObjectAndStillR
       .connect = [] { return 1; },
       .close = [&closed](int&) {
         ++closed;
-        throw std::runtime_error("close failed");
+        throw HookFailed();
       },
       .pool_size = 40});
   {

@@ -1068,6 +1068,15 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
 // releases the pin. (In one object, that order is the code's, not the order in which a
 // compiler destroys a coroutine's parameters, which the standard leaves open.) What the
 // teardown throws then is reported on stderr: no completion handler runs.
+// The error a teardown gets for a task destroyed before it finished: one, made by the
+// first co_spawn (which may throw), so that a task's destruction allocates nothing for it
+// and its teardown runs even with no memory left. (Rethrown from any number of threads:
+// an exception object is only read.)
+inline const std::exception_ptr& task_abandoned_error() {
+  static const std::exception_ptr error = std::make_exception_ptr(TaskAbandoned());
+  return error;
+}
+
 template <typename Body, typename Teardown>
 class TaskLife {
  public:
@@ -1085,7 +1094,7 @@ class TaskLife {
     { const Body gone(std::move(body_)); }  // the body's frames and guards, first
     TaskScope::Installed installed(pin_.task()->scope());
     try {
-      teardown_(std::make_exception_ptr(TaskAbandoned()));
+      teardown_(task_abandoned_error());
     } catch (...) {
       try {
         scopereg::internal::report_to_stderr(absl::InternalError(
@@ -1164,6 +1173,7 @@ auto co_spawn(const Executor& ex, boost::asio::awaitable<T, AwEx> body, Start&& 
                 "(any_io_executor) or awaitable<T, scopereg::asio::TaskExecutor<E>>");
   // Before the task starts (converting a type-erased executor may allocate and throw).
   decltype(auto) inner = internal::without_tasks(ex);
+  (void)internal::task_abandoned_error();  // made here, where it may throw
   std::uint64_t gen = 0;
   internal::AsioTask* const task = internal::AsioTask::start(std::forward<Start>(start), gen);
   internal::TaskPin pin(task, gen);

@@ -204,7 +204,10 @@ class Pool {
   // or `on_checkout` throws.
   Lease checkout() { return Lease(state_->checkout(state_)); }
 
-  // Closes every idle object; objects out now are closed when returned.
+  // Closes every idle object; objects out now are closed when returned. The idle ones are
+  // closed a few at a time, outside the pool's lock (nothing is allocated: ~Pool calls
+  // this): until then a concurrent checkout may take one, which it closes, and makes a
+  // new object instead. Each is closed once.
   // dispose(false) -- for a process forked from the pool's owner, as SQLAlchemy's
   // engine.dispose(close=False) -- forgets them instead: idle objects and objects out now
   // are dropped without their close hook or destructor (their connections belong to the
@@ -783,7 +786,7 @@ class Pool {
                             absl::UnknownError("Pool '" + options.name + "': " + what + more +
                                                internal::describe_current_exception()));
       } catch (const std::bad_alloc&) {
-        internal::report_without_memory(options.name, what);
+        internal::report_without_memory(options.name, what, more);
       }
     }
 

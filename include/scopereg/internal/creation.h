@@ -73,11 +73,12 @@ std::string describe_current_exception();
 // Where failure reports go when no reporter is set: one line on stderr.
 void report_to_stderr(const absl::Status& status);
 // The last resort of a report that could not be built for want of memory: one line on
-// stderr naming `context` and `what`, written without allocating. An error is never lost
-// silently, even then.
-void report_without_memory(std::string_view context, std::string_view what) noexcept;
-// Writes a description of the exception in flight to `*out`: "out of memory" (no
-// allocation) when even that description cannot be made. Call from a catch block.
+// stderr naming `context` and what failed (`what` followed by `more`), written without
+// allocating. An error is never lost silently, even then.
+void report_without_memory(std::string_view context, std::string_view what,
+                           std::string_view more = {}) noexcept;
+// Writes a description of the exception in flight to `*out`: "no memory" (no allocation)
+// when even that description cannot be made. Call from a catch block.
 void describe_current_exception_to(std::string* out) noexcept;
 // Hands `status` to `reporter`, or to stderr when there is none or it throws: a report is
 // never lost.

@@ -80,47 +80,45 @@ class KeyedStore final : public RegistryRecord {
 
   ~KeyedStore() {
     DeferredReleases nodes;
-    // Every entry out of the maps, its binding dropped, all under one hold of the process
-    // mutex (so that no copy_bound() shares a value meanwhile, and fork() sees the store
-    // whole or gone); then unsubscribed: afterwards no scope end or copy reaches it. A
-    // batch of entries at a time, each moved out of its map whole (no allocation: out of
-    // memory, a destruction must still finish), its binding dropped once the shard's lock
-    // is free (the index is locked before a store's shards, never after), its value kept
-    // in `nodes`. Only when `nodes` cannot take one more (no memory left) is the process
-    // mutex dropped, those values released, and the work resumed, the store still
-    // subscribed and its remaining values still bound.
+    // Every entry out of the maps, a batch at a time, each batch under the process mutex
+    // (so that no copy_bound() shares a value of it meanwhile): each entry moved out of its
+    // map whole (no allocation: out of memory, a destruction must still finish), its
+    // binding dropped once the shard's lock is free (the index is locked before a store's
+    // shards, never after), its value kept in `nodes` (or, when no memory is left to list
+    // it, released with no lock held), its token destroyed with no lock held (a user's
+    // token may own anything). The store unsubscribes with its last batch, when every map
+    // is empty: until then it is a subscribed store whose values are bound, as before.
+    // Afterwards no scope end or copy reaches it.
     for (bool done = false; !done;) {
+      std::array<typename Map::node_type, kTakeBatch> taken;
       std::array<NodeBase*, kTakeBatch> refused;
       std::size_t refused_count = 0;
       {
         MutexLock lock(g_process_mutex);
-        while (!done && refused_count == 0) {
-          std::array<typename Map::node_type, kTakeBatch> taken;
-          std::size_t n = 0;
-          for (Shard& shard : shards_) {
-            MutexLock shard_lock(shard.mu);
-            while (n < kTakeBatch && !shard.map.empty()) {
-              auto it = shard.map.begin();
-              // (No cache needs forgetting: store ids are never reused.)
-              if (it->second.node != nullptr) count(shard, -1);
-              taken[n++] = shard.map.extract(it);  // a creation mark goes too (misuse)
-            }
+        std::size_t n = 0;
+        for (Shard& shard : shards_) {
+          MutexLock shard_lock(shard.mu);
+          while (n < kTakeBatch && !shard.map.empty()) {
+            auto it = shard.map.begin();
+            // (No cache needs forgetting: store ids are never reused.)
+            if (it->second.node != nullptr) count(shard, -1);
+            taken[n++] = shard.map.extract(it);  // a creation mark goes too (misuse)
           }
-          for (std::size_t i = 0; i < n; ++i) {
-            NodeBase* const node = taken[i].mapped().node;
-            if (node == nullptr) continue;
-            unbind(TokenRef::of(taken[i].key()));
-            if (!nodes.add(node)) refused[refused_count++] = node;
-          }
-          if (n < kTakeBatch) {  // every map is empty
-            unsubscribe_locked();
-            drop_leftover_bindings();
-            done = true;
-          }
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+          NodeBase* const node = taken[i].mapped().node;
+          if (node == nullptr) continue;
+          unbind(TokenRef::of(taken[i].key()));
+          if (!nodes.add(node)) refused[refused_count++] = node;
+        }
+        if (n < kTakeBatch) {  // every map is empty
+          unsubscribe_locked();
+          drop_leftover_bindings();
+          done = true;
         }
       }
       for (std::size_t i = 0; i < refused_count; ++i) release(refused[i]);
-    }
+    }  // (the batch's tokens and map nodes go here)
     // Then take back what dying scopes hold.
     retire(nodes);
     nodes.flush();
