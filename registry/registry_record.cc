@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <exception>
+#include <new>
 #include <unordered_map>
 #include <utility>
 
@@ -414,7 +415,12 @@ void end_scope_everywhere(TokenRef token) {
   // In rounds, as a scope's end: a value's destructor may make another value for the same
   // token (its scope is still current there), which the next round ends.
   // A round that finds nothing ends it (has_bound_at only tells about the token's shard).
+  // Out of memory to list one more value, a pass ends what it took and the next goes on
+  // (not counted as a round): the list holds two values without allocating, so every
+  // pass takes some. The end of a fiber, which cannot throw, relies on it.
   constexpr int kRounds = 8;
+  constexpr int kMaxShortPasses = 1 << 20;  // then std::bad_alloc goes to the caller
+  int short_passes = 0;
   for (int round = 0; round < kRounds; ++round) {
     DyingList dying(this_thread_domain());
     const auto collect = [&]() -> bool {
@@ -423,10 +429,21 @@ void end_scope_everywhere(TokenRef token) {
       collect_ended_locked(token, dying);
       return !dying.empty();
     };
+    const auto took_some = [&]() -> bool {
+      MutexLock lock(dying.domain().mu);
+      dying.assert_domain(dying.domain());
+      return !dying.empty();
+    };
     bool found = false;
     try {
       found = collect();
-    } catch (...) {  // a token's hash or == threw, or no memory: what was taken still ends
+    } catch (const std::bad_alloc&) {
+      const bool progress = took_some();
+      dying.destroy_all();  // what was taken still ends
+      if (!progress || ++short_passes > kMaxShortPasses) throw;
+      --round;
+      continue;
+    } catch (...) {  // a token's hash or == threw: what was taken still ends
       dying.destroy_all();
       throw;
     }

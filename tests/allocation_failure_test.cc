@@ -399,5 +399,59 @@ TEST(AllocationFailure, AReturnWithNoMemoryToKeepTheObjectIdleClosesIt) {
   EXPECT_EQ(*pool.checkout(), 1);  // still usable
 }
 
+// end_scope(token) ends the token's values in every token-keyed registry, listing them
+// before it destroys them; the list holds two without allocating. With no memory left and
+// values in more registries than that, it still ends every one and does not throw. (It
+// ended two and threw std::bad_alloc, the rest left alive; a fiber's end, which calls it
+// for a fiber's values in FuncScope registries and cannot throw, terminated.)
+TEST(AllocationFailure, EndScopeWithNoMemoryLeftEndsEveryValue) {
+  constexpr int kAllFail = 1 << 30;
+  Counts counts;
+  std::vector<std::unique_ptr<ScopedRegistry<Counted, FuncScope>>> regs;
+  for (int i = 0; i < 5; ++i) {
+    regs.push_back(std::make_unique<ScopedRegistry<Counted, FuncScope>>(
+        [&] { return Counted(counts); }, ExplicitScope::func()));
+  }
+  CapturedScope scope = CapturedScope::fresh();
+  ScopeToken token;
+  scope.run([&] {
+    for (auto& reg : regs) (*reg)();
+    token = ExplicitScope::current();
+  });
+  ASSERT_EQ(counts.alive(), 5);
+  g_fail_scalar = kAllFail;
+  bool threw = false;
+  try {
+    end_scope(token);
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  const int left = g_fail_scalar.exchange(0);
+  EXPECT_LT(left, kAllFail) << "the end did not try to allocate";
+  EXPECT_FALSE(threw);
+  EXPECT_EQ(counts.alive(), 0);
+  for (auto& reg : regs) EXPECT_EQ(reg->size(), 0);
+}
+
+// A TeardownGuard on a thread that never used the cache: ThreadScope makes a thread's scope
+// on its first look-up, and with no memory for it the guard (which cannot throw) has
+// nothing to tear down. (std::bad_alloc from the destructor terminated.)
+TEST(AllocationFailure, ATeardownGuardOnAFreshThreadWithNoMemoryLeftDoesNothing) {
+  constexpr int kAllFail = 1 << 30;
+  SessionCache<int> cache;  // ThreadScope
+  cache.add("db", {.factory = [] { return 1; }});
+  int left = 0;
+  std::thread fresh([&] {
+    {
+      SessionCache<int>::TeardownGuard teardown(cache);
+      g_fail_scalar = kAllFail;
+    }
+    left = g_fail_scalar.exchange(0);
+  });
+  fresh.join();
+  EXPECT_LT(left, kAllFail) << "the guard did not try to make the thread's scope";
+  EXPECT_EQ(cache.get("db"), 1);  // the cache still works
+}
+
 }  // namespace
 }  // namespace scopereg

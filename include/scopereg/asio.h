@@ -1053,8 +1053,18 @@ void run_teardown(Teardown& teardown, std::exception_ptr& error) {
   try {
     teardown(error);
   } catch (...) {
-    error = error ? std::make_exception_ptr(TaskTeardownError(error, std::current_exception()))
-                  : std::current_exception();
+    if (!error) {
+      error = std::current_exception();
+      return;
+    }
+    try {
+      error = std::make_exception_ptr(TaskTeardownError(error, std::current_exception()));
+    } catch (const std::bad_alloc&) {
+      // No memory to describe both: the task's own error goes on, and the teardown's is
+      // said on stderr, not lost.
+      scopereg::internal::report_without_memory(
+          "scopereg::asio", "the teardown of a failed task threw too");
+    }
   }
 }
 

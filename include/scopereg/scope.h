@@ -130,6 +130,8 @@ using ScopeFuncOf = std::function<K()>;
 // ended is stored afterwards and lives until the registry's end_scope or destruction.
 // Cost: one look-up in a sharded index of which token-keyed registries hold a value for
 // `token` (no lock when none does), then one hash probe per registry that does.
+// Out of memory: every value is still ended (a pass that cannot list one more value ends
+// those it took, and the next goes on); std::bad_alloc is not thrown for it.
 void end_scope(ScopeToken token);
 
 template <typename K>

@@ -714,7 +714,14 @@ class SessionCache {
   };
 
   void clear_used(Failures& failures, const bool* success) {
-    UsedList* list = used_.find();
+    UsedList* list = nullptr;
+    try {
+      list = used_.find();
+    } catch (const std::bad_alloc&) {
+      // A ThreadScope (or fiber) scope is made on its first look-up: no memory for it
+      // means no scope yet, so nothing was used in it (a TeardownGuard cannot throw).
+      return;
+    }
     if (list == nullptr) return;
     UsedList names;
     {
