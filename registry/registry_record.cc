@@ -423,31 +423,31 @@ void end_scope_everywhere(TokenRef token) {
   int short_passes = 0;
   for (int round = 0; round < kRounds; ++round) {
     DyingList dying(this_thread_domain());
+    bool cut_short = false;  // no memory to list one more value: took what it could
     const auto collect = [&]() -> bool {
       MutexLock lock(dying.domain().mu);
       dying.assert_domain(dying.domain());
-      collect_ended_locked(token, dying);
-      return !dying.empty();
-    };
-    const auto took_some = [&]() -> bool {
-      MutexLock lock(dying.domain().mu);
-      dying.assert_domain(dying.domain());
+      try {
+        collect_ended_locked(token, dying);
+      } catch (const std::bad_alloc&) {
+        if (dying.empty()) throw;  // took nothing: no pass can get further
+        cut_short = true;
+      }
       return !dying.empty();
     };
     bool found = false;
     try {
       found = collect();
-    } catch (const std::bad_alloc&) {
-      const bool progress = took_some();
-      dying.destroy_all();  // what was taken still ends
-      if (!progress || ++short_passes > kMaxShortPasses) throw;
-      --round;
-      continue;
-    } catch (...) {  // a token's hash or == threw: what was taken still ends
+    } catch (...) {  // a token's hash or == threw, or no memory: what was taken still ends
       dying.destroy_all();
       throw;
     }
     dying.destroy_all();
+    if (cut_short) {
+      if (++short_passes > kMaxShortPasses) throw std::bad_alloc();
+      --round;
+      continue;
+    }
     if (!found || !has_bound_at(token.place)) return;
   }
 }

@@ -308,7 +308,7 @@ void ScopeState::share_values_from(ScopeState& from) {
       });
     }
   }
-  if (any_keyed_registry() && has_bound_at(placement_of(from.token_))) {
+  if (from.may_hold_keyed()) {
     copy_bound(TokenRef::of(from.token_), TokenRef::of(token_));
   }
 }

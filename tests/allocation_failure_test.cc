@@ -13,6 +13,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "counted.h"
@@ -68,6 +69,18 @@ namespace {
 
 using ::scopereg::testing::Counted;
 using ::scopereg::testing::Counts;
+
+// Armed with this many failures, every scalar allocation fails.
+constexpr int kAllFail = 1 << 30;
+
+// Runs `f` with every allocation failing; returns whether anything in it tried to allocate
+// (a test that claims to survive running out of memory must have met it).
+template <typename F>
+bool tried_to_allocate_with_no_memory(F&& f) {
+  g_fail_scalar = kAllFail;
+  std::forward<F>(f)();
+  return g_fail_scalar.exchange(0) < kAllFail;
+}
 
 // What the tests' hooks throw: it allocates nothing (std::runtime_error's message would,
 // and fail first, when every allocation is made to fail).
@@ -211,16 +224,14 @@ template <typename Strategy>
 void DestroyRegistryWithNoMemoryLeft(
     std::function<std::unique_ptr<ScopedRegistry<Counted, Strategy>>(Counts&)> make) {
   constexpr int kScopes = 100;
-  constexpr int kAllFail = 1 << 30;
   Counts counts;
   std::vector<CapturedScope> scopes;
   for (int i = 0; i < kScopes; ++i) scopes.push_back(CapturedScope::fresh());
   auto reg = make(counts);
   for (const CapturedScope& scope : scopes) scope.run([&] { (*reg)(); });
   ASSERT_EQ(counts.alive(), kScopes);
-  g_fail_scalar = kAllFail;  // every allocation from here on fails
-  reg.reset();
-  EXPECT_LT(g_fail_scalar.exchange(0), kAllFail) << "the destruction did not try to allocate";
+  EXPECT_TRUE(tried_to_allocate_with_no_memory([&] { reg.reset(); }))
+      << "the destruction did not try to allocate";
   EXPECT_EQ(counts.destroyed.load(), kScopes);
   EXPECT_EQ(counts.alive(), 0);
   // A new registry starts empty in those scopes, and their ends find nothing left over.
@@ -284,7 +295,6 @@ TEST(AllocationFailure, ASessionCacheNameAddedWithNoMemoryLeftFailsCleanly) {
 // failure still reaches stderr in a line built without allocating. (Describing it used to
 // throw std::bad_alloc out of the destructor: std::terminate.)
 TEST(AllocationFailure, ATeardownWithNoMemoryLeftClosesEveryValueAndStillReports) {
-  constexpr int kAllFail = 1 << 30;
   SessionCache<int, ExplicitScope> cache;
   int closed = 0;
   int torn_down = 0;
@@ -321,7 +331,6 @@ TEST(AllocationFailure, ATeardownWithNoMemoryLeftClosesEveryValueAndStillReports
 // destroyed, and the failure still reaches stderr. (Describing it used to throw
 // std::bad_alloc out of the value's destructor: std::terminate.)
 TEST(AllocationFailure, ASessionCacheDestroyedWithNoMemoryLeftClosesEveryValue) {
-  constexpr int kAllFail = 1 << 30;
   constexpr int kScopes = 10;
   Counts counts;
   int closed = 0;
@@ -336,11 +345,9 @@ TEST(AllocationFailure, ASessionCacheDestroyedWithNoMemoryLeftClosesEveryValue) 
   for (const CapturedScope& scope : scopes) scope.run([&] { cache->get("db"); });
   ASSERT_EQ(counts.alive(), kScopes);
   ::testing::internal::CaptureStderr();
-  g_fail_scalar = kAllFail;
-  cache.reset();
-  const int left = g_fail_scalar.exchange(0);
+  const bool tried = tried_to_allocate_with_no_memory([&] { cache.reset(); });
   const std::string err = ::testing::internal::GetCapturedStderr();
-  EXPECT_LT(left, kAllFail) << "the cache's end did not try to allocate";
+  EXPECT_TRUE(tried) << "the cache's end did not try to allocate";
   EXPECT_EQ(closed, kScopes);
   EXPECT_EQ(counts.alive(), 0);
   EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
@@ -350,7 +357,6 @@ TEST(AllocationFailure, ASessionCacheDestroyedWithNoMemoryLeftClosesEveryValue) 
 // With no memory left, every object is still closed and the failures still reach stderr.
 // (~Pool made a std::deque, which allocates in libstdc++ even when empty: std::terminate.)
 TEST(AllocationFailure, APoolDestroyedWithNoMemoryLeftClosesEveryObjectAndStillReports) {
-  constexpr int kAllFail = 1 << 30;
   int closed = 0;
   auto pool = std::make_unique<Pool<int>>(PoolOptions<int>{
       .connect = [] { return 1; },
@@ -364,11 +370,9 @@ TEST(AllocationFailure, APoolDestroyedWithNoMemoryLeftClosesEveryObjectAndStillR
     for (int i = 0; i < 40; ++i) out.push_back(pool->checkout());
   }  // all 40 back: some parked, the rest idle (more than dispose() closes in one batch)
   ::testing::internal::CaptureStderr();
-  g_fail_scalar = kAllFail;
-  pool.reset();
-  const int left = g_fail_scalar.exchange(0);
+  const bool tried = tried_to_allocate_with_no_memory([&] { pool.reset(); });
   const std::string err = ::testing::internal::GetCapturedStderr();
-  EXPECT_LT(left, kAllFail) << "the pool's end did not try to allocate";
+  EXPECT_TRUE(tried) << "the pool's end did not try to allocate";
   EXPECT_EQ(closed, 40);
   EXPECT_NE(err.find("close failed"), std::string::npos) << err;
   EXPECT_NE(err.find("out of memory"), std::string::npos) << err;
@@ -378,7 +382,6 @@ TEST(AllocationFailure, APoolDestroyedWithNoMemoryLeftClosesEveryObjectAndStillR
 // With no memory for that block, the return (which cannot throw) closes the object
 // instead, and the pool goes on working. (std::bad_alloc from the return terminated.)
 TEST(AllocationFailure, AReturnWithNoMemoryToKeepTheObjectIdleClosesIt) {
-  constexpr int kAllFail = 1 << 30;
   constexpr int kObjects = 70;  // past the idle list's first block (64 in libstdc++)
   int closed = 0;
   Pool<int> pool(PoolOptions<int>{.connect = [] { return 1; },
@@ -405,7 +408,6 @@ TEST(AllocationFailure, AReturnWithNoMemoryToKeepTheObjectIdleClosesIt) {
 // ended two and threw std::bad_alloc, the rest left alive; a fiber's end, which calls it
 // for a fiber's values in FuncScope registries and cannot throw, terminated.)
 TEST(AllocationFailure, EndScopeWithNoMemoryLeftEndsEveryValue) {
-  constexpr int kAllFail = 1 << 30;
   Counts counts;
   std::vector<std::unique_ptr<ScopedRegistry<Counted, FuncScope>>> regs;
   for (int i = 0; i < 5; ++i) {
@@ -419,15 +421,14 @@ TEST(AllocationFailure, EndScopeWithNoMemoryLeftEndsEveryValue) {
     token = ExplicitScope::current();
   });
   ASSERT_EQ(counts.alive(), 5);
-  g_fail_scalar = kAllFail;
   bool threw = false;
-  try {
-    end_scope(token);
-  } catch (const std::bad_alloc&) {
-    threw = true;
-  }
-  const int left = g_fail_scalar.exchange(0);
-  EXPECT_LT(left, kAllFail) << "the end did not try to allocate";
+  EXPECT_TRUE(tried_to_allocate_with_no_memory([&] {
+    try {
+      end_scope(token);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+  })) << "the end did not try to allocate";
   EXPECT_FALSE(threw);
   EXPECT_EQ(counts.alive(), 0);
   for (auto& reg : regs) EXPECT_EQ(reg->size(), 0);
@@ -437,7 +438,6 @@ TEST(AllocationFailure, EndScopeWithNoMemoryLeftEndsEveryValue) {
 // on its first look-up, and with no memory for it the guard (which cannot throw) has
 // nothing to tear down. (std::bad_alloc from the destructor terminated.)
 TEST(AllocationFailure, ATeardownGuardOnAFreshThreadWithNoMemoryLeftDoesNothing) {
-  constexpr int kAllFail = 1 << 30;
   SessionCache<int> cache;  // ThreadScope
   cache.add("db", {.factory = [] { return 1; }});
   int left = 0;

@@ -177,8 +177,12 @@ class ScopeState {
   // relaxed (a value stored before, in happens-before order, is seen; one stored
   // concurrently may or may not be) and the binding index's shard size once.
   bool holds_nothing() const noexcept {
-    return values_.load(std::memory_order_relaxed) == 0 &&
-           (!any_keyed_registry() || !has_bound_at(placement_of(token_)));
+    return values_.load(std::memory_order_relaxed) == 0 && !may_hold_keyed();
+  }
+  // Whether a token-keyed registry may hold a value for this scope (false: none does). No
+  // lock, no hash: one look at the binding index's shard for the scope's token.
+  bool may_hold_keyed() const noexcept {
+    return any_keyed_registry() && has_bound_at(placement_of(token_));
   }
   // share_from() past its inline check.
   void share_values_from(ScopeState& from) ABSL_LOCKS_EXCLUDED(mu_, from.mu_);
@@ -227,7 +231,7 @@ class ScopeState {
     dying_.unregister();
   }
   void collect_keyed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(domain_.mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    if (any_keyed_registry() && has_bound_at(placement_of(token_))) {
+    if (may_hold_keyed()) {
       collect_ended_locked(TokenRef::of(token_), dying_);
     }
   }
